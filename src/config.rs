@@ -1,0 +1,170 @@
+//! Command line and environment. The parsed `Config` is passed down explicitly; there are no
+//! globals, so two drivers can run in one process (the tests do).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+/// The topology key every volume and node is labelled with.
+pub const TOPOLOGY_KEY: &str = "topology.loopcsi.dev/node";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loopcsi",
+    version,
+    about = "A Kubernetes CSI driver for fast, local, crash-safe volumes: each volume is a sparse \
+             file in a pool directory, attached as a loop device"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI Identity, Controller and Node services on a unix socket.
+    Serve(Config),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    /// The CSI endpoint to listen on: unix:///path/to/csi.sock (a plain absolute path works
+    /// too). A stale socket file left by a previous run is replaced; the socket is created with
+    /// mode 0660 and removed on shutdown.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: String,
+
+    /// This node's name (in Kubernetes: spec.nodeName). It is the value of the topology label
+    /// topology.loopcsi.dev/node on every volume made here, so it must be a valid label value.
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: String,
+
+    /// Directory holding the volume pool (backing files and metadata) and the node's records.
+    /// Volumes live as long as this directory does; put it on the disk that should hold them.
+    #[arg(long, default_value = "/var/lib/loopcsi")]
+    pub state_dir: PathBuf,
+
+    /// The driver name reported by GetPluginInfo (the StorageClass provisioner field).
+    #[arg(long, default_value = "loopcsi.dev")]
+    pub driver_name: String,
+
+    /// The most volumes the CO may place on this node (NodeGetInfo); 0 leaves it to the CO.
+    #[arg(long, default_value_t = 0)]
+    pub max_volumes_per_node: i64,
+
+    /// Attach loop devices with buffered I/O instead of direct I/O. Direct I/O (the default)
+    /// avoids caching every page twice; the driver falls back to buffered I/O by itself, with a
+    /// warning, when the pool's file system cannot do direct I/O.
+    #[arg(long)]
+    pub buffered_io: bool,
+}
+
+impl Config {
+    /// Checks what clap cannot: endpoint scheme, node id and driver name formats.
+    pub fn validate(&self) -> Result<()> {
+        self.socket_path()?;
+        validate_node_id(&self.node_id)?;
+        validate_driver_name(&self.driver_name)?;
+        if self.max_volumes_per_node < 0 {
+            return Err(Error::invalid(
+                "--max-volumes-per-node",
+                "must not be negative",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The unix socket path of `--endpoint`.
+    pub fn socket_path(&self) -> Result<PathBuf> {
+        let path = self
+            .endpoint
+            .strip_prefix("unix://")
+            .or_else(|| self.endpoint.strip_prefix("unix:"))
+            .unwrap_or(&self.endpoint);
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(Error::invalid(
+                "--endpoint",
+                format!(
+                    "{:?} is not unix:///absolute/path (only unix sockets are served)",
+                    self.endpoint
+                ),
+            ));
+        }
+        Ok(path)
+    }
+}
+
+/// A Kubernetes label value: ≤ 63 characters, alphanumerics with `-`, `_`, `.` inside.
+fn validate_node_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--node-id",
+            format!("{id:?} is not a valid label value (1-63 alphanumerics, '-', '_', '.')"),
+        ))
+    }
+}
+
+/// CSI: domain-name notation, ≤ 63 characters, alphanumeric at both ends.
+fn validate_driver_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--driver-name",
+            format!("{name:?} is not a domain-style name of at most 63 characters"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoint: &str, node_id: &str) -> Config {
+        Config {
+            endpoint: endpoint.into(),
+            node_id: node_id.into(),
+            state_dir: "/tmp/x".into(),
+            driver_name: "loopcsi.dev".into(),
+            max_volumes_per_node: 0,
+            buffered_io: false,
+        }
+    }
+
+    #[test]
+    fn endpoints_and_names() {
+        assert_eq!(
+            config("unix:///run/csi.sock", "n1").socket_path().unwrap(),
+            PathBuf::from("/run/csi.sock")
+        );
+        assert_eq!(
+            config("unix:/run/csi.sock", "n1").socket_path().unwrap(),
+            PathBuf::from("/run/csi.sock")
+        );
+        assert!(config("tcp://0.0.0.0:1", "n1").validate().is_err());
+        assert!(config("unix://relative", "n1").validate().is_err());
+        assert!(config("unix:///a", "").validate().is_err());
+        assert!(config("unix:///a", "node/../x").validate().is_err());
+        assert!(config("unix:///a", &"n".repeat(64)).validate().is_err());
+        assert!(config("unix:///a", "worker-1.example").validate().is_ok());
+    }
+}

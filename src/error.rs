@@ -1,0 +1,166 @@
+//! The one error type of the driver, and the one place that decides which gRPC code each cause
+//! gets (`impl From<Error> for tonic::Status`). Domain and host code return `Error` variants
+//! named by cause; they never build a `Status` themselves.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong, named by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing or malformed (`field` is the CSI field name).
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    /// A volume, path or other object the request names does not exist.
+    #[error("{what} {id} does not exist")]
+    NotFound { what: &'static str, id: String },
+
+    /// An object exists already, but not the way the request asks for it.
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    /// Another operation on the same volume (or volume name) is in flight.
+    #[error("an operation on {0} is already in progress; retry later")]
+    Pending(String),
+
+    /// A list/paging token this server did not issue (or issued before a restart).
+    #[error("starting_token {0} was not issued by this driver (or it restarted); list again from the start")]
+    InvalidToken(String),
+
+    /// A capacity the driver cannot honour.
+    #[error("{0}")]
+    OutOfRange(String),
+
+    /// The pool cannot hold what was asked for.
+    #[error("the pool has {available} bytes available, {requested} bytes requested")]
+    NoSpace { requested: u64, available: u64 },
+
+    /// The request's topology requirements exclude this node.
+    #[error("{0}")]
+    Topology(String),
+
+    /// The volume is not in the state this call needs (in use, not staged, ...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// The driver is still recovering its state after a start.
+    #[error("the driver is starting up (state recovery in progress); retry shortly")]
+    NotReady,
+
+    /// An external tool (mkfs, blkid, ...) failed.
+    #[error("{tool} failed (exit code {code:?}): {stderr}")]
+    Tool {
+        tool: String,
+        code: Option<i32>,
+        stderr: String,
+    },
+
+    /// A file-system operation on a path failed.
+    #[error("{op} {path}: {source}", path = path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A syscall (ioctl, mount, umount) failed.
+    #[error("{op} {target}: {errno}")]
+    Sys {
+        op: &'static str,
+        target: String,
+        errno: nix::errno::Errno,
+    },
+
+    /// Persisted state is unreadable or contradicts itself; nothing is changed on disk.
+    #[error("{0}")]
+    Corrupt(String),
+
+    /// An RPC whose capability the driver does not advertise (the spec's UNIMPLEMENTED).
+    #[error("{0} is not supported by loopcsi (its capability is not advertised)")]
+    Unsupported(&'static str),
+
+    /// A server-side invariant broke (a blocking task panicked, ...).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn sys(op: &'static str, target: impl std::fmt::Display, errno: nix::errno::Errno) -> Self {
+        Error::Sys {
+            op,
+            target: target.to_string(),
+            errno,
+        }
+    }
+
+    /// True when the cause is a full file system (so the CO hears RESOURCE_EXHAUSTED).
+    fn is_out_of_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error() == Some(nix::libc::ENOSPC),
+            Error::Sys { errno, .. } => *errno == nix::errno::Errno::ENOSPC,
+            _ => false,
+        }
+    }
+
+    /// The gRPC code the CSI spec prescribes for this cause.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        if self.is_out_of_space() {
+            return Code::ResourceExhausted;
+        }
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Pending(_) | Error::InvalidToken(_) => Code::Aborted,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::NoSpace { .. } | Error::Topology(_) => Code::ResourceExhausted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::NotReady => Code::Unavailable,
+            Error::Unsupported(_) => Code::Unimplemented,
+            Error::Tool { .. }
+            | Error::Io { .. }
+            | Error::Sys { .. }
+            | Error::Corrupt(_)
+            | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.code(), err.to_string())
+    }
+}
+
+/// Renders untrusted input for an error message: quoted, escaped, and cut short so a 100 KB
+/// hostile string cannot flood logs or replies.
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 80;
+    if value.len() <= MAX {
+        return format!("{value:?}");
+    }
+    let mut end = MAX;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
+}

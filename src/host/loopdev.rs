@@ -1,0 +1,293 @@
+//! Loop devices: the kernel contract, and the only file of the crate allowed `unsafe`.
+//!
+//! A volume's backing file is attached with one `LOOP_CONFIGURE` ioctl (kernel ≥ 5.8), which sets
+//! the file, the logical block size and the flags atomically, so no half-configured device is
+//! ever visible. We ask for direct I/O (no second page cache between the volume's file system and
+//! the pool's) and a 4096-byte logical block size; `/sys/block/loopN/loop/dio` tells whether the
+//! kernel honoured direct I/O, and we log loudly when it fell back to buffered I/O.
+//!
+//! Which device backs which file is never recorded by us: the kernel publishes it in
+//! `/sys/block/loopN/loop/backing_file`, and that is read whenever the question comes up.
+//! `AUTOCLEAR` is deliberately not set: a raw block volume is handed to the pod as a bind mount
+//! of the device node, which holds no open reference, so autoclear would detach it under the pod.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::error::{Error, Result};
+
+/// Logical block size of every loop device we attach. It is part of the on-disk contract: an
+/// xfs made on a 4096-byte-sector device cannot be mounted from a 512-byte one, so it must never
+/// change for existing volumes.
+pub const LOGICAL_BLOCK_SIZE: u32 = 4096;
+
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+const LO_NAME_SIZE: usize = 64;
+const LO_KEY_SIZE: usize = 32;
+
+/// `struct loop_info64` from `<linux/loop.h>`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; LO_KEY_SIZE],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+// The loop ioctls predate the _IOW/_IOR encoding, hence the "bad" variants.
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
+nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
+
+/// One loop device, by number (`/dev/loopN`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoopDevice(pub u32);
+
+/// How to attach a backing file.
+#[derive(Clone, Copy, Debug)]
+pub struct AttachOptions {
+    pub direct_io: bool,
+    pub read_only: bool,
+}
+
+impl LoopDevice {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/loop{}", self.0))
+    }
+
+    fn sysfs(&self, leaf: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/block/loop{}/{leaf}", self.0))
+    }
+
+    /// The file this device is attached to, as the kernel reports it; `None` when detached.
+    pub fn backing_file(&self) -> Option<PathBuf> {
+        let raw = std::fs::read_to_string(self.sysfs("loop/backing_file")).ok()?;
+        let trimmed = raw.trim_end_matches('\n');
+        (!trimmed.is_empty()).then(|| PathBuf::from(trimmed))
+    }
+
+    /// Whether the kernel is doing direct I/O to the backing file.
+    pub fn direct_io(&self) -> bool {
+        std::fs::read_to_string(self.sysfs("loop/dio")).is_ok_and(|s| s.trim() == "1")
+    }
+
+    /// The device number (major, minor) as mountinfo and `st_rdev` show it.
+    pub fn dev_numbers(&self) -> Result<(u32, u32)> {
+        let path = self.sysfs("dev");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+        parse_dev_numbers(text.trim()).ok_or_else(|| {
+            Error::Internal(format!("{}: unexpected content {text:?}", path.display()))
+        })
+    }
+
+    /// Detaches the device. A device that is already detached is success (idempotent).
+    /// If something still holds it open, the kernel detaches it on the last close.
+    pub fn detach(&self) -> Result<()> {
+        let dev = match OpenOptions::new().read(true).open(self.path()) {
+            Ok(dev) => dev,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(Error::io("open", self.path(), e)),
+        };
+        // SAFETY: `dev` is an open loop device descriptor for the duration of the call, and
+        // LOOP_CLR_FD takes no argument.
+        match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
+            Ok(_) | Err(Errno::ENXIO) => Ok(()),
+            Err(errno) => Err(Error::sys("LOOP_CLR_FD", self.path().display(), errno)),
+        }
+    }
+
+    /// Tells the device to re-read its backing file's size (after the file was grown).
+    pub fn refresh_capacity(&self) -> Result<()> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .open(self.path())
+            .map_err(|e| Error::io("open", self.path(), e))?;
+        // SAFETY: `dev` is an open loop device descriptor; LOOP_SET_CAPACITY takes no argument.
+        unsafe { loop_set_capacity(dev.as_raw_fd()) }
+            .map(drop)
+            .map_err(|errno| Error::sys("LOOP_SET_CAPACITY", self.path().display(), errno))
+    }
+}
+
+fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
+    let (major, minor) = text.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Every attached loop device with its backing file, read from sysfs.
+pub fn attached() -> Result<Vec<(LoopDevice, PathBuf)>> {
+    let sys = Path::new("/sys/block");
+    let entries = std::fs::read_dir(sys).map_err(|e| Error::io("read directory", sys, e))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(number) = name.to_str().and_then(|n| n.strip_prefix("loop")) else {
+            continue;
+        };
+        let Ok(number) = number.parse::<u32>() else {
+            continue;
+        };
+        let dev = LoopDevice(number);
+        if let Some(file) = dev.backing_file() {
+            found.push((dev, file));
+        }
+    }
+    Ok(found)
+}
+
+/// The loop device attached to `file`, if any. `file` must be the canonical path (the kernel
+/// reports the canonical path of the backing file).
+pub fn find_by_backing_file(file: &Path) -> Result<Option<LoopDevice>> {
+    Ok(attached()?
+        .into_iter()
+        .find(|(_, backing)| backing == file)
+        .map(|(dev, _)| dev))
+}
+
+/// Attaches `file` to a free loop device with one LOOP_CONFIGURE. Nothing is left attached when
+/// this fails. Two attaches may race for the same free device; the loser retries.
+pub fn attach(file: &Path, opts: AttachOptions) -> Result<LoopDevice> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(!opts.read_only)
+        .open(file)
+        .map_err(|e| Error::io("open", file, e))?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(|e| Error::io("open", "/dev/loop-control", e))?;
+
+    let mut last = Errno::EBUSY;
+    for _ in 0..64 {
+        // SAFETY: `control` is an open /dev/loop-control descriptor; LOOP_CTL_GET_FREE takes no
+        // argument and returns a device number.
+        let number = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
+            .map_err(|errno| Error::sys("LOOP_CTL_GET_FREE", "/dev/loop-control", errno))?;
+        let dev = LoopDevice(
+            u32::try_from(number)
+                .map_err(|_| Error::Internal(format!("LOOP_CTL_GET_FREE returned {number}")))?,
+        );
+        let node = match open_device(&dev) {
+            Ok(node) => node,
+            // Another process may have grabbed and removed it; try another one.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => continue,
+            Err(e) => return Err(Error::io("open", dev.path(), e)),
+        };
+        match configure(&node, &backing, file, opts) {
+            Ok(()) => return Ok(dev),
+            // Lost a race for this device; another caller configured it first.
+            Err(Errno::EBUSY) => last = Errno::EBUSY,
+            // Some kernels refuse direct I/O outright when the pool file system cannot do it:
+            // fall back to buffered I/O on the same device, loudly.
+            Err(Errno::EINVAL) if opts.direct_io => {
+                tracing::warn!(
+                    backing.file = %file.display(),
+                    "the pool file system refused direct I/O; attaching with buffered I/O"
+                );
+                let buffered = AttachOptions {
+                    direct_io: false,
+                    ..opts
+                };
+                match configure(&node, &backing, file, buffered) {
+                    Ok(()) => return Ok(dev),
+                    Err(Errno::EBUSY) => last = Errno::EBUSY,
+                    Err(errno) => {
+                        return Err(Error::sys("LOOP_CONFIGURE", dev.path().display(), errno))
+                    }
+                }
+            }
+            Err(errno) => return Err(Error::sys("LOOP_CONFIGURE", dev.path().display(), errno)),
+        }
+    }
+    Err(Error::sys("LOOP_CONFIGURE", file.display(), last))
+}
+
+fn open_device(dev: &LoopDevice) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(true).open(dev.path())
+}
+
+fn configure(node: &File, backing: &File, file: &Path, opts: AttachOptions) -> Result<(), Errno> {
+    let mut flags = 0;
+    if opts.direct_io {
+        flags |= LO_FLAGS_DIRECT_IO;
+    }
+    if opts.read_only {
+        flags |= LO_FLAGS_READ_ONLY;
+    }
+    let fd = u32::try_from(backing.as_raw_fd()).map_err(|_| Errno::EBADF)?;
+    let mut info = LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: 0,
+        lo_sizelimit: 0,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: flags,
+        lo_file_name: [0; LO_NAME_SIZE],
+        lo_crypt_name: [0; LO_NAME_SIZE],
+        lo_encrypt_key: [0; LO_KEY_SIZE],
+        lo_init: [0; 2],
+    };
+    // The kernel shows this name in losetup's listing; the authoritative path is in sysfs.
+    let name = file.as_os_str().as_encoded_bytes();
+    let len = name.len().min(LO_NAME_SIZE - 1);
+    info.lo_file_name[..len].copy_from_slice(&name[..len]);
+    let config = LoopConfig {
+        fd,
+        block_size: LOGICAL_BLOCK_SIZE,
+        info,
+        reserved: [0; 8],
+    };
+    // SAFETY: `node` is an open loop device descriptor, `config` is a fully initialised
+    // `struct loop_config` that lives across the call, and `config.fd` is the descriptor of
+    // `backing`, which stays open until the ioctl returns (the kernel takes its own reference).
+    unsafe { loop_configure(node.as_raw_fd(), &config) }.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_numbers_parse() {
+        assert_eq!(parse_dev_numbers("7:12"), Some((7, 12)));
+        assert_eq!(parse_dev_numbers("7"), None);
+        assert_eq!(parse_dev_numbers("x:1"), None);
+    }
+
+    #[test]
+    fn struct_layout_matches_the_kernel() {
+        // <linux/loop.h>: sizeof(struct loop_info64) == 232, sizeof(struct loop_config) == 304.
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+}

@@ -1,0 +1,21 @@
+//! loopcsi: a CSI driver that gives pods fast, local, crash-safe volumes, each a sparse file in a
+//! pool directory attached as a loop device.
+//!
+//! Layers (a request flows down once and back up once):
+//! - [`service`]: the CSI gRPC services; parse and validate, call the domain, build the reply;
+//! - [`volume`]: the domain: volume ids, typed parameters, the pool of backing files with their
+//!   metadata, node staging and publishing, per-volume operation guards;
+//! - [`host`]: the only door to the operating system (loop ioctls, mounts, mkfs/blkid, files).
+
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod server;
+pub mod service;
+pub mod volume;
+
+/// The CSI v1.12 protocol, generated from `proto/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

@@ -1,0 +1,23 @@
+//! The loopcsi binary: parse the command line, set up logging, serve.
+
+use clap::Parser;
+use loopcsi::config::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(config) => {
+            let server = loopcsi::server::bind(&config)?;
+            server.serve(loopcsi::server::termination_signal()).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! The CSI gRPC services. Each handler parses and validates the request into domain types, runs
+//! the domain operation on the blocking pool (it does file and device I/O), and builds the reply.
+//! Every RPC runs in one tracing span that records method, volume, duration and result code;
+//! an error is logged there once, and turned into a gRPC status by `error.rs` alone.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::config::{Config, TOPOLOGY_KEY};
+use crate::csi;
+use crate::error::{shown, Error, Result};
+use crate::host::tools::Tools;
+use crate::volume::id::VolumeId;
+use crate::volume::node::NodeOps;
+use crate::volume::params::{AccessKind, AccessMode, Capability, FsType};
+use crate::volume::pool::{Layout, Pool};
+
+/// The recovered domain the services act on.
+pub struct Domain {
+    pub pool: Arc<Pool>,
+    pub node: NodeOps,
+}
+
+#[derive(Clone)]
+enum Readiness {
+    Starting,
+    Ready(Arc<Domain>),
+    Failed(String),
+}
+
+/// State shared by the three services.
+pub struct Driver {
+    pub driver_name: String,
+    pub node_id: String,
+    pub max_volumes_per_node: i64,
+    readiness: watch::Receiver<Readiness>,
+    /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
+    token_key: std::collections::hash_map::RandomState,
+}
+
+impl Driver {
+    /// Starts the driver: state recovery runs in the background (Probe answers not-ready until
+    /// it is done, and other RPCs wait for it).
+    pub fn start(config: &Config, tools: Tools) -> Arc<Self> {
+        let (tx, rx) = watch::channel(Readiness::Starting);
+        let state_dir = config.state_dir.clone();
+        let direct_io = !config.buffered_io;
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = Layout::prepare(&state_dir).and_then(Pool::open);
+            let next = match outcome {
+                Ok((pool, recovery)) => {
+                    tracing::info!(
+                        volumes = recovery.volumes,
+                        removed.partial_images = recovery.removed_partial_images.len(),
+                        removed.temp_files = recovery.removed_temp_files.len(),
+                        removed.node_records = recovery.removed_node_records.len(),
+                        unreadable = recovery.unreadable.len(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "state recovered"
+                    );
+                    let pool = Arc::new(pool);
+                    let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
+                    Readiness::Ready(Arc::new(Domain { pool, node }))
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "state recovery failed");
+                    Readiness::Failed(err.to_string())
+                }
+            };
+            let _ = tx.send(next);
+        });
+        Arc::new(Driver {
+            driver_name: config.driver_name.clone(),
+            node_id: config.node_id.clone(),
+            max_volumes_per_node: config.max_volumes_per_node,
+            readiness: rx,
+            token_key: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    /// `Some(true)` ready, `Some(false)` still recovering, `None` recovery failed (with why).
+    pub fn probe(&self) -> std::result::Result<bool, String> {
+        match &*self.readiness.borrow() {
+            Readiness::Starting => Ok(false),
+            Readiness::Ready(_) => Ok(true),
+            Readiness::Failed(why) => Err(why.clone()),
+        }
+    }
+
+    /// Resolves once recovery is over: the domain, or UNAVAILABLE when recovery failed.
+    async fn domain(&self) -> Result<Arc<Domain>> {
+        let mut rx = self.readiness.clone();
+        let state = rx
+            .wait_for(|r| !matches!(r, Readiness::Starting))
+            .await
+            .map_err(|_| Error::NotReady)?
+            .clone();
+        match state {
+            Readiness::Ready(domain) => Ok(domain),
+            _ => Err(Error::NotReady),
+        }
+    }
+
+    /// Runs one RPC: waits for recovery, runs `op` on the blocking pool inside `span`, logs the
+    /// outcome once with its gRPC code and duration, and maps the error to a status.
+    pub async fn run<T, F>(
+        &self,
+        span: tracing::Span,
+        op: F,
+    ) -> std::result::Result<tonic::Response<T>, tonic::Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Domain) -> Result<T> + Send + 'static,
+    {
+        let started = Instant::now();
+        let work = async {
+            let domain = self.domain().await?;
+            let current = tracing::Span::current();
+            tokio::task::spawn_blocking(move || current.in_scope(|| op(&domain)))
+                .await
+                .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?
+        };
+        let result = work.instrument(span.clone()).await;
+        finish(span, started, result)
+    }
+
+    /// Runs an RPC that needs no I/O and no recovered state (capabilities, plugin info).
+    pub fn answer<T>(
+        &self,
+        span: tracing::Span,
+        result: Result<T>,
+    ) -> std::result::Result<tonic::Response<T>, tonic::Status> {
+        finish(span, Instant::now(), result)
+    }
+
+    pub fn topology(&self) -> csi::Topology {
+        csi::Topology {
+            segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]),
+        }
+    }
+
+    /// Whether a topology segment names this node.
+    pub fn is_this_node(&self, topology: &csi::Topology) -> bool {
+        topology.segments.get(TOPOLOGY_KEY) == Some(&self.node_id)
+    }
+
+    /// A ListVolumes token: the last id returned, with a MAC only this process can make.
+    fn issue_token(&self, after: &VolumeId) -> String {
+        format!("{after}.{:016x}", self.token_mac(after))
+    }
+
+    fn token_mac(&self, id: &VolumeId) -> u64 {
+        let mut hasher = self.token_key.build_hasher();
+        hasher.write(id.to_string().as_bytes());
+        hasher.finish()
+    }
+
+    /// Parses a token this process issued; anything else is ABORTED (spec).
+    fn redeem_token(&self, token: &str) -> Result<Option<VolumeId>> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let invalid = || Error::InvalidToken(shown(token));
+        let (id, mac) = token.split_once('.').ok_or_else(invalid)?;
+        let id = VolumeId::parse(id).ok_or_else(invalid)?;
+        let mac = u64::from_str_radix(mac, 16).map_err(|_| invalid())?;
+        if mac != self.token_mac(&id) {
+            return Err(invalid());
+        }
+        Ok(Some(id))
+    }
+}
+
+fn finish<T>(
+    span: tracing::Span,
+    started: Instant,
+    result: Result<T>,
+) -> std::result::Result<tonic::Response<T>, tonic::Status> {
+    let duration_us = started.elapsed().as_micros() as u64;
+    let _entered = span.enter();
+    match result {
+        Ok(reply) => {
+            tracing::info!(grpc.code = "OK", duration_us, "done");
+            Ok(tonic::Response::new(reply))
+        }
+        Err(err) => {
+            let code = err.code();
+            if code == tonic::Code::Internal {
+                tracing::error!(grpc.code = ?code, duration_us, error = %err, "failed");
+            } else {
+                tracing::warn!(grpc.code = ?code, duration_us, error = %err, "refused");
+            }
+            Err(err.into())
+        }
+    }
+}
+
+/// The span of one RPC.
+#[macro_export]
+macro_rules! rpc_span {
+    ($method:literal) => {
+        tracing::info_span!("rpc", rpc.method = $method)
+    };
+    ($method:literal, $id:expr) => {
+        tracing::info_span!("rpc", rpc.method = $method, volume.id = %$crate::error::shown($id))
+    };
+}
+
+// ---- request parsing shared by the services ----
+
+/// A required string field: INVALID_ARGUMENT naming it when empty.
+pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        Err(Error::invalid(field, "is required"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// A volume id from a request: required, and NOT_FOUND when it is not one this driver issued
+/// (an id of the wrong shape names no volume; it is never used as a path).
+pub fn volume_id(field: &'static str, value: &str) -> Result<VolumeId> {
+    required(field, value)?;
+    VolumeId::parse(value).ok_or_else(|| Error::NotFound {
+        what: "volume",
+        id: shown(value),
+    })
+}
+
+/// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), and
+/// outside the driver's state dir.
+pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<PathBuf> {
+    required(field, value)?;
+    if value.len() > 4096 {
+        return Err(Error::invalid(
+            field,
+            format!("{} is longer than PATH_MAX", shown(value)),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(Error::invalid(
+            field,
+            format!("{} contains a NUL byte", shown(value)),
+        ));
+    }
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Err(Error::invalid(
+            field,
+            format!("{} is not an absolute path", shown(value)),
+        ));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{} contains . or .. components", shown(value)),
+        ));
+    }
+    if path.parent().is_none() {
+        return Err(Error::invalid(
+            field,
+            format!("{} is the root directory", shown(value)),
+        ));
+    }
+    let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if resolved.starts_with(state_dir) || state_dir.starts_with(&resolved) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} overlaps the driver's state dir {}",
+                shown(value),
+                state_dir.display()
+            ),
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Why a VolumeCapability cannot be used.
+pub enum CapabilityError {
+    /// A required part is missing: INVALID_ARGUMENT everywhere.
+    Malformed(Error),
+    /// Well-formed but not something loopcsi serves (a multi-node mode, another fs type):
+    /// INVALID_ARGUMENT on create, "not confirmed" on validation, zero capacity on GetCapacity.
+    Unsupported(Error),
+}
+
+impl From<CapabilityError> for Error {
+    fn from(err: CapabilityError) -> Self {
+        match err {
+            CapabilityError::Malformed(e) | CapabilityError::Unsupported(e) => e,
+        }
+    }
+}
+
+/// Parses one CSI VolumeCapability (`field` names it in errors, e.g. `volume_capabilities[1]`).
+pub fn capability(
+    field: &'static str,
+    cap: &csi::VolumeCapability,
+    tools: Option<&Tools>,
+) -> std::result::Result<Capability, CapabilityError> {
+    use csi::volume_capability::access_mode::Mode;
+    use csi::volume_capability::AccessType;
+    let malformed = |why: &str| CapabilityError::Malformed(Error::invalid(field, why.to_string()));
+    let unsupported = |why: String| CapabilityError::Unsupported(Error::invalid(field, why));
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| malformed("access_mode is required"))?
+        .mode;
+    let access = match Mode::try_from(mode) {
+        Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
+        Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
+        Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
+        Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
+        Ok(Mode::Unknown) => return Err(malformed("access_mode.mode is required (UNKNOWN given)")),
+        Ok(other) => {
+            return Err(unsupported(format!(
+                "access_mode.mode {} is not supported: loopcsi volumes are local to one node",
+                other.as_str_name()
+            )))
+        }
+        Err(_) => {
+            return Err(unsupported(format!(
+                "access_mode.mode {mode} is not a known mode"
+            )))
+        }
+    };
+    let kind = match cap.access_type.as_ref() {
+        None => return Err(malformed("access_type (mount or block) is required")),
+        Some(AccessType::Block(_)) => AccessKind::Block,
+        Some(AccessType::Mount(mount)) => {
+            let fs = match mount.fs_type.as_str() {
+                "" => None,
+                name => Some(FsType::from_name(name).ok_or_else(|| {
+                    unsupported(format!(
+                        "mount.fs_type {} is not supported (use \"ext4\" or \"xfs\")",
+                        shown(name)
+                    ))
+                })?),
+            };
+            if let (Some(fs), Some(tools)) = (fs, tools) {
+                if !tools.supports(fs) {
+                    return Err(unsupported(format!(
+                        "mount.fs_type {} is not available: its mkfs is not installed on this node",
+                        fs.name()
+                    )));
+                }
+            }
+            if !mount.volume_mount_group.is_empty() {
+                return Err(unsupported(
+                    "mount.volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not advertised)".into(),
+                ));
+            }
+            crate::host::mount::MountOptions::parse(&mount.mount_flags).map_err(|why| {
+                CapabilityError::Malformed(Error::invalid(
+                    field,
+                    format!("mount.mount_flags: {why}"),
+                ))
+            })?;
+            AccessKind::Mount {
+                fs,
+                flags: mount.mount_flags.clone(),
+            }
+        }
+    };
+    Ok(Capability { access, kind })
+}
+
+/// A required single capability (NodeStage/NodePublish `volume_capability`).
+pub fn required_capability(
+    cap: Option<&csi::VolumeCapability>,
+    tools: &Tools,
+) -> Result<Capability> {
+    let cap = cap.ok_or_else(|| Error::invalid("volume_capability", "is required"))?;
+    Ok(capability("volume_capability", cap, Some(tools))?)
+}

@@ -1,0 +1,240 @@
+//! CSI Node service.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::csi::{self, node_server::Node};
+use crate::error::{Error, Result};
+use crate::rpc_span;
+use crate::service::{co_path, required, required_capability, volume_id, Driver};
+use crate::volume::node::VolumeStats;
+
+pub struct NodeService {
+    driver: Arc<Driver>,
+}
+
+impl NodeService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        NodeService { driver }
+    }
+}
+
+fn usage(
+    unit: csi::volume_usage::Unit,
+    total: u64,
+    available: Option<u64>,
+    used: Option<u64>,
+) -> csi::VolumeUsage {
+    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    csi::VolumeUsage {
+        available: available.map_or(0, signed),
+        total: signed(total),
+        used: used.map_or(0, signed),
+        unit: unit as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    /// NodeStageVolume: attach the backing file to a loop device (direct I/O, 4096-byte blocks),
+    /// create the file system only when the device is blank and was never formatted, mount it at
+    /// staging_target_path. Block volumes are attached only. MUST be idempotent; ALREADY_EXISTS
+    /// when staged at that path with another capability; NOT_FOUND for an unknown volume;
+    /// FAILED_PRECONDITION when the capability does not fit the volume.
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("NodeStageVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    let state_dir = domain.pool.layout().root();
+                    let staging =
+                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    let cap =
+                        required_capability(req.volume_capability.as_ref(), domain.node.tools())?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    domain.node.stage(&id, &staging, &cap)?;
+                    Ok(csi::NodeStageVolumeResponse {})
+                },
+            )
+            .await
+    }
+
+    /// NodeUnstageVolume: unmount the staging path and detach the loop device. MUST be
+    /// idempotent: not staged at that path is OK. NOT_FOUND for an unknown volume;
+    /// FAILED_PRECONDITION while the volume is still published.
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("NodeUnstageVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    let state_dir = domain.pool.layout().root();
+                    let staging =
+                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    domain.node.unstage(&id, &staging)?;
+                    Ok(csi::NodeUnstageVolumeResponse {})
+                },
+            )
+            .await
+    }
+
+    /// NodePublishVolume: bind-mount the staged file system (or the device node, for block) at
+    /// target_path, which the driver creates; read-only when asked. MUST be idempotent;
+    /// ALREADY_EXISTS at the same target with other arguments; FAILED_PRECONDITION when not
+    /// staged, or when a single-target access mode is already published elsewhere. After a
+    /// reboot the staging is repaired (re-attached, re-mounted) before binding.
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.driver
+            .run(rpc_span!("NodePublishVolume", &req.volume_id), move |domain| {
+                required("volume_id", &req.volume_id)?;
+                let state_dir = domain.pool.layout().root();
+                let target = co_path("target_path", &req.target_path, state_dir)?;
+                let cap = required_capability(req.volume_capability.as_ref(), domain.node.tools())?;
+                if req.staging_target_path.is_empty() {
+                    // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
+                    return Err(Error::FailedPrecondition(
+                        "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)".into(),
+                    ));
+                }
+                let staging = co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                if staging == target {
+                    return Err(Error::invalid("target_path", "must differ from staging_target_path"));
+                }
+                let id = volume_id("volume_id", &req.volume_id)?;
+                domain.node.publish(&id, &staging, &target, &cap, req.readonly)?;
+                Ok(csi::NodePublishVolumeResponse {})
+            })
+            .await
+    }
+
+    /// NodeUnpublishVolume: unmount target_path and delete what publish created there. MUST be
+    /// idempotent: an unmounted or missing target is OK. NOT_FOUND for an unknown volume.
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("NodeUnpublishVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    let state_dir = domain.pool.layout().root();
+                    let target = co_path("target_path", &req.target_path, state_dir)?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    domain.node.unpublish(&id, &target)?;
+                    Ok(csi::NodeUnpublishVolumeResponse {})
+                },
+            )
+            .await
+    }
+
+    /// NodeGetVolumeStats: bytes and inodes of a staged or published file-system volume, bytes
+    /// of a block volume; NOT_FOUND when volume_path is not where this volume is.
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("NodeGetVolumeStats", &req.volume_id),
+                move |domain| {
+                    use csi::volume_usage::Unit;
+                    required("volume_id", &req.volume_id)?;
+                    required("volume_path", &req.volume_path)?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    let stats = domain
+                        .node
+                        .stats(&id, std::path::Path::new(&req.volume_path))?;
+                    let usage = match stats {
+                        VolumeStats::Filesystem(u) => vec![
+                            usage(
+                                Unit::Bytes,
+                                u.total_bytes,
+                                Some(u.available_bytes),
+                                Some(u.used_bytes),
+                            ),
+                            usage(
+                                Unit::Inodes,
+                                u.total_inodes,
+                                Some(u.free_inodes),
+                                Some(u.used_inodes),
+                            ),
+                        ],
+                        VolumeStats::Block { total_bytes } => {
+                            vec![usage(Unit::Bytes, total_bytes, None, None)]
+                        }
+                    };
+                    Ok(csi::NodeGetVolumeStatsResponse {
+                        usage,
+                        volume_condition: None,
+                    })
+                },
+            )
+            .await
+    }
+
+    /// NodeExpandVolume: EXPAND_VOLUME is not advertised, so UNIMPLEMENTED (spec).
+    async fn node_expand_volume(
+        &self,
+        _request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        self.driver.answer(
+            rpc_span!("NodeExpandVolume"),
+            Err(Error::Unsupported("NodeExpandVolume")),
+        )
+    }
+
+    /// NodeGetCapabilities: staging, volume stats, and the single-node multi/single writer modes.
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::rpc::Type;
+        let rpc = |kind: Type| csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc {
+                    r#type: kind as i32,
+                },
+            )),
+        };
+        let reply = csi::NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                rpc(Type::StageUnstageVolume),
+                rpc(Type::GetVolumeStats),
+                rpc(Type::SingleNodeMultiWriter),
+            ],
+        };
+        self.driver
+            .answer(rpc_span!("NodeGetCapabilities"), Ok(reply))
+    }
+
+    /// NodeGetInfo: node id, the topology segment volumes made here carry, and the volume limit.
+    async fn node_get_info(
+        &self,
+        _request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let reply = csi::NodeGetInfoResponse {
+            node_id: self.driver.node_id.clone(),
+            max_volumes_per_node: self.driver.max_volumes_per_node,
+            accessible_topology: Some(self.driver.topology()),
+        };
+        self.driver.answer(rpc_span!("NodeGetInfo"), Ok(reply))
+    }
+}

@@ -1,0 +1,74 @@
+//! Per-volume operation guards. Two operations on the same volume (or the same volume name)
+//! never interleave: the second is answered `Pending` (gRPC ABORTED), as the CSI spec asks, and
+//! the CO retries. Operations on different volumes never wait for each other.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::error::{Error, Result};
+
+/// What an operation holds exclusively.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LockKey {
+    /// A volume, by id (every Controller and Node operation on it).
+    Volume(String),
+    /// A volume name during CreateVolume (the id does not exist yet).
+    Name(String),
+}
+
+#[derive(Default, Clone)]
+pub struct OperationLocks {
+    held: Arc<Mutex<HashSet<LockKey>>>,
+}
+
+/// Releases its key when dropped, also when the operation panicked or failed.
+pub struct OperationGuard {
+    held: Arc<Mutex<HashSet<LockKey>>>,
+    key: LockKey,
+}
+
+impl OperationLocks {
+    /// Takes `key`, or answers `Pending` when another operation holds it.
+    pub fn try_lock(&self, key: LockKey) -> Result<OperationGuard> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !held.insert(key.clone()) {
+            let what = match &key {
+                LockKey::Volume(id) => format!("volume {id}"),
+                LockKey::Name(name) => format!("volume name {}", crate::error::shown(name)),
+            };
+            return Err(Error::Pending(what));
+        }
+        Ok(OperationGuard {
+            held: Arc::clone(&self.held),
+            key,
+        })
+    }
+}
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_is_refused_until_release() {
+        let locks = OperationLocks::default();
+        let key = LockKey::Volume("v".into());
+        let guard = locks.try_lock(key.clone()).unwrap();
+        assert!(matches!(
+            locks.try_lock(key.clone()),
+            Err(Error::Pending(_))
+        ));
+        assert!(locks.try_lock(LockKey::Name("v".into())).is_ok());
+        drop(guard);
+        assert!(locks.try_lock(key).is_ok());
+    }
+}

@@ -1,0 +1,8 @@
+//! The volume domain: ids, typed parameters, the pool of backing files and their metadata,
+//! node staging and publishing, and per-volume operation guards. No gRPC types here.
+
+pub mod id;
+pub mod locks;
+pub mod node;
+pub mod params;
+pub mod pool;

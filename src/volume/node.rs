@@ -1,0 +1,602 @@
+//! Node operations: stage (attach + format-if-blank + mount), publish (bind), and their undo.
+//!
+//! Every operation observes first (sysfs for the loop device backing the volume's image,
+//! mountinfo for what is mounted at the paths) and then does only what is missing, so repeating
+//! a call that already took effect changes nothing.
+//!
+//! `node/<id>.json` records what the CO asked for (the staging path and capability, the
+//! published targets), because that is the one thing the kernel cannot tell after a reboot:
+//! a kubelet may then call NodePublishVolume without NodeStageVolume, and the record lets
+//! publish re-stage the volume instead of binding an empty directory. The record is intent; the
+//! kernel remains the truth of what exists.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::host::files::{self, Usage};
+use crate::host::loopdev::{self, AttachOptions, LoopDevice};
+use crate::host::mount::{self, MountEntry, MountOptions};
+use crate::host::tools::{Probe, Tools};
+use crate::volume::id::VolumeId;
+use crate::volume::params::{AccessKind, Capability, VolumeKind};
+use crate::volume::pool::{Pool, VolumeMeta};
+
+const RECORD_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StageRecord {
+    path: PathBuf,
+    capability: Capability,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PublishRecord {
+    target: PathBuf,
+    capability: Capability,
+    readonly: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct NodeRecord {
+    version: u32,
+    staged: Option<StageRecord>,
+    published: Vec<PublishRecord>,
+}
+
+impl Default for NodeRecord {
+    fn default() -> Self {
+        NodeRecord {
+            version: RECORD_VERSION,
+            staged: None,
+            published: Vec::new(),
+        }
+    }
+}
+
+/// Usage of a volume as NodeGetVolumeStats reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeStats {
+    Filesystem(Usage),
+    Block { total_bytes: u64 },
+}
+
+pub struct NodeOps {
+    pool: Arc<Pool>,
+    tools: Tools,
+    direct_io: bool,
+}
+
+/// The kernel's view of one volume, read once per operation.
+struct Observed {
+    device: Option<LoopDevice>,
+    dev_numbers: Option<(u32, u32)>,
+    table: Vec<MountEntry>,
+}
+
+impl Observed {
+    fn read(image: &Path) -> Result<Self> {
+        let device = loopdev::find_by_backing_file(image)?;
+        let dev_numbers = device.map(|d| d.dev_numbers()).transpose()?;
+        Ok(Observed {
+            device,
+            dev_numbers,
+            table: mount::mounts()?,
+        })
+    }
+
+    /// The volume's file system is mounted at `path`.
+    fn fs_mounted_at(&self, path: &Path) -> bool {
+        match (self.dev_numbers, mount::mounted_at(&self.table, path)) {
+            (Some(numbers), Some(m)) => (m.major, m.minor) == numbers,
+            _ => false,
+        }
+    }
+
+    /// The volume's device node is bind-mounted at `path`.
+    fn device_bound_at(&self, path: &Path) -> bool {
+        let (Some((major, minor)), Some(_)) =
+            (self.dev_numbers, mount::mounted_at(&self.table, path))
+        else {
+            return false;
+        };
+        std::fs::metadata(path).is_ok_and(|m| {
+            m.file_type().is_block_device()
+                && m.rdev() == nix::sys::stat::makedev(major.into(), minor.into())
+        })
+    }
+
+    fn live_at(&self, kind: VolumeKind, path: &Path) -> bool {
+        match kind {
+            VolumeKind::Block => self.device_bound_at(path),
+            VolumeKind::Filesystem(_) => self.fs_mounted_at(path),
+        }
+    }
+
+    /// Mount points of the volume's file system other than `except`.
+    fn other_mounts(&self, except: &Path) -> Vec<PathBuf> {
+        let Some(numbers) = self.dev_numbers else {
+            return Vec::new();
+        };
+        self.table
+            .iter()
+            .filter(|m| (m.major, m.minor) == numbers && m.mount_point != except)
+            .map(|m| m.mount_point.clone())
+            .collect()
+    }
+}
+
+impl NodeOps {
+    pub fn new(pool: Arc<Pool>, tools: Tools, direct_io: bool) -> Self {
+        NodeOps {
+            pool,
+            tools,
+            direct_io,
+        }
+    }
+
+    pub fn tools(&self) -> &Tools {
+        &self.tools
+    }
+
+    fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
+        let path = self.pool.layout().node_record(id);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeRecord::default()),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    fn save_record(&self, id: &VolumeId, record: &NodeRecord) -> Result<()> {
+        let path = self.pool.layout().node_record(id);
+        if record.staged.is_none() && record.published.is_empty() {
+            return files::remove_durably(&path);
+        }
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::Internal(format!("serialising node record of {id}: {e}")))?;
+        files::write_atomic(&path, &json)
+    }
+
+    /// The volume and its operation guard; NOT_FOUND for an unknown id, and
+    /// FAILED_PRECONDITION when the capability does not fit the volume.
+    fn checked(&self, id: &VolumeId, capability: Option<&Capability>) -> Result<Arc<VolumeMeta>> {
+        let meta = self.pool.require(id)?;
+        if let Some(cap) = capability {
+            cap.check_against(meta.kind)
+                .map_err(|why| Error::FailedPrecondition(format!("volume_capability: {why}")))?;
+        }
+        Ok(meta)
+    }
+
+    /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
+    /// was never formatted, mount at `staging`. Block volumes are only attached.
+    pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.checked(id, Some(cap))?;
+        let mut record = self.load_record(id)?;
+        let observed = Observed::read(&self.pool.layout().image(id))?;
+        if let Some(staged) = &record.staged {
+            let live = observed.device.is_some()
+                && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
+            if staged.path != staging && live {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is already staged at {}",
+                    staged.path.display()
+                )));
+            }
+            if staged.path == staging && live && staged.capability != *cap {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {id} is staged at {} with another volume_capability",
+                    staging.display()
+                )));
+            }
+        }
+        self.ensure_staged(&meta, staging, cap, observed)?;
+        let wanted = Some(StageRecord {
+            path: staging.to_path_buf(),
+            capability: cap.clone(),
+        });
+        if record.staged != wanted {
+            record.staged = wanted;
+            self.save_record(id, &record)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
+    /// a loop device attached by this call is detached again.
+    fn ensure_staged(
+        &self,
+        meta: &VolumeMeta,
+        staging: &Path,
+        cap: &Capability,
+        observed: Observed,
+    ) -> Result<LoopDevice> {
+        let fs = match meta.kind {
+            VolumeKind::Filesystem(fs) => Some(fs),
+            VolumeKind::Block => None,
+        };
+        if let (Some(dev), None) = (observed.device, fs) {
+            return Ok(dev);
+        }
+        if let Some(dev) = observed.device {
+            if observed.fs_mounted_at(staging) {
+                return Ok(dev);
+            }
+        }
+        if let Some(other) = mount::mounted_at(&observed.table, staging) {
+            return Err(Error::FailedPrecondition(format!(
+                "staging_target_path {} already has a mount of {} that is not this volume",
+                staging.display(),
+                other.source
+            )));
+        }
+        let options = match fs {
+            Some(_) => mount_options(cap, meta)?,
+            None => MountOptions::default(),
+        };
+        let (dev, attached_here) = match observed.device {
+            Some(dev) => (dev, false),
+            None => (self.attach(meta)?, true),
+        };
+        let Some(fs) = fs else {
+            return Ok(dev);
+        };
+        let result = (|| {
+            self.format_if_blank(meta, &dev, fs)?;
+            ensure_directory(staging, "staging_target_path")?;
+            mount::mount_device(&dev.path(), staging, fs.name(), &options)
+        })();
+        if let Err(err) = result {
+            if attached_here {
+                if let Err(detach) = dev.detach() {
+                    tracing::error!(device = %dev.path().display(), error = %detach, "could not detach after a failed stage");
+                }
+            }
+            return Err(err);
+        }
+        Ok(dev)
+    }
+
+    fn attach(&self, meta: &VolumeMeta) -> Result<LoopDevice> {
+        let image = self.pool.layout().image(&meta.id);
+        let dev = loopdev::attach(
+            &image,
+            AttachOptions {
+                direct_io: self.direct_io,
+                read_only: false,
+            },
+        )?;
+        if self.direct_io && !dev.direct_io() {
+            tracing::warn!(
+                device = %dev.path().display(),
+                backing.file = %image.display(),
+                "direct I/O is off for this loop device (the pool file system does not support it): \
+                 the volume runs with buffered I/O and double page caching"
+            );
+        }
+        tracing::info!(device = %dev.path().display(), volume.id = %meta.id, direct_io = dev.direct_io(), "attached");
+        Ok(dev)
+    }
+
+    /// Never formats a device that has any signature, or a volume the driver formatted before
+    /// (a blank probe then means damage, and formatting would hide it).
+    fn format_if_blank(
+        &self,
+        meta: &VolumeMeta,
+        dev: &LoopDevice,
+        fs: crate::volume::params::FsType,
+    ) -> Result<()> {
+        match self.tools.probe(&dev.path())? {
+            Probe::FileSystem(found) if found == fs.name() => Ok(()),
+            Probe::FileSystem(found) => Err(Error::FailedPrecondition(format!(
+                "volume {} holds a {found} file system, not {}; refusing to reformat it",
+                meta.id,
+                fs.name()
+            ))),
+            Probe::Other(what) => Err(Error::FailedPrecondition(format!(
+                "volume {} holds {what}; refusing to format it",
+                meta.id
+            ))),
+            Probe::Blank if meta.formatted => Err(Error::Corrupt(format!(
+                "volume {} was formatted before but no file system is found on it now; \
+                 refusing to format it again (its data would be lost)",
+                meta.id
+            ))),
+            Probe::Blank => {
+                self.tools.mkfs(fs, &dev.path())?;
+                self.pool.mark_formatted(&meta.id)
+            }
+        }
+    }
+
+    /// NodeUnstageVolume: unmount the staging path and detach the loop device. Not staged at
+    /// that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
+    pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.checked(id, None)?;
+        let mut record = self.load_record(id)?;
+        if let Some(staged) = &record.staged {
+            if staged.path != staging {
+                // Staged elsewhere (or never here): nothing to undo at this path.
+                return Ok(());
+            }
+        }
+        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let published: Vec<PathBuf> = record
+            .published
+            .iter()
+            .filter(|p| observed.live_at(meta.kind, &p.target))
+            .map(|p| p.target.clone())
+            .chain(match meta.kind {
+                VolumeKind::Filesystem(_) => observed.other_mounts(staging),
+                VolumeKind::Block => Vec::new(),
+            })
+            .collect();
+        if let Some(target) = published.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published at {}; NodeUnpublishVolume it first",
+                target.display()
+            )));
+        }
+        if let Some(dev) = observed.device {
+            if observed.fs_mounted_at(staging) {
+                mount::unmount(staging).map_err(busy_is_precondition)?;
+            }
+            dev.detach()?;
+            tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
+        }
+        if record.staged.is_some() || !record.published.is_empty() {
+            record.staged = None;
+            record.published.clear();
+            self.save_record(id, &record)?;
+        }
+        Ok(())
+    }
+
+    /// NodePublishVolume: bind the staged file system (or the device node) at `target`, after
+    /// repairing the staging if a reboot took it away.
+    pub fn publish(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        readonly: bool,
+    ) -> Result<()> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.checked(id, Some(cap))?;
+        let mut record = self.load_record(id)?;
+        let Some(staged) = record.staged.clone().filter(|s| s.path == staging) else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is not staged at staging_target_path {}; call NodeStageVolume first",
+                staging.display()
+            )));
+        };
+        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let existing = record.published.iter().find(|p| p.target == target);
+        if let Some(existing) = existing {
+            if observed.live_at(meta.kind, target) {
+                if existing.capability == *cap && existing.readonly == readonly {
+                    return Ok(());
+                }
+                return Err(Error::AlreadyExists(format!(
+                    "volume {id} is published at {} with another volume_capability or readonly flag",
+                    target.display()
+                )));
+            }
+        }
+        let others: Vec<&PublishRecord> = record
+            .published
+            .iter()
+            .filter(|p| p.target != target && observed.live_at(meta.kind, &p.target))
+            .collect();
+        if let Some(other) = others.first() {
+            if !cap.access.allows_several_targets()
+                || !other.capability.access.allows_several_targets()
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is already published at {} and its access mode allows one target only",
+                    other.target.display()
+                )));
+            }
+        }
+        if let Some(other) = mount::mounted_at(&observed.table, target) {
+            return Err(Error::FailedPrecondition(format!(
+                "target_path {} already has a mount of {} that is not this volume",
+                target.display(),
+                other.source
+            )));
+        }
+        let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
+        let mut options = match &cap.kind {
+            AccessKind::Mount { .. } => mount_options(cap, &meta)?,
+            AccessKind::Block => MountOptions::default(),
+        };
+        if readonly || cap.access.read_only() {
+            options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
+        }
+        match meta.kind {
+            VolumeKind::Block => {
+                ensure_file(target)?;
+                mount::bind(&dev.path(), target, &options)?;
+            }
+            VolumeKind::Filesystem(_) => {
+                ensure_directory(target, "target_path")?;
+                mount::bind(staging, target, &options)?;
+            }
+        }
+        record.published.retain(|p| p.target != target);
+        record.published.push(PublishRecord {
+            target: target.to_path_buf(),
+            capability: cap.clone(),
+            readonly,
+        });
+        if let Err(err) = self.save_record(id, &record) {
+            let _ = mount::unmount(target);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmount `target` and delete the file or directory publish created.
+    /// A target that is not mounted (or does not exist) is success.
+    pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.checked(id, None)?;
+        let mut record = self.load_record(id)?;
+        let observed = Observed::read(&self.pool.layout().image(id))?;
+        if observed.live_at(meta.kind, target) {
+            mount::unmount(target).map_err(busy_is_precondition)?;
+        } else if let Some(other) = mount::mounted_at(&observed.table, target) {
+            return Err(Error::FailedPrecondition(format!(
+                "target_path {} has a mount of {} that is not this volume; not touching it",
+                target.display(),
+                other.source
+            )));
+        }
+        remove_target(target, meta.kind)?;
+        let before = record.published.len();
+        record.published.retain(|p| p.target != target);
+        if record.published.len() != before {
+            self.save_record(id, &record)?;
+        }
+        Ok(())
+    }
+
+    /// NodeGetVolumeStats for `path`, which must be where this volume is staged or published.
+    pub fn stats(&self, id: &VolumeId, path: &Path) -> Result<VolumeStats> {
+        let meta = self.checked(id, None)?;
+        let not_here = || Error::NotFound {
+            what: "volume at path",
+            id: format!("{id} at {}", path.display()),
+        };
+        if !path.is_absolute() {
+            return Err(not_here());
+        }
+        let observed = Observed::read(&self.pool.layout().image(id))?;
+        match meta.kind {
+            VolumeKind::Filesystem(_) if observed.fs_mounted_at(path) => {
+                Ok(VolumeStats::Filesystem(files::usage(path)?))
+            }
+            VolumeKind::Block => {
+                let staged_here = self
+                    .load_record(id)?
+                    .staged
+                    .is_some_and(|s| s.path == path && observed.device.is_some());
+                if staged_here || observed.device_bound_at(path) {
+                    Ok(VolumeStats::Block {
+                        total_bytes: meta.capacity_bytes,
+                    })
+                } else {
+                    Err(not_here())
+                }
+            }
+            VolumeKind::Filesystem(_) => Err(not_here()),
+        }
+    }
+}
+
+fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {
+    let mut options = MountOptions::parse(cap.mount_flags())
+        .map_err(|why| Error::invalid("volume_capability.mount.mount_flags", why))?;
+    if cap.access.read_only() || meta.access_modes.iter().all(|m| m.read_only()) {
+        options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
+    }
+    Ok(options)
+}
+
+/// EBUSY from umount means a process still uses the mount: the CO must stop it first.
+fn busy_is_precondition(err: Error) -> Error {
+    match err {
+        Error::Sys {
+            errno: nix::errno::Errno::EBUSY,
+            target,
+            ..
+        } => Error::FailedPrecondition(format!(
+            "{target} is busy (still in use); not unmounting it"
+        )),
+        other => other,
+    }
+}
+
+/// Makes sure `path` is a directory (creating it if missing), refusing symlinks.
+fn ensure_directory(path: &Path, field: &'static str) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(
+            field,
+            format!(
+                "{} is a symbolic link; refusing to mount through it",
+                path.display()
+            ),
+        )),
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::invalid(
+            field,
+            format!("{} exists and is not a directory", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+        }
+        Err(e) => Err(Error::io("stat", path, e)),
+    }
+}
+
+/// Makes sure `path` is a regular file to bind a device node onto, refusing symlinks.
+fn ensure_file(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(
+            "target_path",
+            format!(
+                "{} is a symbolic link; refusing to mount through it",
+                path.display()
+            ),
+        )),
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::invalid(
+            "target_path",
+            format!("{} exists and is not a regular file", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map(drop)
+            .map_err(|e| Error::io("create", path, e)),
+        Err(e) => Err(Error::io("stat", path, e)),
+    }
+}
+
+/// Deletes what publish created at `target` (spec: the SP MUST delete it). A directory that is
+/// not empty holds something the driver did not put there, and is left with a warning.
+fn remove_target(target: &Path, kind: VolumeKind) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(target) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", target, e)),
+    };
+    let removed = match kind {
+        VolumeKind::Filesystem(_) if meta.is_dir() => std::fs::remove_dir(target),
+        VolumeKind::Block if meta.is_file() => std::fs::remove_file(target),
+        _ => {
+            tracing::warn!(target = %target.display(), "target_path is not what publish created; left in place");
+            return Ok(());
+        }
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {
+            tracing::warn!(target = %target.display(), "target_path is not empty after unmount; left in place");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", target, e)),
+    }
+}

@@ -1,0 +1,357 @@
+//! Typed request parameters: StorageClass parameters, capacity ranges and volume capabilities,
+//! each parsed once from what the CO sent. Errors name the CSI field and the offending value.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{shown, Error, Result};
+pub use crate::host::tools::FsType;
+
+/// The file system a volume gets when the request names none.
+pub const DEFAULT_FS: FsType = FsType::Ext4;
+/// The size a volume gets when the request has no capacity_range (or only a larger limit).
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+/// Volume sizes are whole MiB: the loop device's 4096-byte blocks divide it, and mkfs likes it.
+pub const SIZE_GRANULARITY: u64 = 1 << 20;
+/// Smallest raw block volume.
+pub const MINIMUM_BLOCK_SIZE: u64 = 1 << 20;
+
+/// What a volume holds: decided at creation, it never changes (so a raw block volume is never
+/// mistaken for a blank file system and formatted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    Filesystem(FsType),
+    Block,
+}
+
+impl VolumeKind {
+    pub fn minimum_size(self) -> u64 {
+        match self {
+            VolumeKind::Filesystem(fs) => fs.minimum_size(),
+            VolumeKind::Block => MINIMUM_BLOCK_SIZE,
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeKind::Filesystem(fs) => write!(f, "a {} file system", fs.name()),
+            VolumeKind::Block => f.write_str("a raw block device"),
+        }
+    }
+}
+
+/// The CSI access modes loopcsi serves: every single-node mode (a loop device lives on one node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+}
+
+impl AccessMode {
+    pub fn read_only(self) -> bool {
+        self == AccessMode::SingleNodeReaderOnly
+    }
+
+    /// Whether the volume may be published at more than one target path on this node.
+    pub fn allows_several_targets(self) -> bool {
+        self == AccessMode::SingleNodeMultiWriter
+    }
+}
+
+/// How a volume is to be accessed, from one CSI VolumeCapability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    pub access: AccessMode,
+    pub kind: AccessKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessKind {
+    Block,
+    Mount {
+        /// `None` when the request left fs_type empty (the volume's own type applies).
+        fs: Option<FsType>,
+        flags: Vec<String>,
+    },
+}
+
+impl Capability {
+    /// The kind of volume this capability asks to be created.
+    pub fn volume_kind(&self) -> VolumeKind {
+        match &self.kind {
+            AccessKind::Block => VolumeKind::Block,
+            AccessKind::Mount { fs, .. } => VolumeKind::Filesystem(fs.unwrap_or(DEFAULT_FS)),
+        }
+    }
+
+    /// Whether a volume of `kind` can be used this way; the reason when it cannot.
+    pub fn check_against(&self, kind: VolumeKind) -> std::result::Result<(), String> {
+        match (&self.kind, kind) {
+            (AccessKind::Block, VolumeKind::Block) => Ok(()),
+            (AccessKind::Mount { fs: None, .. }, VolumeKind::Filesystem(_)) => Ok(()),
+            (AccessKind::Mount { fs: Some(want), .. }, VolumeKind::Filesystem(have))
+                if *want == have =>
+            {
+                Ok(())
+            }
+            (AccessKind::Mount { fs: Some(want), .. }, VolumeKind::Filesystem(have)) => {
+                Err(format!(
+                    "the volume holds a {} file system, not {}",
+                    have.name(),
+                    want.name()
+                ))
+            }
+            (AccessKind::Block, VolumeKind::Filesystem(_)) => Err(format!(
+                "the volume holds {kind}; it cannot be used as a raw block device"
+            )),
+            (AccessKind::Mount { .. }, VolumeKind::Block) => Err(
+                "the volume is a raw block volume; it cannot be mounted as a file system".into(),
+            ),
+        }
+    }
+
+    pub fn mount_flags(&self) -> &[String] {
+        match &self.kind {
+            AccessKind::Mount { flags, .. } => flags,
+            AccessKind::Block => &[],
+        }
+    }
+}
+
+/// StorageClass `provisioning`: thin (sparse file, the default) or thick (fully allocated).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    #[default]
+    Thin,
+    Thick,
+}
+
+/// The PVC a volume was provisioned for (from the provisioner's `--extra-create-metadata`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pv_name: Option<String>,
+}
+
+/// CreateVolume `parameters`, typed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StorageClassParams {
+    pub provisioning: Provisioning,
+    pub claim: ClaimRef,
+}
+
+/// Keys the Kubernetes sidecars add on their own; accepted and never interpreted as ours.
+const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+
+impl TryFrom<&HashMap<String, String>> for StorageClassParams {
+    type Error = Error;
+
+    fn try_from(map: &HashMap<String, String>) -> Result<Self> {
+        let mut params = StorageClassParams::default();
+        // Sorted, so the error for several bad keys is the same on every call.
+        let mut keys: Vec<_> = map.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = &map[key];
+            match key.as_str() {
+                "provisioning" => {
+                    params.provisioning = match value.as_str() {
+                        "thin" => Provisioning::Thin,
+                        "thick" => Provisioning::Thick,
+                        _ => {
+                            return Err(Error::invalid(
+                                "parameters.provisioning",
+                                format!("{} is not one of \"thin\", \"thick\"", shown(value)),
+                            ))
+                        }
+                    }
+                }
+                "csi.storage.k8s.io/pvc/name" => params.claim.name = Some(value.clone()),
+                "csi.storage.k8s.io/pvc/namespace" => params.claim.namespace = Some(value.clone()),
+                "csi.storage.k8s.io/pv/name" => params.claim.pv_name = Some(value.clone()),
+                other if other.starts_with(SIDECAR_PREFIX) => {}
+                other => {
+                    return Err(Error::invalid(
+                        "parameters",
+                        format!(
+                            "unknown key {}; loopcsi understands \"provisioning\"",
+                            shown(other)
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(params)
+    }
+}
+
+/// CreateVolume `capacity_range` as sent (0 = unset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    pub required_bytes: i64,
+    pub limit_bytes: i64,
+}
+
+impl CapacityRange {
+    /// Whether an existing volume of `size` bytes satisfies this range.
+    pub fn admits(&self, size: u64) -> bool {
+        let required_ok = u64::try_from(self.required_bytes).is_ok_and(|r| size >= r);
+        let limit_ok =
+            self.limit_bytes == 0 || u64::try_from(self.limit_bytes).is_ok_and(|l| size <= l);
+        required_ok && limit_ok
+    }
+
+    /// Rejects negative values (the spec forbids them) naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.required_bytes < 0 {
+            return Err(Error::invalid(
+                "capacity_range.required_bytes",
+                format!("{} is negative", self.required_bytes),
+            ));
+        }
+        if self.limit_bytes < 0 {
+            return Err(Error::invalid(
+                "capacity_range.limit_bytes",
+                format!("{} is negative", self.limit_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The size to create, honouring the range exactly as the spec says: at least
+    /// `required_bytes` (rounded up to a whole MiB and to the file system's minimum), never more
+    /// than `limit_bytes`; `DEFAULT_VOLUME_SIZE` when neither is set. OUT_OF_RANGE when no
+    /// whole-MiB size satisfies the range.
+    pub fn resolve(&self, minimum: u64) -> Result<u64> {
+        self.validate()?;
+        let required = self.required_bytes.unsigned_abs();
+        let limit = self.limit_bytes.unsigned_abs();
+        if limit != 0 && required > limit {
+            return Err(Error::OutOfRange(format!(
+                "capacity_range.limit_bytes {limit} is smaller than required_bytes {required}"
+            )));
+        }
+        let floor = minimum.max(SIZE_GRANULARITY);
+        let size = if required == 0 {
+            let wanted = DEFAULT_VOLUME_SIZE.max(floor);
+            if limit != 0 && wanted > limit {
+                // Only a limit: the largest whole-MiB size under it.
+                limit - limit % SIZE_GRANULARITY
+            } else {
+                wanted
+            }
+        } else {
+            let wanted = required.max(floor);
+            wanted
+                .checked_next_multiple_of(SIZE_GRANULARITY)
+                .filter(|s| i64::try_from(*s).is_ok())
+                .ok_or_else(|| {
+                    Error::OutOfRange(format!(
+                        "capacity_range.required_bytes {required} is larger than any volume loopcsi can make"
+                    ))
+                })?
+        };
+        if size < floor || (limit != 0 && size > limit) {
+            return Err(Error::OutOfRange(format!(
+                "no volume size in whole MiB of at least {floor} bytes fits capacity_range \
+                 (required_bytes {required}, limit_bytes {limit})"
+            )));
+        }
+        Ok(size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: i64 = 1 << 20;
+
+    fn range(required_bytes: i64, limit_bytes: i64) -> CapacityRange {
+        CapacityRange {
+            required_bytes,
+            limit_bytes,
+        }
+    }
+
+    #[test]
+    fn capacity_rounds_up_within_the_limit() {
+        let min = FsType::Ext4.minimum_size();
+        assert_eq!(range(0, 0).resolve(min).unwrap(), DEFAULT_VOLUME_SIZE);
+        assert_eq!(range(100 * MIB + 1, 0).resolve(min).unwrap(), 101 << 20);
+        assert_eq!(range(10 << 30, 10 << 30).resolve(min).unwrap(), 10 << 30);
+        assert_eq!(range(1, 0).resolve(min).unwrap(), min);
+        assert_eq!(range(0, 100 * MIB + 5).resolve(min).unwrap(), 100 << 20);
+        assert_eq!(range(0, 1 << 40).resolve(min).unwrap(), DEFAULT_VOLUME_SIZE);
+    }
+
+    #[test]
+    fn impossible_ranges_are_out_of_range_and_negatives_invalid() {
+        let min = FsType::Ext4.minimum_size();
+        assert!(matches!(
+            range(MIB + 1, MIB + 2).resolve(min),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            range(0, MIB).resolve(min),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            range(2 * MIB, MIB).resolve(min),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            range(i64::MAX, 0).resolve(min),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            range(-1, 0).resolve(min),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            range(0, -1).resolve(min),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            range(0, 299 * MIB).resolve(FsType::Xfs.minimum_size()),
+            Err(Error::OutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn storage_class_parameters() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        let p = StorageClassParams::try_from(&map(&[
+            ("provisioning", "thick"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/fstype", "xfs"),
+        ]))
+        .unwrap();
+        assert_eq!(p.provisioning, Provisioning::Thick);
+        assert_eq!(p.claim.name.as_deref(), Some("data"));
+        let err = StorageClassParams::try_from(&map(&[("provisioning", "fat")])).unwrap_err();
+        assert!(
+            err.to_string().contains("parameters.provisioning") && err.to_string().contains("fat")
+        );
+        let err = StorageClassParams::try_from(&map(&[("bogus", "1")])).unwrap_err();
+        assert!(err.to_string().contains("bogus"));
+    }
+}
