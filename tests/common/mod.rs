@@ -1,0 +1,430 @@
+//! Test fixture: a real loopcsi server on a temporary socket, driven by tonic clients, against
+//! real loop devices, mkfs and mounts. Everything a test makes lives under its own temp dir;
+//! the fixture's Drop unmounts and detaches whatever is left there (even when the test panics)
+//! and then asserts that nothing is left. It touches nothing outside its dir.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use loopcsi::config::Config;
+use loopcsi::csi;
+use loopcsi::csi::controller_client::ControllerClient;
+use loopcsi::csi::identity_client::IdentityClient;
+use loopcsi::csi::node_client::NodeClient;
+use loopcsi::host::{loopdev, mount};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const MIB: i64 = 1 << 20;
+pub const NODE: &str = "test-node-1";
+
+pub struct TestDriver {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    running: Option<Running>,
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+/// One in-process server: its shutdown trigger and task.
+struct Running {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config(root: &Path) -> Config {
+    Config {
+        endpoint: format!("unix://{}", root.join("csi.sock").display()),
+        node_id: NODE.into(),
+        state_dir: root.join("state"),
+        driver_name: "loopcsi.dev".into(),
+        max_volumes_per_node: 0,
+        buffered_io: false,
+    }
+}
+
+async fn connect(socket: PathBuf) -> Channel {
+    Endpoint::try_from("http://loopcsi.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to the driver socket")
+}
+
+/// Binds and serves a driver on `root`; the socket exists when this returns, so connecting
+/// cannot race the server (no sleeps, no polling).
+async fn launch(root: &Path) -> (Running, Channel) {
+    let server = loopcsi::server::bind(&config(root)).expect("bind the driver socket");
+    let socket = server.socket().to_path_buf();
+    let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .serve(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("driver serve");
+    });
+    (Running { shutdown, task }, connect(socket).await)
+}
+
+impl TestDriver {
+    /// A fresh driver with an empty state dir.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("loopcsi-test-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (running, channel) = launch(&root).await;
+        TestDriver {
+            dir,
+            root,
+            running: Some(running),
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        }
+    }
+
+    /// Stops the server gracefully (it removes its socket) and starts a new one on the same
+    /// state dir, as a restart of the node plugin does.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let (running, channel) = launch(&self.root).await;
+        self.running = Some(running);
+        self.identity = IdentityClient::new(channel.clone());
+        self.controller = ControllerClient::new(channel.clone());
+        self.node = NodeClient::new(channel);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.shutdown.send(());
+            running.task.await.unwrap();
+        }
+        assert!(
+            !self.root.join("csi.sock").exists(),
+            "the socket is removed on shutdown"
+        );
+    }
+
+    /// Unmounts and detaches everything under this test's dir, as a node reboot would.
+    pub fn simulate_reboot(&self) {
+        release_everything_under(&self.root);
+        assert_eq!(leftovers_under(&self.root), Vec::<String>::new());
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// A directory the CO would create for staging (the CO owns staging paths).
+    pub fn staging(&self, name: &str) -> PathBuf {
+        let path = self.root.join("staging").join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+    /// A target path whose parent exists (the driver creates the target itself).
+    pub fn target(&self, name: &str) -> PathBuf {
+        let parent = self.root.join("pods").join(name);
+        std::fs::create_dir_all(&parent).unwrap();
+        parent.join("volume")
+    }
+
+    /// Asserts that no loop device or mount under this test's dir is left by the driver.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            leftovers_under(&self.root),
+            Vec::<String>::new(),
+            "the driver left these behind"
+        );
+    }
+
+    /// The loop device attached to a volume's image, if any.
+    pub fn loop_device_of(&self, volume_id: &str) -> Option<loopdev::LoopDevice> {
+        let image = self
+            .state_dir()
+            .join("volumes")
+            .join(format!("{volume_id}.img"));
+        loopdev::find_by_backing_file(&image).unwrap()
+    }
+
+    pub fn image_path(&self, volume_id: &str) -> PathBuf {
+        self.state_dir()
+            .join("volumes")
+            .join(format!("{volume_id}.img"))
+    }
+
+    // ---- RPC shorthands (each returns the tonic result, so tests can assert codes) ----
+
+    pub async fn create(
+        &mut self,
+        req: csi::CreateVolumeRequest,
+    ) -> Result<csi::Volume, tonic::Status> {
+        self.controller.create_volume(req).await.map(|r| {
+            r.into_inner()
+                .volume
+                .expect("CreateVolume returns a volume")
+        })
+    }
+
+    pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn stage(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        cap: csi::VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: csi::VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn stats(
+        &mut self,
+        id: &str,
+        path: &Path,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, tonic::Status> {
+        self.node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn list_all(&mut self) -> Vec<csi::Volume> {
+        self.controller
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap())
+            .collect()
+    }
+}
+
+impl Drop for TestDriver {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.shutdown.send(());
+            running.task.abort();
+        }
+        release_everything_under(&self.root);
+        let left = leftovers_under(&self.root);
+        if !std::thread::panicking() {
+            assert_eq!(
+                left,
+                Vec::<String>::new(),
+                "cleanup could not release these"
+            );
+        }
+    }
+}
+
+/// Mounts and loop devices under `root` (what a test made), described for assertion messages.
+pub fn leftovers_under(root: &Path) -> Vec<String> {
+    let mut left: Vec<String> = mount::mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(root))
+        .map(|m| format!("mount {}", m.mount_point.display()))
+        .collect();
+    left.extend(
+        loopdev::attached()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, file)| file.starts_with(root))
+            .map(|(dev, file)| format!("{} -> {}", dev.path().display(), file.display())),
+    );
+    left
+}
+
+/// Unmounts (deepest first) and detaches everything under `root`; touches nothing else.
+pub fn release_everything_under(root: &Path) {
+    for _ in 0..4 {
+        let mut points: Vec<PathBuf> = mount::mounts()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(root))
+            .map(|m| m.mount_point)
+            .collect();
+        if points.is_empty() {
+            break;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for point in points {
+            if nix::mount::umount2(&point, nix::mount::MntFlags::UMOUNT_NOFOLLOW).is_err() {
+                let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    for (dev, file) in loopdev::attached().unwrap() {
+        if file.starts_with(root) {
+            dev.detach().unwrap();
+        }
+    }
+}
+
+// ---- request builders ----
+
+pub fn mode(
+    m: csi::volume_capability::access_mode::Mode,
+) -> Option<csi::volume_capability::AccessMode> {
+    Some(csi::volume_capability::AccessMode { mode: m as i32 })
+}
+
+pub fn mount_cap(fs: &str, m: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    mount_cap_flags(fs, m, &[])
+}
+
+pub fn mount_cap_flags(
+    fs: &str,
+    m: csi::volume_capability::access_mode::Mode,
+    flags: &[&str],
+) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: fs.into(),
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: mode(m),
+    }
+}
+
+pub fn block_cap(m: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Block(
+            csi::volume_capability::BlockVolume {},
+        )),
+        access_mode: mode(m),
+    }
+}
+
+pub fn snw() -> csi::volume_capability::access_mode::Mode {
+    csi::volume_capability::access_mode::Mode::SingleNodeWriter
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+pub fn with_params(
+    mut req: csi::CreateVolumeRequest,
+    params: &[(&str, &str)],
+) -> csi::CreateVolumeRequest {
+    req.parameters = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    req
+}
+
+/// Asserts a tonic result failed with `code`, and that the message mentions `needle`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
+    match result {
+        Ok(v) => panic!("expected {code:?} mentioning {needle:?}, got OK {v:?}"),
+        Err(status) => {
+            assert_eq!(
+                status.code(),
+                code,
+                "wrong code; message: {}",
+                status.message()
+            );
+            assert!(
+                status.message().contains(needle),
+                "message {:?} does not mention {needle:?}",
+                status.message()
+            );
+        }
+    }
+}
