@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod host;
 pub mod server;
 pub mod service;

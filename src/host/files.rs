@@ -41,6 +41,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         file.write_all(contents)
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io("write", &temp, e))?;
+        crate::faults::crash_point("atomic.temp_written");
         std::fs::rename(&temp, path).map_err(|e| Error::io("rename", &temp, e))
     })();
     if result.is_err() {

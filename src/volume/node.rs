@@ -244,13 +244,16 @@ impl NodeOps {
             Some(dev) => (dev, false),
             None => (self.attach(meta)?, true),
         };
+        crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
             return Ok(dev);
         };
         let result = (|| {
             self.format_if_blank(meta, &dev, fs)?;
             ensure_directory(staging, "staging_target_path")?;
-            mount::mount_device(&dev.path(), staging, fs.name(), &options)
+            mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
+            crate::faults::crash_point("stage.mounted");
+            Ok(())
         })();
         if let Err(err) = result {
             if attached_here {
@@ -293,7 +296,8 @@ impl NodeOps {
         fs: crate::volume::params::FsType,
     ) -> Result<()> {
         match self.tools.probe(&dev.path())? {
-            Probe::FileSystem(found) if found == fs.name() => Ok(()),
+            // Formatted by a call that crashed before it could record so: record it now.
+            Probe::FileSystem(found) if found == fs.name() => self.pool.mark_formatted(&meta.id),
             Probe::FileSystem(found) => Err(Error::FailedPrecondition(format!(
                 "volume {} holds a {found} file system, not {}; refusing to reformat it",
                 meta.id,
@@ -310,6 +314,7 @@ impl NodeOps {
             ))),
             Probe::Blank => {
                 self.tools.mkfs(fs, &dev.path())?;
+                crate::faults::crash_point("stage.formatted");
                 self.pool.mark_formatted(&meta.id)
             }
         }
@@ -347,8 +352,10 @@ impl NodeOps {
         if let Some(dev) = observed.device {
             if observed.fs_mounted_at(staging) {
                 mount::unmount(staging).map_err(busy_is_precondition)?;
+                crate::faults::crash_point("unstage.unmounted");
             }
             dev.detach()?;
+            crate::faults::crash_point("unstage.detached");
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
         if record.staged.is_some() || !record.published.is_empty() {
@@ -379,17 +386,36 @@ impl NodeOps {
             )));
         };
         let observed = Observed::read(&self.pool.layout().image(id))?;
-        let existing = record.published.iter().find(|p| p.target == target);
-        if let Some(existing) = existing {
-            if observed.live_at(meta.kind, target) {
-                if existing.capability == *cap && existing.readonly == readonly {
-                    return Ok(());
-                }
+        let mut options = match &cap.kind {
+            AccessKind::Mount { .. } => mount_options(cap, &meta)?,
+            AccessKind::Block => MountOptions::default(),
+        };
+        if readonly || cap.access.read_only() {
+            options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
+        }
+        let wanted_ro = options.read_only();
+        if observed.live_at(meta.kind, target) {
+            let same = match record.published.iter().find(|p| p.target == target) {
+                Some(existing) => existing.capability == *cap && existing.readonly == readonly,
+                // Bound by a call that crashed before recording it: adopt the bind when it
+                // is what this call asks for.
+                None => mount::mounted_at(&observed.table, target).is_some_and(|m| m.read_only() == wanted_ro),
+            };
+            if !same {
                 return Err(Error::AlreadyExists(format!(
                     "volume {id} is published at {} with another volume_capability or readonly flag",
                     target.display()
                 )));
             }
+            if !record.published.iter().any(|p| p.target == target) {
+                record.published.push(PublishRecord {
+                    target: target.to_path_buf(),
+                    capability: cap.clone(),
+                    readonly,
+                });
+                self.save_record(id, &record)?;
+            }
+            return Ok(());
         }
         let others: Vec<&PublishRecord> = record
             .published
@@ -414,13 +440,6 @@ impl NodeOps {
             )));
         }
         let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
-        let mut options = match &cap.kind {
-            AccessKind::Mount { .. } => mount_options(cap, &meta)?,
-            AccessKind::Block => MountOptions::default(),
-        };
-        if readonly || cap.access.read_only() {
-            options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
-        }
         match meta.kind {
             VolumeKind::Block => {
                 ensure_file(target)?;
@@ -431,6 +450,7 @@ impl NodeOps {
                 mount::bind(staging, target, &options)?;
             }
         }
+        crate::faults::crash_point("publish.bound");
         record.published.retain(|p| p.target != target);
         record.published.push(PublishRecord {
             target: target.to_path_buf(),

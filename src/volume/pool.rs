@@ -321,11 +321,13 @@ impl Pool {
             }
             other => other,
         })?;
+        crate::faults::crash_point("create.image_written");
         if let Err(err) = self.write_meta(&meta) {
             // Not committed: take the image back so nothing half-made stays.
             let _ = files::remove_durably(&image);
             return Err(err);
         }
+        crate::faults::crash_point("create.meta_committed");
         let meta = Arc::new(meta);
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
         index.by_name.insert(meta.name.clone(), id);
@@ -372,6 +374,7 @@ impl Pool {
         }
         // Commit point: once the metadata is gone the volume is gone.
         files::remove_durably(&self.layout.meta(id))?;
+        crate::faults::crash_point("delete.meta_removed");
         {
             let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
             index.by_id.remove(id);

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -20,8 +22,37 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub const MIB: i64 = 1 << 20;
 pub const NODE: &str = "test-node-1";
 
-pub struct TestDriver {
+/// A temp dir for one test. Dropping it unmounts and detaches whatever is still under it (even
+/// when the test panicked), asserts that nothing is left, then removes it.
+pub struct Scratch {
     dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("loopcsi-test-").tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        Scratch { dir, root }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        release_everything_under(&self.root);
+        let left = leftovers_under(&self.root);
+        if !std::thread::panicking() {
+            assert_eq!(left, Vec::<String>::new(), "cleanup could not release these");
+        }
+    }
+}
+
+pub struct TestDriver {
+    scratch: Scratch,
     root: PathBuf,
     running: Option<Running>,
     pub identity: IdentityClient<Channel>,
@@ -46,7 +77,7 @@ fn config(root: &Path) -> Config {
     }
 }
 
-async fn connect(socket: PathBuf) -> Channel {
+pub async fn connect(socket: PathBuf) -> Channel {
     Endpoint::try_from("http://loopcsi.invalid")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -81,14 +112,11 @@ async fn launch(root: &Path) -> (Running, Channel) {
 impl TestDriver {
     /// A fresh driver with an empty state dir.
     pub async fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("loopcsi-test-")
-            .tempdir()
-            .unwrap();
-        let root = dir.path().canonicalize().unwrap();
+        let scratch = Scratch::new();
+        let root = scratch.path().to_path_buf();
         let (running, channel) = launch(&root).await;
         TestDriver {
-            dir,
+            scratch,
             root,
             running: Some(running),
             identity: IdentityClient::new(channel.clone()),
@@ -283,15 +311,7 @@ impl Drop for TestDriver {
             let _ = running.shutdown.send(());
             running.task.abort();
         }
-        release_everything_under(&self.root);
-        let left = leftovers_under(&self.root);
-        if !std::thread::panicking() {
-            assert_eq!(
-                left,
-                Vec::<String>::new(),
-                "cleanup could not release these"
-            );
-        }
+        // `scratch` is dropped next: it releases and checks everything under the dir.
     }
 }
 
