@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
 
+    /// Seconds between two reconciliation rounds, which repair drift between what the CO asked
+    /// for and what the kernel shows, and collect orphans (see the README); 0 turns them off.
+    #[arg(long, default_value_t = 60)]
+    pub reconcile_interval: u64,
+
     /// Attach loop devices with buffered I/O instead of direct I/O. Direct I/O (the default)
     /// avoids caching every page twice; the driver falls back to buffered I/O by itself, with a
     /// warning, when the pool's file system cannot do direct I/O.
@@ -146,6 +151,7 @@ mod tests {
             state_dir: "/tmp/x".into(),
             driver_name: "loopcsi.dev".into(),
             max_volumes_per_node: 0,
+            reconcile_interval: 60,
             buffered_io: false,
         }
     }

@@ -1,5 +1,7 @@
 //! The loopcsi binary: parse the command line, set up logging, serve.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use loopcsi::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -11,12 +13,14 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
+            let shutdown = loopcsi::server::termination_signal()?;
             let server = loopcsi::server::bind(&config)?;
-            server.serve(loopcsi::server::termination_signal()).await?;
+            server.serve(shutdown).await?;
         }
     }
     Ok(())

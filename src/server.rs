@@ -2,7 +2,7 @@
 //! services, and graceful shutdown (stop accepting, let in-flight RPCs finish, remove the socket).
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,15 +36,35 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
     }
-    let listener = UnixListener::bind(&socket).map_err(|e| Error::io("bind", &socket, e))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| Error::io("chmod", &socket, e))?;
+    let listener = bind_private(&socket)?;
     let driver = Driver::start(config, tools);
     Ok(BoundServer {
         listener,
         socket,
         driver,
     })
+}
+
+/// Binds the socket inside a fresh 0700 directory beside it, sets its mode to 0660, and renames
+/// it into place: at no instant can anyone else connect to a socket with looser permissions,
+/// whatever the process umask.
+fn bind_private(socket: &Path) -> Result<UnixListener> {
+    let parent = socket.parent().unwrap_or(Path::new("/"));
+    let private = parent.join(format!(".loopcsi-bind-{}", uuid::Uuid::new_v4()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| Error::io("create directory", &private, e))?;
+    let staged = private.join("csi.sock");
+    let result = (|| {
+        let listener = UnixListener::bind(&staged).map_err(|e| Error::io("bind", &staged, e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| Error::io("chmod", &staged, e))?;
+        std::fs::rename(&staged, socket).map_err(|e| Error::io("rename", &staged, e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 /// A socket file left by a driver that died is replaced; a live one (something answers) or a
@@ -93,28 +113,30 @@ impl BoundServer {
             .add_service(ControllerServer::new(ControllerService::new(Arc::clone(
                 &driver,
             ))))
-            .add_service(NodeServer::new(NodeService::new(driver)))
+            .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             .await;
+        driver.stop_background();
         let _ = std::fs::remove_file(&socket);
         tracing::info!(socket = %socket.display(), "stopped");
         result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (so a signal that arrives right after the
+/// socket is bound is a graceful shutdown, not the default kill) and returns the future that
+/// resolves when one arrives. Call it before `bind`.
+pub fn termination_signal() -> Result<impl Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can still be killed; serve until then.
-        std::future::pending::<()>().await;
-        return;
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| Error::Internal(format!("installing the {name} handler: {e}")))
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }

@@ -46,39 +46,78 @@ pub struct Driver {
     readiness: watch::Receiver<Readiness>,
     /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
     token_key: std::collections::hash_map::RandomState,
+    background: tokio::task::AbortHandle,
+}
+
+/// Startup recovery: loads the pool (removing what a crash left half-made) and builds the domain.
+fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
+    let started = Instant::now();
+    let (pool, recovery) = Layout::prepare(state_dir)
+        .and_then(Pool::open)
+        .inspect_err(|err| {
+            tracing::error!(error = %err, "state recovery failed");
+        })?;
+    tracing::info!(
+        volumes = recovery.volumes,
+        removed.partial_images = recovery.removed_partial_images.len(),
+        removed.temp_files = recovery.removed_temp_files.len(),
+        removed.node_records = recovery.removed_node_records.len(),
+        unreadable = recovery.unreadable.len(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "state recovered"
+    );
+    let pool = Arc::new(pool);
+    let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
+    Ok(Domain { pool, node })
+}
+
+/// Runs a reconciliation round every `interval`, each on the blocking pool.
+async fn reconcile_forever(domain: Arc<Domain>, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate; recovery just ran
+    loop {
+        ticker.tick().await;
+        let domain = Arc::clone(&domain);
+        let round = tokio::task::spawn_blocking(move || domain.node.reconcile()).await;
+        match round {
+            Ok(Ok(report)) => tracing::debug!(
+                repaired = report.repaired.len(),
+                unrepairable = report.unrepairable.len(),
+                collected = report.collected.len(),
+                "reconciliation round done"
+            ),
+            Ok(Err(err)) => tracing::warn!(error = %err, "reconciliation round failed"),
+            Err(panicked) => tracing::error!(error = %panicked, "reconciliation round panicked"),
+        }
+    }
 }
 
 impl Driver {
     /// Starts the driver: state recovery runs in the background (Probe answers not-ready until
-    /// it is done, and other RPCs wait for it).
+    /// it is done, and other RPCs wait for it), then reconciliation rounds every
+    /// `--reconcile-interval` seconds.
     pub fn start(config: &Config, tools: Tools) -> Arc<Self> {
         let (tx, rx) = watch::channel(Readiness::Starting);
         let state_dir = config.state_dir.clone();
         let direct_io = !config.buffered_io;
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let outcome = Layout::prepare(&state_dir).and_then(Pool::open);
-            let next = match outcome {
-                Ok((pool, recovery)) => {
-                    tracing::info!(
-                        volumes = recovery.volumes,
-                        removed.partial_images = recovery.removed_partial_images.len(),
-                        removed.temp_files = recovery.removed_temp_files.len(),
-                        removed.node_records = recovery.removed_node_records.len(),
-                        unreadable = recovery.unreadable.len(),
-                        duration_ms = started.elapsed().as_millis() as u64,
-                        "state recovered"
-                    );
-                    let pool = Arc::new(pool);
-                    let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
-                    Readiness::Ready(Arc::new(Domain { pool, node }))
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "state recovery failed");
-                    Readiness::Failed(err.to_string())
-                }
+        let interval = std::time::Duration::from_secs(config.reconcile_interval);
+        let background = tokio::spawn(async move {
+            let recovered =
+                tokio::task::spawn_blocking(move || recover(&state_dir, tools, direct_io)).await;
+            let next = match recovered {
+                Ok(Ok(domain)) => Readiness::Ready(Arc::new(domain)),
+                Ok(Err(err)) => Readiness::Failed(err.to_string()),
+                Err(panicked) => Readiness::Failed(format!("recovery task failed: {panicked}")),
+            };
+            let domain = match &next {
+                Readiness::Ready(domain) => Some(Arc::clone(domain)),
+                _ => None,
             };
             let _ = tx.send(next);
+            if let (Some(domain), false) = (domain, interval.is_zero()) {
+                reconcile_forever(domain, interval).await;
+            }
         });
         Arc::new(Driver {
             driver_name: config.driver_name.clone(),
@@ -86,7 +125,13 @@ impl Driver {
             max_volumes_per_node: config.max_volumes_per_node,
             readiness: rx,
             token_key: std::collections::hash_map::RandomState::new(),
+            background: background.abort_handle(),
         })
+    }
+
+    /// Stops the background work (recovery, reconciliation) at server shutdown.
+    pub fn stop_background(&self) {
+        self.background.abort();
     }
 
     /// `Some(true)` ready, `Some(false)` still recovering, `None` recovery failed (with why).

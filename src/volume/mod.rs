@@ -6,3 +6,4 @@ pub mod locks;
 pub mod node;
 pub mod params;
 pub mod pool;
+pub mod reconcile;

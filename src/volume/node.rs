@@ -28,23 +28,23 @@ use crate::volume::pool::{Pool, VolumeMeta};
 const RECORD_VERSION: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct StageRecord {
-    path: PathBuf,
-    capability: Capability,
+pub(crate) struct StageRecord {
+    pub(crate) path: PathBuf,
+    pub(crate) capability: Capability,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct PublishRecord {
-    target: PathBuf,
-    capability: Capability,
-    readonly: bool,
+pub(crate) struct PublishRecord {
+    pub(crate) target: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) readonly: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct NodeRecord {
+pub(crate) struct NodeRecord {
     version: u32,
-    staged: Option<StageRecord>,
-    published: Vec<PublishRecord>,
+    pub(crate) staged: Option<StageRecord>,
+    pub(crate) published: Vec<PublishRecord>,
 }
 
 impl Default for NodeRecord {
@@ -65,20 +65,20 @@ pub enum VolumeStats {
 }
 
 pub struct NodeOps {
-    pool: Arc<Pool>,
+    pub(crate) pool: Arc<Pool>,
     tools: Tools,
     direct_io: bool,
 }
 
 /// The kernel's view of one volume, read once per operation.
-struct Observed {
-    device: Option<LoopDevice>,
-    dev_numbers: Option<(u32, u32)>,
-    table: Vec<MountEntry>,
+pub(crate) struct Observed {
+    pub(crate) device: Option<LoopDevice>,
+    pub(crate) dev_numbers: Option<(u32, u32)>,
+    pub(crate) table: Vec<MountEntry>,
 }
 
 impl Observed {
-    fn read(image: &Path) -> Result<Self> {
+    pub(crate) fn read(image: &Path) -> Result<Self> {
         let device = loopdev::find_by_backing_file(image)?;
         let dev_numbers = device.map(|d| d.dev_numbers()).transpose()?;
         Ok(Observed {
@@ -89,7 +89,7 @@ impl Observed {
     }
 
     /// The volume's file system is mounted at `path`.
-    fn fs_mounted_at(&self, path: &Path) -> bool {
+    pub(crate) fn fs_mounted_at(&self, path: &Path) -> bool {
         match (self.dev_numbers, mount::mounted_at(&self.table, path)) {
             (Some(numbers), Some(m)) => (m.major, m.minor) == numbers,
             _ => false,
@@ -97,7 +97,7 @@ impl Observed {
     }
 
     /// The volume's device node is bind-mounted at `path`.
-    fn device_bound_at(&self, path: &Path) -> bool {
+    pub(crate) fn device_bound_at(&self, path: &Path) -> bool {
         let (Some((major, minor)), Some(_)) =
             (self.dev_numbers, mount::mounted_at(&self.table, path))
         else {
@@ -109,7 +109,7 @@ impl Observed {
         })
     }
 
-    fn live_at(&self, kind: VolumeKind, path: &Path) -> bool {
+    pub(crate) fn live_at(&self, kind: VolumeKind, path: &Path) -> bool {
         match kind {
             VolumeKind::Block => self.device_bound_at(path),
             VolumeKind::Filesystem(_) => self.fs_mounted_at(path),
@@ -142,7 +142,7 @@ impl NodeOps {
         &self.tools
     }
 
-    fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
+    pub(crate) fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
         let path = self.pool.layout().node_record(id);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -152,7 +152,7 @@ impl NodeOps {
         }
     }
 
-    fn save_record(&self, id: &VolumeId, record: &NodeRecord) -> Result<()> {
+    pub(crate) fn save_record(&self, id: &VolumeId, record: &NodeRecord) -> Result<()> {
         let path = self.pool.layout().node_record(id);
         if record.staged.is_none() && record.published.is_empty() {
             return files::remove_durably(&path);
@@ -210,7 +210,7 @@ impl NodeOps {
 
     /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
     /// a loop device attached by this call is detached again.
-    fn ensure_staged(
+    pub(crate) fn ensure_staged(
         &self,
         meta: &VolumeMeta,
         staging: &Path,
@@ -386,20 +386,15 @@ impl NodeOps {
             )));
         };
         let observed = Observed::read(&self.pool.layout().image(id))?;
-        let mut options = match &cap.kind {
-            AccessKind::Mount { .. } => mount_options(cap, &meta)?,
-            AccessKind::Block => MountOptions::default(),
-        };
-        if readonly || cap.access.read_only() {
-            options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
-        }
+        let options = publish_options(cap, readonly, &meta)?;
         let wanted_ro = options.read_only();
         if observed.live_at(meta.kind, target) {
             let same = match record.published.iter().find(|p| p.target == target) {
                 Some(existing) => existing.capability == *cap && existing.readonly == readonly,
                 // Bound by a call that crashed before recording it: adopt the bind when it
                 // is what this call asks for.
-                None => mount::mounted_at(&observed.table, target).is_some_and(|m| m.read_only() == wanted_ro),
+                None => mount::mounted_at(&observed.table, target)
+                    .is_some_and(|m| m.read_only() == wanted_ro),
             };
             if !same {
                 return Err(Error::AlreadyExists(format!(
@@ -440,16 +435,7 @@ impl NodeOps {
             )));
         }
         let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
-        match meta.kind {
-            VolumeKind::Block => {
-                ensure_file(target)?;
-                mount::bind(&dev.path(), target, &options)?;
-            }
-            VolumeKind::Filesystem(_) => {
-                ensure_directory(target, "target_path")?;
-                mount::bind(staging, target, &options)?;
-            }
-        }
+        bind_target(meta.kind, &dev, staging, target, &options)?;
         crate::faults::crash_point("publish.bound");
         record.published.retain(|p| p.target != target);
         record.published.push(PublishRecord {
@@ -520,6 +506,43 @@ impl NodeOps {
             VolumeKind::Filesystem(_) => Err(not_here()),
         }
     }
+}
+
+/// Creates the target (directory, or file for a device node) and binds the staged file system
+/// or the loop device onto it.
+pub(crate) fn bind_target(
+    kind: VolumeKind,
+    dev: &LoopDevice,
+    staging: &Path,
+    target: &Path,
+    options: &MountOptions,
+) -> Result<()> {
+    match kind {
+        VolumeKind::Block => {
+            ensure_file(target)?;
+            mount::bind(&dev.path(), target, options)
+        }
+        VolumeKind::Filesystem(_) => {
+            ensure_directory(target, "target_path")?;
+            mount::bind(staging, target, options)
+        }
+    }
+}
+
+/// The options of a publish bind: the capability's generic flags, read-only when asked for.
+pub(crate) fn publish_options(
+    cap: &Capability,
+    readonly: bool,
+    meta: &VolumeMeta,
+) -> Result<MountOptions> {
+    let mut options = match &cap.kind {
+        AccessKind::Mount { .. } => mount_options(cap, meta)?,
+        AccessKind::Block => MountOptions::default(),
+    };
+    if readonly || cap.access.read_only() {
+        options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
+    }
+    Ok(options)
 }
 
 fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {

@@ -293,6 +293,9 @@ impl Pool {
             });
         }
         let id = VolumeId::new_random();
+        // Held until the volume is committed, so the reconciler never takes the image of a
+        // create in flight for an orphan.
+        let _id_guard = self.lock_volume(&id)?;
         let meta = VolumeMeta {
             version: META_VERSION,
             id,

@@ -31,7 +31,10 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("loopcsi-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("loopcsi-test-")
+            .tempdir()
+            .unwrap();
         let root = dir.path().canonicalize().unwrap();
         Scratch { dir, root }
     }
@@ -46,7 +49,11 @@ impl Drop for Scratch {
         release_everything_under(&self.root);
         let left = leftovers_under(&self.root);
         if !std::thread::panicking() {
-            assert_eq!(left, Vec::<String>::new(), "cleanup could not release these");
+            assert_eq!(
+                left,
+                Vec::<String>::new(),
+                "cleanup could not release these"
+            );
         }
     }
 }
@@ -73,6 +80,8 @@ fn config(root: &Path) -> Config {
         state_dir: root.join("state"),
         driver_name: "loopcsi.dev".into(),
         max_volumes_per_node: 0,
+        // Tests run reconciliation rounds themselves, when they want one.
+        reconcile_interval: 0,
         buffered_io: false,
     }
 }
@@ -114,6 +123,51 @@ impl TestDriver {
     pub async fn start() -> Self {
         let scratch = Scratch::new();
         let root = scratch.path().to_path_buf();
+        let (running, channel) = launch(&root).await;
+        TestDriver {
+            scratch,
+            root,
+            running: Some(running),
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        }
+    }
+
+    /// A driver whose state dir (the pool) is a small file system of its own: a `fs_type`
+    /// file system of `mib` MiB made on a loop device in the test's dir, so tests can fill it.
+    pub async fn start_on_small_pool(fs_type: &str, mib: u64) -> Self {
+        let scratch = Scratch::new();
+        let root = scratch.path().to_path_buf();
+        let image = root.join("pool.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let mkfs = std::process::Command::new(format!("mkfs.{fs_type}"))
+            .args(["-q", if fs_type == "xfs" { "-f" } else { "-F" }])
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(mkfs.success(), "mkfs.{fs_type} of the pool");
+        let dev = loopdev::attach(
+            &image,
+            loopdev::AttachOptions {
+                direct_io: false,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        let state = root.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        nix::mount::mount(
+            Some(&dev.path()),
+            &state,
+            Some(fs_type),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
         let (running, channel) = launch(&root).await;
         TestDriver {
             scratch,
@@ -335,26 +389,39 @@ pub fn leftovers_under(root: &Path) -> Vec<String> {
 
 /// Unmounts (deepest first) and detaches everything under `root`; touches nothing else.
 pub fn release_everything_under(root: &Path) {
-    for _ in 0..4 {
-        let mut points: Vec<PathBuf> = mount::mounts()
+    // Volumes' loop devices may sit on a pool file system that is itself a loop-mounted file
+    // under `root`, so unmount and detach in rounds, innermost first, lazily only at the end.
+    for round in 0..6 {
+        let table = mount::mounts().unwrap();
+        let mut points: Vec<PathBuf> = table
+            .iter()
+            .filter(|m| m.mount_point.starts_with(root))
+            .map(|m| m.mount_point.clone())
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for point in &points {
+            let flags = if round < 4 {
+                nix::mount::MntFlags::UMOUNT_NOFOLLOW
+            } else {
+                nix::mount::MntFlags::MNT_DETACH
+            };
+            let _ = nix::mount::umount2(point, flags);
+        }
+        let table = mount::mounts().unwrap();
+        let devices: Vec<_> = loopdev::attached()
             .unwrap()
             .into_iter()
-            .filter(|m| m.mount_point.starts_with(root))
-            .map(|m| m.mount_point)
+            .filter(|(_, file)| file.starts_with(root))
             .collect();
-        if points.is_empty() {
-            break;
-        }
-        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for point in points {
-            if nix::mount::umount2(&point, nix::mount::MntFlags::UMOUNT_NOFOLLOW).is_err() {
-                let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        for (dev, _) in &devices {
+            let numbers = dev.dev_numbers().unwrap();
+            let in_use = table.iter().any(|m| (m.major, m.minor) == numbers);
+            if !in_use || round >= 4 {
+                dev.detach().unwrap();
             }
         }
-    }
-    for (dev, file) in loopdev::attached().unwrap() {
-        if file.starts_with(root) {
-            dev.detach().unwrap();
+        if points.is_empty() && devices.is_empty() {
+            break;
         }
     }
 }

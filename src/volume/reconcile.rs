@@ -1,0 +1,243 @@
+//! Continuous reconciliation of the node: what should exist (the volumes the CO staged and
+//! published through this driver, from the node records) is compared with what the kernel shows.
+//!
+//! - Drift that can be repaired safely is repaired: a staging whose loop device or mount went
+//!   away (detached or unmounted behind the driver's back, or a reboot) is re-attached and
+//!   re-mounted while its staging directory still exists, and a recorded target that still
+//!   exists but lost its bind is bound again.
+//! - What cannot be repaired safely (a foreign mount on a path, a path the CO removed) is
+//!   reported and left alone.
+//! - Orphans are collected: loop devices backed by images of deleted volumes (or by files in
+//!   the pool that are no volume's), images without metadata, stale temp files, node records of
+//!   unknown volumes.
+//!
+//! Every action is one log line. A volume with an operation in flight is skipped this round (its
+//! guard is taken with try-lock, as any RPC would). Loop devices and mounts that do not belong
+//! to the pool directory are never touched.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::host::files;
+use crate::host::loopdev;
+use crate::host::mount;
+use crate::volume::id::VolumeId;
+use crate::volume::node::{bind_target, publish_options, NodeOps, Observed};
+use crate::volume::params::VolumeKind;
+use crate::volume::pool::VolumeMeta;
+
+/// What one reconciliation round did and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub repaired: Vec<String>,
+    pub unrepairable: Vec<String>,
+    pub collected: Vec<String>,
+}
+
+impl ReconcileReport {
+    fn repaired(&mut self, what: String) {
+        tracing::info!(action = "repair", "{what}");
+        self.repaired.push(what);
+    }
+    fn unrepairable(&mut self, what: String) {
+        tracing::warn!(action = "report", "{what}");
+        self.unrepairable.push(what);
+    }
+    fn collected(&mut self, what: String) {
+        tracing::info!(action = "collect", "{what}");
+        self.collected.push(what);
+    }
+}
+
+/// The volume id a pool or record file name starts with (`<id>.img`, `<id>.json.tmp`, ...).
+fn id_prefix(path: &Path) -> Option<VolumeId> {
+    let name = path.file_name()?.to_str()?;
+    VolumeId::parse(name.get(..uuid::fmt::Hyphenated::LENGTH)?)
+}
+
+fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
+    Ok(entries.flatten().map(|e| e.path()).collect())
+}
+
+impl NodeOps {
+    /// One reconciliation round.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let layout = self.pool.layout().clone();
+        for path in list(&layout.node_dir())? {
+            let Some(id) = id_prefix(&path) else { continue };
+            let Ok(_guard) = self.pool.lock_volume(&id) else {
+                continue;
+            };
+            if path.extension().is_some_and(|e| e == "tmp") {
+                files::remove_durably(&path)?;
+                report.collected(format!("removed stale temp file {}", path.display()));
+                continue;
+            }
+            let Some(meta) = self.pool.get(&id) else {
+                files::remove_durably(&path)?;
+                report.collected(format!("removed node record of unknown volume {id}"));
+                continue;
+            };
+            if let Err(err) = self.reconcile_volume(&meta, &mut report) {
+                report.unrepairable(format!("volume {id}: {err}"));
+            }
+        }
+        self.collect_orphan_devices(&mut report)?;
+        self.collect_orphan_files(&mut report)?;
+        Ok(report)
+    }
+
+    fn reconcile_volume(&self, meta: &VolumeMeta, report: &mut ReconcileReport) -> Result<()> {
+        let id = meta.id;
+        let record = self.load_record(&id)?;
+        let Some(staged) = record.staged.clone() else {
+            return Ok(());
+        };
+        let image = self.pool.layout().image(&id);
+        let observed = Observed::read(&image)?;
+        let staging_live = match meta.kind {
+            VolumeKind::Block => observed.device.is_some(),
+            VolumeKind::Filesystem(_) => observed.fs_mounted_at(&staged.path),
+        };
+        if !staging_live {
+            if let Some(other) = mount::mounted_at(&observed.table, &staged.path) {
+                report.unrepairable(format!(
+                    "volume {id}: staging path {} holds a foreign mount of {}",
+                    staged.path.display(),
+                    other.source
+                ));
+                return Ok(());
+            }
+            if !staged.path.is_dir() {
+                report.unrepairable(format!(
+                    "volume {id}: staging path {} is gone; waiting for the CO to stage or unstage",
+                    staged.path.display()
+                ));
+                return Ok(());
+            }
+            let had_device = observed.device.is_some();
+            self.ensure_staged(meta, &staged.path, &staged.capability, observed)?;
+            report.repaired(format!(
+                "volume {id}: {} staging at {}",
+                if had_device {
+                    "re-mounted"
+                } else {
+                    "re-attached and re-mounted"
+                },
+                staged.path.display()
+            ));
+        }
+        let observed = Observed::read(&image)?;
+        let Some(dev) = observed.device else {
+            return Ok(());
+        };
+        for published in &record.published {
+            let target = &published.target;
+            if observed.live_at(meta.kind, target) {
+                continue;
+            }
+            if let Some(other) = mount::mounted_at(&observed.table, target) {
+                report.unrepairable(format!(
+                    "volume {id}: target {} holds a mount of {} that is not this volume's; the CO must republish",
+                    target.display(),
+                    other.source
+                ));
+                continue;
+            }
+            if std::fs::symlink_metadata(target).is_err() {
+                report.unrepairable(format!(
+                    "volume {id}: target {} is gone; waiting for the CO to publish or unpublish",
+                    target.display()
+                ));
+                continue;
+            }
+            let options = publish_options(&published.capability, published.readonly, meta)?;
+            bind_target(meta.kind, &dev, &staged.path, target, &options)?;
+            report.repaired(format!("volume {id}: re-bound target {}", target.display()));
+        }
+        Ok(())
+    }
+
+    /// Loop devices backed by a file in the pool directory that is no live volume's image.
+    fn collect_orphan_devices(&self, report: &mut ReconcileReport) -> Result<()> {
+        let volumes_dir = self.pool.layout().volumes_dir();
+        let table = mount::mounts()?;
+        for (dev, backing) in loopdev::attached()? {
+            let text = backing.to_string_lossy();
+            let (file, deleted) = match text.strip_suffix(" (deleted)") {
+                Some(stripped) => (PathBuf::from(stripped), true),
+                None => (backing.clone(), false),
+            };
+            if file.parent() != Some(volumes_dir.as_path()) {
+                continue; // not ours: never touched
+            }
+            let id = id_prefix(&file);
+            let _guard = match id {
+                Some(id) => match self.pool.lock_volume(&id) {
+                    Ok(guard) => Some(guard),
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            let is_volume_image = id.is_some_and(|id| {
+                self.pool.get(&id).is_some() && self.pool.layout().image(&id) == file
+            });
+            if is_volume_image && deleted {
+                // The device now holds the only copy of a live volume's data: never detach it.
+                report.unrepairable(format!(
+                    "the image of volume {} was deleted behind the driver's back; {} holds the only copy of its data",
+                    id.map(|i| i.to_string()).unwrap_or_default(),
+                    dev.path().display()
+                ));
+                continue;
+            }
+            if is_volume_image {
+                continue;
+            }
+            let numbers = dev.dev_numbers()?;
+            if let Some(m) = table.iter().find(|m| (m.major, m.minor) == numbers) {
+                report.unrepairable(format!(
+                    "orphan loop device {} (backed by {}) is still mounted at {}",
+                    dev.path().display(),
+                    backing.display(),
+                    m.mount_point.display()
+                ));
+                continue;
+            }
+            dev.detach()?;
+            report.collected(format!(
+                "detached orphan loop device {} (backed by {})",
+                dev.path().display(),
+                backing.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Images without metadata and stale temp files in the pool directory.
+    fn collect_orphan_files(&self, report: &mut ReconcileReport) -> Result<()> {
+        let layout = self.pool.layout();
+        let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
+        for path in list(&layout.volumes_dir())? {
+            let Some(id) = id_prefix(&path) else { continue };
+            let Ok(_guard) = self.pool.lock_volume(&id) else {
+                continue;
+            };
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(files::TEMP_SUFFIX) {
+                files::remove_durably(&path)?;
+                report.collected(format!("removed stale temp file {}", path.display()));
+            } else if name.ends_with(".img")
+                && self.pool.get(&id).is_none()
+                && !layout.meta(&id).exists()
+                && !attached.contains(&path)
+            {
+                files::remove_durably(&path)?;
+                report.collected(format!("removed image without metadata {}", path.display()));
+            }
+        }
+        Ok(())
+    }
+}
