@@ -92,6 +92,11 @@ impl LoopDevice {
         (!trimmed.is_empty()).then(|| PathBuf::from(trimmed))
     }
 
+    /// Whether the device was attached read-only (the kernel refuses every write to it).
+    pub fn read_only(&self) -> bool {
+        std::fs::read_to_string(self.sysfs("ro")).is_ok_and(|s| s.trim() == "1")
+    }
+
     /// Whether the kernel is doing direct I/O to the backing file.
     pub fn direct_io(&self) -> bool {
         std::fs::read_to_string(self.sysfs("loop/dio")).is_ok_and(|s| s.trim() == "1")
@@ -161,13 +166,19 @@ pub fn attached() -> Result<Vec<(LoopDevice, PathBuf)>> {
     Ok(found)
 }
 
-/// The loop device attached to `file`, if any. `file` must be the canonical path (the kernel
-/// reports the canonical path of the backing file).
-pub fn find_by_backing_file(file: &Path) -> Result<Option<LoopDevice>> {
+/// Every loop device attached to `file`. `file` must be the canonical path (the kernel reports
+/// the canonical path of the backing file).
+pub fn devices_of(file: &Path) -> Result<Vec<LoopDevice>> {
     Ok(attached()?
         .into_iter()
-        .find(|(_, backing)| backing == file)
-        .map(|(dev, _)| dev))
+        .filter(|(_, backing)| backing == file)
+        .map(|(dev, _)| dev)
+        .collect())
+}
+
+/// The writable loop device attached to `file`, if any (read-only ones are left out).
+pub fn find_by_backing_file(file: &Path) -> Result<Option<LoopDevice>> {
+    Ok(devices_of(file)?.into_iter().find(|dev| !dev.read_only()))
 }
 
 /// Attaches `file` to a free loop device with one LOOP_CONFIGURE. Nothing is left attached when

@@ -72,20 +72,44 @@ pub struct NodeOps {
 
 /// The kernel's view of one volume, read once per operation.
 pub(crate) struct Observed {
+    /// The volume's writable loop device (the one staging attaches).
     pub(crate) device: Option<LoopDevice>,
     pub(crate) dev_numbers: Option<(u32, u32)>,
+    /// Read-only loop devices of read-only raw block publishes, with their numbers.
+    pub(crate) read_only_devices: Vec<(LoopDevice, (u32, u32))>,
     pub(crate) table: Vec<MountEntry>,
 }
 
 impl Observed {
     pub(crate) fn read(image: &Path) -> Result<Self> {
-        let device = loopdev::find_by_backing_file(image)?;
+        let mut device = None;
+        let mut read_only_devices = Vec::new();
+        for dev in loopdev::devices_of(image)? {
+            if dev.read_only() {
+                read_only_devices.push((dev, dev.dev_numbers()?));
+            } else if device.is_none() {
+                device = Some(dev);
+            }
+        }
         let dev_numbers = device.map(|d| d.dev_numbers()).transpose()?;
         Ok(Observed {
             device,
             dev_numbers,
+            read_only_devices,
             table: mount::mounts()?,
         })
+    }
+
+    /// The read-only device whose node is bound at `path`, if any.
+    pub(crate) fn read_only_device_at(&self, path: &Path) -> Option<LoopDevice> {
+        mount::mounted_at(&self.table, path)?;
+        let rdev = std::fs::metadata(path).ok()?.rdev();
+        self.read_only_devices
+            .iter()
+            .find(|(_, (major, minor))| {
+                rdev == nix::sys::stat::makedev((*major).into(), (*minor).into())
+            })
+            .map(|(dev, _)| *dev)
     }
 
     /// The volume's file system is mounted at `path`.
@@ -96,17 +120,18 @@ impl Observed {
         }
     }
 
-    /// The volume's device node is bind-mounted at `path`.
+    /// One of the volume's device nodes (writable, or a read-only one) is bind-mounted at `path`.
     pub(crate) fn device_bound_at(&self, path: &Path) -> bool {
         let (Some((major, minor)), Some(_)) =
             (self.dev_numbers, mount::mounted_at(&self.table, path))
         else {
             return false;
         };
-        std::fs::metadata(path).is_ok_and(|m| {
+        let writable = std::fs::metadata(path).is_ok_and(|m| {
             m.file_type().is_block_device()
                 && m.rdev() == nix::sys::stat::makedev(major.into(), minor.into())
-        })
+        });
+        writable || self.read_only_device_at(path).is_some()
     }
 
     pub(crate) fn live_at(&self, kind: VolumeKind, path: &Path) -> bool {
@@ -356,6 +381,9 @@ impl NodeOps {
             }
             dev.detach()?;
             crate::faults::crash_point("unstage.detached");
+            for (read_only, _) in &observed.read_only_devices {
+                read_only.detach()?;
+            }
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
         if record.staged.is_some() || !record.published.is_empty() {
@@ -458,7 +486,11 @@ impl NodeOps {
         let mut record = self.load_record(id)?;
         let observed = Observed::read(&self.pool.layout().image(id))?;
         if observed.live_at(meta.kind, target) {
+            let read_only_device = observed.read_only_device_at(target);
             mount::unmount(target).map_err(busy_is_precondition)?;
+            if let Some(dev) = read_only_device {
+                dev.detach()?;
+            }
         } else if let Some(other) = mount::mounted_at(&observed.table, target) {
             return Err(Error::FailedPrecondition(format!(
                 "target_path {} has a mount of {} that is not this volume; not touching it",
@@ -518,6 +550,22 @@ pub(crate) fn bind_target(
     options: &MountOptions,
 ) -> Result<()> {
     match kind {
+        VolumeKind::Block if options.read_only() => {
+            // A read-only bind does not stop writes to a device node: give the target a
+            // device the kernel itself keeps read-only.
+            ensure_file(target)?;
+            let image = dev.backing_file().ok_or_else(|| {
+                Error::Internal(format!("{} lost its backing file", dev.path().display()))
+            })?;
+            let options_ro = AttachOptions {
+                direct_io: dev.direct_io(),
+                read_only: true,
+            };
+            let read_only = loopdev::attach(&image, options_ro)?;
+            mount::bind(&read_only.path(), target, options).inspect_err(|_| {
+                let _ = read_only.detach();
+            })
+        }
         VolumeKind::Block => {
             ensure_file(target)?;
             mount::bind(&dev.path(), target, options)

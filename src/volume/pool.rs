@@ -369,7 +369,7 @@ impl Pool {
             return Ok(());
         };
         let image = self.layout.image(id);
-        if let Some(dev) = loopdev::find_by_backing_file(&image)? {
+        if let Some(dev) = loopdev::devices_of(&image)?.first() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is in use: attached to {} (staged on this node); NodeUnstageVolume it first",
                 dev.path().display()
