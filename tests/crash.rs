@@ -58,7 +58,13 @@ impl Run {
         match step {
             Step::Create => {
                 let req = create_req("pvc-crash", 32 * MIB, self.cap.clone());
-                let volume = d.controller.create_volume(req).await?.into_inner().volume.unwrap();
+                let volume = d
+                    .controller
+                    .create_volume(req)
+                    .await?
+                    .into_inner()
+                    .volume
+                    .unwrap();
                 self.id = volume.volume_id;
             }
             Step::Stage => {
@@ -87,7 +93,11 @@ impl Run {
                 nix::unistd::sync();
             }
             Step::CheckData => {
-                assert_eq!(std::fs::read(self.target.join("data")).unwrap(), DATA, "data intact");
+                assert_eq!(
+                    std::fs::read(self.target.join("data")).unwrap(),
+                    DATA,
+                    "data intact"
+                );
             }
             Step::Unpublish => {
                 d.node
@@ -153,26 +163,45 @@ async fn crash_and_recover(point: &str) {
             Err(status) if !crashed => {
                 // The driver died mid-call: the CO sees a transport error.
                 let exit = driver.wait();
-                assert_eq!(exit.signal(), Some(9), "{point}: driver died by SIGKILL ({status:?})");
+                assert_eq!(
+                    exit.signal(),
+                    Some(9),
+                    "{point}: driver died by SIGKILL ({status:?})"
+                );
                 crashed = true;
                 driver = ChildDriver::spawn(&run.root, None).await;
                 // The CO retries the interrupted call.
-                run.step(&mut driver, step)
-                    .await
-                    .unwrap_or_else(|e| panic!("{point}: retry of {step:?} after the crash failed: {e:?}"));
+                run.step(&mut driver, step).await.unwrap_or_else(|e| {
+                    panic!("{point}: retry of {step:?} after the crash failed: {e:?}")
+                });
             }
             Err(status) => panic!("{point}: {step:?} failed after recovery: {status:?}"),
         }
     }
-    assert!(crashed, "crash point {point} was never reached by the scenario");
+    assert!(
+        crashed,
+        "crash point {point} was never reached by the scenario"
+    );
 
     // A final restart runs recovery once more over the end state.
     drop(driver);
     let _driver = ChildDriver::spawn(&root, None).await;
     let state = root.join("state");
-    assert_eq!(files_in(&state.join("volumes")), Vec::<String>::new(), "{point}: volume files left");
-    assert_eq!(files_in(&state.join("node")), Vec::<String>::new(), "{point}: node records left");
-    assert_eq!(leftovers_under(&root), Vec::<String>::new(), "{point}: devices or mounts left");
+    assert_eq!(
+        files_in(&state.join("volumes")),
+        Vec::<String>::new(),
+        "{point}: volume files left"
+    );
+    assert_eq!(
+        files_in(&state.join("node")),
+        Vec::<String>::new(),
+        "{point}: node records left"
+    );
+    assert_eq!(
+        leftovers_under(&root),
+        Vec::<String>::new(),
+        "{point}: devices or mounts left"
+    );
 }
 
 macro_rules! crash_tests {
