@@ -88,17 +88,7 @@ pub fn create_backing_file(path: &Path, size: u64, allocation: Allocation) -> Re
             Allocation::Sparse => file
                 .set_len(size)
                 .map_err(|e| Error::io("truncate", path, e))?,
-            Allocation::Full => {
-                let len = i64::try_from(size).map_err(|_| {
-                    Error::io(
-                        "fallocate",
-                        path,
-                        std::io::Error::from_raw_os_error(nix::libc::EFBIG),
-                    )
-                })?;
-                nix::fcntl::fallocate(&file, FallocateFlags::empty(), 0, len)
-                    .map_err(|errno| Error::io("fallocate", path, errno.into()))?;
-            }
+            Allocation::Full => allocate(&file, path, 0, size)?,
         }
         file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
         fsync_dir(parent(path))
@@ -142,5 +132,135 @@ pub fn allocated_bytes(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
         .map(|m| m.blocks().saturating_mul(512))
+        .map_err(|e| Error::io("stat", path, e))
+}
+
+/// How a copy was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes of data extents handed to copy_file_range (shared by reflink where the pool file
+    /// system can, copied otherwise).
+    pub data_bytes: u64,
+    /// Number of data extents.
+    pub extents: u64,
+}
+
+/// Makes `dst` (new) a copy of the first `len` bytes of `src`, sized `size` (≥ `len`): only the
+/// data extents are transferred (SEEK_DATA/SEEK_HOLE), so holes stay holes, and each extent goes
+/// through copy_file_range, which the kernel turns into a reflink (shared extents, no data
+/// copied) on xfs with reflink and on btrfs, and into an in-kernel copy elsewhere. The copy is
+/// made durable; on failure nothing is left behind.
+pub fn copy_sparse(src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopyStats> {
+    use nix::unistd::{lseek, Whence};
+    let result = (|| {
+        let input = File::open(src).map_err(|e| Error::io("open", src, e))?;
+        let output = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dst)
+            .map_err(|e| Error::io("create", dst, e))?;
+        output
+            .set_len(size)
+            .map_err(|e| Error::io("truncate", dst, e))?;
+        let end =
+            i64::try_from(len).map_err(|_| Error::Internal(format!("copy of {len} bytes")))?;
+        let mut stats = CopyStats::default();
+        let mut pos: i64 = 0;
+        while pos < end {
+            let data = match lseek(&input, pos, Whence::SeekData) {
+                Ok(offset) => offset,
+                Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+                Err(errno) => return Err(Error::io("seek data", src, errno.into())),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(&input, data, Whence::SeekHole)
+                .map_err(|errno| Error::io("seek hole", src, errno.into()))?
+                .min(end);
+            let mut off_in = data;
+            let mut off_out = data;
+            while off_in < hole {
+                let chunk = usize::try_from(hole - off_in)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
+                let copied = nix::fcntl::copy_file_range(
+                    &input,
+                    Some(&mut off_in),
+                    &output,
+                    Some(&mut off_out),
+                    chunk,
+                )
+                .map_err(|errno| Error::io("copy_file_range", dst, errno.into()))?;
+                if copied == 0 {
+                    return Err(Error::io(
+                        "copy_file_range",
+                        dst,
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "source shrank during the copy",
+                        ),
+                    ));
+                }
+            }
+            stats.data_bytes += u64::try_from(hole - data).unwrap_or(0);
+            stats.extents += 1;
+            pos = hole;
+        }
+        output.sync_all().map_err(|e| Error::io("fsync", dst, e))?;
+        fsync_dir(parent(dst))?;
+        Ok(stats)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+/// Grows an existing backing file to `size` bytes (never shrinks it); a fully allocated file
+/// gets the new range allocated too. Durable on return.
+pub fn grow_backing_file(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let current = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    if current < size {
+        match allocation {
+            Allocation::Sparse => file
+                .set_len(size)
+                .map_err(|e| Error::io("truncate", path, e))?,
+            Allocation::Full => allocate(&file, path, 0, size)?,
+        }
+    } else if allocation == Allocation::Full {
+        // A restored or cloned thick volume: fill the holes the sparse copy left.
+        allocate(&file, path, 0, size)?;
+    }
+    file.sync_all().map_err(|e| Error::io("fsync", path, e))
+}
+
+fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    let too_big = || {
+        Error::io(
+            "fallocate",
+            path,
+            std::io::Error::from_raw_os_error(nix::libc::EFBIG),
+        )
+    };
+    let offset = i64::try_from(offset).map_err(|_| too_big())?;
+    let len = i64::try_from(len).map_err(|_| too_big())?;
+    nix::fcntl::fallocate(file, FallocateFlags::empty(), offset, len)
+        .map_err(|errno| Error::io("fallocate", path, errno.into()))
+}
+
+/// Size of a file in bytes.
+pub fn file_size(path: &Path) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
         .map_err(|e| Error::io("stat", path, e))
 }

@@ -61,6 +61,10 @@ pub struct Tools {
     blkid: PathBuf,
     mkfs_ext4: PathBuf,
     mkfs_xfs: Option<PathBuf>,
+    e2fsck: Option<PathBuf>,
+    resize2fs: Option<PathBuf>,
+    xfs_growfs: Option<PathBuf>,
+    fsfreeze: Option<PathBuf>,
 }
 
 /// Where tools live on Debian-like systems, also when PATH lacks the sbin directories.
@@ -89,6 +93,10 @@ impl Tools {
             blkid: need("blkid")?,
             mkfs_ext4: need("mkfs.ext4")?,
             mkfs_xfs: find("mkfs.xfs"),
+            e2fsck: find("e2fsck"),
+            resize2fs: find("resize2fs"),
+            xfs_growfs: find("xfs_growfs"),
+            fsfreeze: find("fsfreeze"),
         })
     }
 
@@ -97,6 +105,63 @@ impl Tools {
             FsType::Ext4 => true,
             FsType::Xfs => self.mkfs_xfs.is_some(),
         }
+    }
+
+    fn optional<'a>(tool: &'a Option<PathBuf>, name: &str) -> Result<&'a Path> {
+        tool.as_deref().ok_or_else(|| {
+            Error::FailedPrecondition(format!("{name} is not installed on this node"))
+        })
+    }
+
+    /// Grows the ext4 on an unmounted `device` to the device's size (checked first, as
+    /// resize2fs requires of an unmounted file system).
+    pub fn grow_ext4_offline(&self, device: &Path) -> Result<()> {
+        let e2fsck = Self::optional(&self.e2fsck, "e2fsck")?;
+        // e2fsck exits 1 when it fixed something harmless (preen mode); both are fine.
+        self.run(
+            e2fsck,
+            &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+            &[1],
+        )?;
+        let resize2fs = Self::optional(&self.resize2fs, "resize2fs")?;
+        self.run(resize2fs, &[device.as_os_str()], &[]).map(drop)
+    }
+
+    /// Grows a mounted ext4 on `device` online. The kernel demands CAP_SYS_RESOURCE for it; a
+    /// refusal is FAILED_PRECONDITION naming the missing capability.
+    pub fn grow_ext4_online(&self, device: &Path) -> Result<()> {
+        let resize2fs = Self::optional(&self.resize2fs, "resize2fs")?;
+        match self.run(resize2fs, &[device.as_os_str()], &[]) {
+            Err(Error::Tool { stderr, .. }) if stderr.contains("Permission denied") => {
+                Err(Error::FailedPrecondition(format!(
+                    "the kernel refused to grow the mounted ext4 on {}: the driver process lacks \
+                     CAP_SYS_RESOURCE (run the node plugin privileged); resize2fs said: {stderr}",
+                    device.display()
+                )))
+            }
+            other => other.map(drop),
+        }
+    }
+
+    /// Grows the xfs mounted at `mount_point` to its device's size.
+    pub fn grow_xfs(&self, mount_point: &Path) -> Result<()> {
+        let tool = Self::optional(&self.xfs_growfs, "xfs_growfs")?;
+        self.run(tool, &["-d".as_ref(), mount_point.as_os_str()], &[])
+            .map(drop)
+    }
+
+    /// Freezes the file system mounted at `mount_point` (flushes it and blocks new writes).
+    pub fn freeze(&self, mount_point: &Path) -> Result<()> {
+        let tool = Self::optional(&self.fsfreeze, "fsfreeze")?;
+        self.run(tool, &["--freeze".as_ref(), mount_point.as_os_str()], &[])
+            .map(drop)
+    }
+
+    /// Thaws a file system frozen by `freeze`.
+    pub fn thaw(&self, mount_point: &Path) -> Result<()> {
+        let tool = Self::optional(&self.fsfreeze, "fsfreeze")?;
+        self.run(tool, &["--unfreeze".as_ref(), mount_point.as_os_str()], &[])
+            .map(drop)
     }
 
     /// The one place a tool is run. `ok_codes` are exit codes that are not failures.

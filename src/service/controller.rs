@@ -8,9 +8,11 @@ use tonic::{Request, Response, Status};
 use crate::csi::{self, controller_server::Controller};
 use crate::error::{shown, Error, Result};
 use crate::rpc_span;
-use crate::service::{capability, required, volume_id, CapabilityError, Domain, Driver};
+use crate::service::{
+    capability, required, snapshot_id, volume_id, CapabilityError, Domain, Driver,
+};
 use crate::volume::params::{Capability, CapacityRange, StorageClassParams, VolumeKind};
-use crate::volume::pool::{NewVolume, VolumeMeta};
+use crate::volume::pool::{ContentSource, NewVolume, SnapshotMeta, VolumeMeta};
 
 /// CSI size limit for names and ids.
 const MAX_NAME_BYTES: usize = 128;
@@ -74,13 +76,89 @@ fn creation_capabilities(
     Ok((kind, parsed))
 }
 
+/// CreateVolume `volume_content_source`, typed. A source id that is not one of ours names
+/// nothing: NOT_FOUND.
+fn content_source(source: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
+    use csi::volume_content_source::Type;
+    match source.map(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(None) => Err(Error::invalid(
+            "volume_content_source",
+            "names neither a snapshot nor a volume",
+        )),
+        Some(Some(Type::Snapshot(s))) => Ok(Some(ContentSource::Snapshot(snapshot_id(
+            "volume_content_source.snapshot.snapshot_id",
+            &s.snapshot_id,
+        )?))),
+        Some(Some(Type::Volume(v))) => Ok(Some(ContentSource::Volume(volume_id(
+            "volume_content_source.volume.volume_id",
+            &v.volume_id,
+        )?))),
+    }
+}
+
+fn content_source_reply(source: ContentSource) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(match source {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.to_string(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.to_string(),
+            }),
+        }),
+    }
+}
+
+fn snapshot_reply(snap: &SnapshotMeta) -> csi::Snapshot {
+    const NANOS: u128 = 1_000_000_000;
+    csi::Snapshot {
+        size_bytes: i64::try_from(snap.size_bytes).unwrap_or(i64::MAX),
+        snapshot_id: snap.id.to_string(),
+        source_volume_id: snap.source_volume_id.to_string(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: i64::try_from(snap.created_unix_nanos / NANOS).unwrap_or(i64::MAX),
+            nanos: i32::try_from(snap.created_unix_nanos % NANOS).unwrap_or(0),
+        }),
+        // The copy is complete when CreateSnapshot answers.
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// CreateSnapshot `parameters`: loopcsi has none of its own; the sidecars' keys are accepted.
+fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
+    let mut keys: Vec<_> = params.keys().collect();
+    keys.sort();
+    match keys
+        .into_iter()
+        .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+    {
+        Some(key) => Err(Error::invalid(
+            "parameters",
+            format!("unknown key {}; snapshots take no parameters", shown(key)),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A max_entries field: 0 means no limit; negative is INVALID_ARGUMENT.
+fn page_size(max_entries: i32) -> Result<usize> {
+    match max_entries {
+        0 => Ok(usize::MAX),
+        n if n < 0 => Err(Error::invalid("max_entries", format!("{n} is negative"))),
+        n => Ok(n.unsigned_abs() as usize),
+    }
+}
+
 impl ControllerService {
     fn volume_reply(&self, meta: &VolumeMeta) -> csi::Volume {
         csi::Volume {
             capacity_bytes: i64::try_from(meta.capacity_bytes).unwrap_or(i64::MAX),
             volume_id: meta.id.to_string(),
             volume_context: HashMap::new(),
-            content_source: None,
+            content_source: meta.content_source.map(content_source_reply),
             accessible_topology: vec![self.driver.topology()],
         }
     }
@@ -124,12 +202,7 @@ impl Controller for ControllerService {
                         "are not supported (MODIFY_VOLUME is not advertised)",
                     ));
                 }
-                if req.volume_content_source.is_some() {
-                    return Err(Error::invalid(
-                        "volume_content_source",
-                        "creating a volume from a snapshot or another volume is not supported yet",
-                    ));
-                }
+                let source = content_source(req.volume_content_source.as_ref())?;
                 this.check_topology(req.accessibility_requirements.as_ref())?;
                 let capacity = req.capacity_range.map_or(CapacityRange::default(), |r| CapacityRange {
                     required_bytes: r.required_bytes,
@@ -138,14 +211,18 @@ impl Controller for ControllerService {
                 let mut access_modes: Vec<_> = caps.iter().map(|c| c.access).collect();
                 access_modes.sort();
                 access_modes.dedup();
-                let (meta, created) = domain.pool.create(NewVolume {
-                    name: name.to_string(),
-                    capacity,
-                    kind,
-                    access_modes,
-                    provisioning: params.provisioning,
-                    claim: params.claim,
-                })?;
+                let (meta, created) = domain.pool.create(
+                    NewVolume {
+                        name: name.to_string(),
+                        capacity,
+                        kind,
+                        access_modes,
+                        provisioning: params.provisioning,
+                        claim: params.claim,
+                        source,
+                    },
+                    |source| domain.node.prepare_source(source),
+                )?;
                 tracing::Span::current().record("volume.id", tracing::field::display(meta.id));
                 tracing::info!(created = ?created, capacity_bytes = meta.capacity_bytes, "volume ready");
                 Ok(csi::CreateVolumeResponse {
@@ -246,13 +323,7 @@ impl Controller for ControllerService {
         let this = self.clone();
         self.driver
             .run(rpc_span!("ListVolumes"), move |domain| {
-                let max = match req.max_entries {
-                    0 => usize::MAX,
-                    n if n < 0 => {
-                        return Err(Error::invalid("max_entries", format!("{n} is negative")));
-                    }
-                    n => n.unsigned_abs() as usize,
-                };
+                let max = page_size(req.max_entries)?;
                 let after = this.driver.redeem_token(&req.starting_token)?;
                 let (page, more) = domain.pool.list(after, max);
                 let next_token = match (more, page.last()) {
@@ -339,6 +410,13 @@ impl Controller for ControllerService {
                 rpc(Type::ListVolumes),
                 rpc(Type::GetCapacity),
                 rpc(Type::SingleNodeMultiWriter),
+                rpc(Type::CreateDeleteSnapshot),
+                rpc(Type::ListSnapshots),
+                rpc(Type::GetSnapshot),
+                rpc(Type::CloneVolume),
+                rpc(Type::ExpandVolume),
+                rpc(Type::GetVolume),
+                rpc(Type::VolumeCondition),
             ],
         };
         self.driver
@@ -368,64 +446,183 @@ impl Controller for ControllerService {
         )
     }
 
+    /// CreateSnapshot: a point-in-time copy of the source's backing file (reflink where the pool
+    /// can; the source's file system frozen meanwhile when mounted). Idempotent by name; the same
+    /// name for another source is ALREADY_EXISTS; NOT_FOUND for an unknown source.
     async fn create_snapshot(
         &self,
-        _request: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("CreateSnapshot"),
-            Err(Error::Unsupported("CreateSnapshot")),
-        )
+        let req = request.into_inner();
+        let span = tracing::info_span!("rpc", rpc.method = "CreateSnapshot", volume.id = %shown(&req.source_volume_id), snapshot.name = %shown(&req.name));
+        self.driver
+            .run(span, move |domain| {
+                let name = volume_name(&req.name)?;
+                required("source_volume_id", &req.source_volume_id)?;
+                snapshot_parameters(&req.parameters)?;
+                let source = volume_id("source_volume_id", &req.source_volume_id)?;
+                domain.pool.require(&source)?;
+                let (snap, created) = domain.node.create_snapshot(name, &source)?;
+                tracing::info!(snapshot.id = %snap.id, created = ?created, "snapshot ready");
+                Ok(csi::CreateSnapshotResponse {
+                    snapshot: Some(snapshot_reply(&snap)),
+                })
+            })
+            .await
     }
 
+    /// DeleteSnapshot: OK for a snapshot that does not exist. Volumes restored from it keep
+    /// their data (they are independent files).
     async fn delete_snapshot(
         &self,
-        _request: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("DeleteSnapshot"),
-            Err(Error::Unsupported("DeleteSnapshot")),
-        )
+        let req = request.into_inner();
+        let span = tracing::info_span!("rpc", rpc.method = "DeleteSnapshot", snapshot.id = %shown(&req.snapshot_id));
+        self.driver
+            .run(span, move |domain| {
+                required("snapshot_id", &req.snapshot_id)?;
+                if let Some(id) = crate::volume::id::VolumeId::parse(&req.snapshot_id) {
+                    domain.pool.delete_snapshot(&id)?;
+                }
+                Ok(csi::DeleteSnapshotResponse {})
+            })
+            .await
     }
 
+    /// ListSnapshots: filtered by snapshot_id and/or source_volume_id (an id that is not ours
+    /// matches nothing), paged like ListVolumes (ABORTED for a token we did not issue).
     async fn list_snapshots(
         &self,
-        _request: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("ListSnapshots"),
-            Err(Error::Unsupported("ListSnapshots")),
-        )
+        let req = request.into_inner();
+        let this = self.clone();
+        self.driver
+            .run(rpc_span!("ListSnapshots"), move |domain| {
+                let max = page_size(req.max_entries)?;
+                let after = this.driver.redeem_token(&req.starting_token)?;
+                let parse = |value: &str| {
+                    (!value.is_empty()).then(|| crate::volume::id::VolumeId::parse(value))
+                };
+                let (by_id, by_source) = (parse(&req.snapshot_id), parse(&req.source_volume_id));
+                let no_match = matches!(by_id, Some(None)) || matches!(by_source, Some(None));
+                let (page, more) = if no_match {
+                    (Vec::new(), false)
+                } else {
+                    domain.pool.list_snapshots(after, max, |s| {
+                        by_id.flatten().is_none_or(|id| s.id == id)
+                            && by_source
+                                .flatten()
+                                .is_none_or(|id| s.source_volume_id == id)
+                    })
+                };
+                let next_token = match (more, page.last()) {
+                    (true, Some(last)) => this.driver.issue_token(&last.id),
+                    _ => String::new(),
+                };
+                Ok(csi::ListSnapshotsResponse {
+                    entries: page
+                        .iter()
+                        .map(|s| csi::list_snapshots_response::Entry {
+                            snapshot: Some(snapshot_reply(s)),
+                        })
+                        .collect(),
+                    next_token,
+                })
+            })
+            .await
     }
 
+    /// GetSnapshot: NOT_FOUND for an unknown snapshot.
     async fn get_snapshot(
         &self,
-        _request: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("GetSnapshot"),
-            Err(Error::Unsupported("GetSnapshot")),
-        )
+        let req = request.into_inner();
+        let span = tracing::info_span!("rpc", rpc.method = "GetSnapshot", snapshot.id = %shown(&req.snapshot_id));
+        self.driver
+            .run(span, move |domain| {
+                let id = snapshot_id("snapshot_id", &req.snapshot_id)?;
+                let snap = domain.pool.require_snapshot(&id)?;
+                Ok(csi::GetSnapshotResponse {
+                    snapshot: Some(snapshot_reply(&snap)),
+                })
+            })
+            .await
     }
 
+    /// ControllerExpandVolume: grows the backing file (thick stays thick) and the loop device,
+    /// online. Shrinking is OUT_OF_RANGE; repeating a done expansion is OK.
+    /// node_expansion_required is true for file-system volumes (the node grows the file system).
     async fn controller_expand_volume(
         &self,
-        _request: Request<csi::ControllerExpandVolumeRequest>,
+        request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("ControllerExpandVolume"),
-            Err(Error::Unsupported("ControllerExpandVolume")),
-        )
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("ControllerExpandVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    let range = req
+                        .capacity_range
+                        .ok_or_else(|| Error::invalid("capacity_range", "is required"))?;
+                    let cap = req
+                        .volume_capability
+                        .as_ref()
+                        .map(|c| capability("volume_capability", c, Some(domain.node.tools())))
+                        .transpose()?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    if let Some(cap) = cap {
+                        let meta = domain.pool.require(&id)?;
+                        cap.check_against(meta.kind)
+                            .map_err(|why| Error::invalid("volume_capability", why))?;
+                    }
+                    let (size, node_expansion_required) = domain.node.expand(
+                        &id,
+                        CapacityRange {
+                            required_bytes: range.required_bytes,
+                            limit_bytes: range.limit_bytes,
+                        },
+                    )?;
+                    Ok(csi::ControllerExpandVolumeResponse {
+                        capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+                        node_expansion_required,
+                    })
+                },
+            )
+            .await
     }
 
+    /// ControllerGetVolume: the volume and its condition (backing file missing or truncated,
+    /// loop device gone while staged, file system read-only after errors). NOT_FOUND if unknown.
     async fn controller_get_volume(
         &self,
-        _request: Request<csi::ControllerGetVolumeRequest>,
+        request: Request<csi::ControllerGetVolumeRequest>,
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("ControllerGetVolume"),
-            Err(Error::Unsupported("ControllerGetVolume")),
-        )
+        let req = request.into_inner();
+        let this = self.clone();
+        self.driver
+            .run(
+                rpc_span!("ControllerGetVolume", &req.volume_id),
+                move |domain| {
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    let meta = domain.pool.require(&id)?;
+                    let condition = domain.node.condition(&id)?;
+                    Ok(csi::ControllerGetVolumeResponse {
+                        volume: Some(this.volume_reply(&meta)),
+                        status: Some(csi::controller_get_volume_response::VolumeStatus {
+                            published_node_ids: Vec::new(),
+                            volume_condition: Some(csi::VolumeCondition {
+                                abnormal: condition.abnormal,
+                                message: condition.message,
+                            }),
+                        }),
+                    })
+                },
+            )
+            .await
     }
 
     async fn controller_modify_volume(

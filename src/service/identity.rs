@@ -34,8 +34,8 @@ impl Identity for IdentityService {
         self.driver.answer(rpc_span!("GetPluginInfo"), Ok(reply))
     }
 
-    /// GetPluginCapabilities: the Controller service, and volumes that are only accessible from
-    /// the node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS).
+    /// GetPluginCapabilities: the Controller service, volumes that are only accessible from the
+    /// node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS), and ONLINE volume expansion.
     async fn get_plugin_capabilities(
         &self,
         _request: Request<csi::GetPluginCapabilitiesRequest>,
@@ -48,10 +48,18 @@ impl Identity for IdentityService {
                 },
             )),
         };
+        let online_expansion = csi::PluginCapability {
+            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                csi::plugin_capability::VolumeExpansion {
+                    r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        };
         let reply = csi::GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service(Type::ControllerService),
                 service(Type::VolumeAccessibilityConstraints),
+                online_expansion,
             ],
         };
         self.driver

@@ -276,9 +276,18 @@ pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str> {
 /// A volume id from a request: required, and NOT_FOUND when it is not one this driver issued
 /// (an id of the wrong shape names no volume; it is never used as a path).
 pub fn volume_id(field: &'static str, value: &str) -> Result<VolumeId> {
+    object_id(field, value, "volume")
+}
+
+/// A snapshot id from a request, like `volume_id`.
+pub fn snapshot_id(field: &'static str, value: &str) -> Result<VolumeId> {
+    object_id(field, value, "snapshot")
+}
+
+fn object_id(field: &'static str, value: &str, what: &'static str) -> Result<VolumeId> {
     required(field, value)?;
     VolumeId::parse(value).ok_or_else(|| Error::NotFound {
-        what: "volume",
+        what,
         id: shown(value),
     })
 }

@@ -181,24 +181,54 @@ impl Node for NodeService {
                             vec![usage(Unit::Bytes, total_bytes, None, None)]
                         }
                     };
+                    let condition = domain.node.condition(&id)?;
                     Ok(csi::NodeGetVolumeStatsResponse {
                         usage,
-                        volume_condition: None,
+                        volume_condition: Some(csi::VolumeCondition {
+                            abnormal: condition.abnormal,
+                            message: condition.message,
+                        }),
                     })
                 },
             )
             .await
     }
 
-    /// NodeExpandVolume: EXPAND_VOLUME is not advertised, so UNIMPLEMENTED (spec).
+    /// NodeExpandVolume: grows the file system at volume_path online (resize2fs for ext4, which
+    /// needs CAP_SYS_RESOURCE — FAILED_PRECONDITION naming it when the kernel refuses;
+    /// xfs_growfs for xfs); block volumes only refresh the device size. NOT_FOUND when the
+    /// volume is not at volume_path; OUT_OF_RANGE when asked for more than ControllerExpandVolume
+    /// gave the volume.
     async fn node_expand_volume(
         &self,
-        _request: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        self.driver.answer(
-            rpc_span!("NodeExpandVolume"),
-            Err(Error::Unsupported("NodeExpandVolume")),
-        )
+        let req = request.into_inner();
+        self.driver
+            .run(
+                rpc_span!("NodeExpandVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    required("volume_path", &req.volume_path)?;
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    let meta = domain.pool.require(&id)?;
+                    let wanted = req.capacity_range.map_or(0, |r| r.required_bytes);
+                    if u64::try_from(wanted).is_ok_and(|w| w > meta.capacity_bytes) {
+                        return Err(Error::OutOfRange(format!(
+                        "capacity_range.required_bytes {wanted} exceeds the volume's {} bytes; \
+                         ControllerExpandVolume first",
+                        meta.capacity_bytes
+                    )));
+                    }
+                    let size = domain
+                        .node
+                        .node_expand(&id, std::path::Path::new(&req.volume_path))?;
+                    Ok(csi::NodeExpandVolumeResponse {
+                        capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+                    })
+                },
+            )
+            .await
     }
 
     /// NodeGetCapabilities: staging, volume stats, and the single-node multi/single writer modes.
@@ -219,6 +249,8 @@ impl Node for NodeService {
                 rpc(Type::StageUnstageVolume),
                 rpc(Type::GetVolumeStats),
                 rpc(Type::SingleNodeMultiWriter),
+                rpc(Type::ExpandVolume),
+                rpc(Type::VolumeCondition),
             ],
         };
         self.driver

@@ -14,6 +14,10 @@ pub enum LockKey {
     Volume(String),
     /// A volume name during CreateVolume (the id does not exist yet).
     Name(String),
+    /// A snapshot, by id.
+    Snapshot(String),
+    /// A snapshot name during CreateSnapshot.
+    SnapshotName(String),
 }
 
 #[derive(Default, Clone)]
@@ -35,6 +39,10 @@ impl OperationLocks {
             let what = match &key {
                 LockKey::Volume(id) => format!("volume {id}"),
                 LockKey::Name(name) => format!("volume name {}", crate::error::shown(name)),
+                LockKey::Snapshot(id) => format!("snapshot {id}"),
+                LockKey::SnapshotName(name) => {
+                    format!("snapshot name {}", crate::error::shown(name))
+                }
             };
             return Err(Error::Pending(what));
         }

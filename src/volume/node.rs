@@ -275,8 +275,10 @@ impl NodeOps {
         };
         let result = (|| {
             self.format_if_blank(meta, &dev, fs)?;
+            self.grow_pending(meta, &dev.path(), None)?;
             ensure_directory(staging, "staging_target_path")?;
             mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
+            self.grow_pending(meta, &dev.path(), Some(staging))?;
             crate::faults::crash_point("stage.mounted");
             Ok(())
         })();

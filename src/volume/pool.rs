@@ -44,6 +44,7 @@ impl Layout {
         for dir in [
             state_dir.to_path_buf(),
             state_dir.join("volumes"),
+            state_dir.join("snapshots"),
             state_dir.join("node"),
         ] {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
@@ -69,6 +70,15 @@ impl Layout {
     pub fn meta(&self, id: &VolumeId) -> PathBuf {
         self.volumes_dir().join(format!("{id}.json"))
     }
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+    pub fn snapshot_image(&self, id: &VolumeId) -> PathBuf {
+        self.snapshots_dir().join(format!("{id}.img"))
+    }
+    pub fn snapshot_meta(&self, id: &VolumeId) -> PathBuf {
+        self.snapshots_dir().join(format!("{id}.json"))
+    }
     pub fn node_record(&self, id: &VolumeId) -> PathBuf {
         self.node_dir().join(format!("{id}.json"))
     }
@@ -91,6 +101,59 @@ pub struct VolumeMeta {
     pub formatted: bool,
     #[serde(default)]
     pub claim: ClaimRef,
+    /// The snapshot or volume this volume was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_source: Option<ContentSource>,
+    /// The volume is larger than the file system copied into it: the next stage grows it.
+    #[serde(default)]
+    pub pending_fs_grow: bool,
+}
+
+/// Where a volume's initial content came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(VolumeId),
+    Volume(VolumeId),
+}
+
+/// A point-in-time copy of a volume's backing file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub version: u32,
+    pub id: VolumeId,
+    pub name: String,
+    pub source_volume_id: VolumeId,
+    /// The source volume's size when the snapshot was taken: the smallest volume it restores to.
+    pub size_bytes: u64,
+    pub kind: VolumeKind,
+    pub formatted: bool,
+    pub created_unix_nanos: u128,
+}
+
+impl Committed for SnapshotMeta {
+    const WHAT: &'static str = "snapshot";
+    fn id(&self) -> VolumeId {
+        self.id
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+/// Something held for the length of a copy and released when dropped (a guard, a freeze).
+pub type Hold = Box<dyn std::any::Any + Send>;
+
+/// A copy source prepared by the caller: its image is stable (frozen or unused) for as long
+/// as the caller holds the guards inside.
+pub struct SourceCopy {
+    pub image: PathBuf,
+    pub size_bytes: u64,
+    pub kind: VolumeKind,
+    pub formatted: bool,
+    pub content: ContentSource,
+    /// Held while copying: the source's operation guard, a freeze of its file system.
+    pub holds: Vec<Hold>,
 }
 
 /// What CreateVolume asks for, typed.
@@ -102,6 +165,8 @@ pub struct NewVolume {
     pub access_modes: Vec<AccessMode>,
     pub provisioning: Provisioning,
     pub claim: ClaimRef,
+    /// `Some` to fill the new volume from a snapshot or another volume.
+    pub source: Option<ContentSource>,
 }
 
 /// Whether CreateVolume made the volume or found it.
@@ -115,6 +180,8 @@ pub enum Created {
 struct Index {
     by_id: BTreeMap<VolumeId, Arc<VolumeMeta>>,
     by_name: HashMap<String, VolumeId>,
+    snapshots: BTreeMap<VolumeId, Arc<SnapshotMeta>>,
+    snapshots_by_name: HashMap<String, VolumeId>,
 }
 
 /// What startup recovery did.
@@ -135,50 +202,21 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Opens the pool and recovers from any crash: loads every volume's metadata, removes
-    /// half-made images (no metadata), stale temp files and node records of deleted volumes.
+    /// Opens the pool and recovers from any crash: loads every volume's and snapshot's
+    /// metadata, removes half-made images (no metadata), stale temp files and node records of
+    /// deleted volumes.
     pub fn open(layout: Layout) -> Result<(Self, Recovery)> {
         let mut recovery = Recovery::default();
         let mut index = Index::default();
-        let volumes_dir = layout.volumes_dir();
-        let mut images = Vec::new();
-        for path in list_dir(&volumes_dir)? {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(files::TEMP_SUFFIX) {
-                files::remove_durably(&path)?;
-                recovery.removed_temp_files.push(path);
-            } else if let Some(stem) = name.strip_suffix(".json") {
-                match load_meta(&path, stem) {
-                    Ok(meta) => {
-                        index.by_name.insert(meta.name.clone(), meta.id);
-                        index.by_id.insert(meta.id, Arc::new(meta));
-                    }
-                    Err(err) => {
-                        tracing::error!(path = %path.display(), error = %err, "unreadable volume metadata; volume not served, files left untouched");
-                        recovery.unreadable.push(path);
-                    }
-                }
-            } else if let Some(stem) = name.strip_suffix(".img") {
-                images.push((stem.to_string(), path));
-            }
-        }
         let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
-        for (stem, path) in images {
-            let has_meta = VolumeId::parse(&stem).is_some_and(|id| index.by_id.contains_key(&id))
-                || recovery
-                    .unreadable
-                    .iter()
-                    .any(|u| u.file_stem().and_then(|s| s.to_str()) == Some(&stem));
-            if has_meta {
-                continue;
-            }
-            if attached.contains(&path) {
-                tracing::warn!(path = %path.display(), "image without metadata is attached to a loop device; left in place");
-                continue;
-            }
-            tracing::info!(path = %path.display(), "removing image of an interrupted CreateVolume/DeleteVolume");
-            files::remove_durably(&path)?;
-            recovery.removed_partial_images.push(path);
+        for meta in recover_dir::<VolumeMeta>(&layout.volumes_dir(), &attached, &mut recovery)? {
+            index.by_name.insert(meta.name.clone(), meta.id);
+            index.by_id.insert(meta.id, Arc::new(meta));
+        }
+        for snap in recover_dir::<SnapshotMeta>(&layout.snapshots_dir(), &attached, &mut recovery)?
+        {
+            index.snapshots_by_name.insert(snap.name.clone(), snap.id);
+            index.snapshots.insert(snap.id, Arc::new(snap));
         }
         for path in list_dir(&layout.node_dir())? {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -276,7 +314,11 @@ impl Pool {
     /// CreateVolume. Idempotent by name: the same name with compatible arguments returns the
     /// existing volume; with incompatible ones, ALREADY_EXISTS. Concurrent calls with one name
     /// never make two volumes (the second is ABORTED while the first runs).
-    pub fn create(&self, req: NewVolume) -> Result<(Arc<VolumeMeta>, Created)> {
+    pub fn create(
+        &self,
+        req: NewVolume,
+        prepare_source: impl FnOnce(&ContentSource) -> Result<SourceCopy>,
+    ) -> Result<(Arc<VolumeMeta>, Created)> {
         let _guard = self.locks.try_lock(LockKey::Name(req.name.clone()))?;
         // The name is looked up before any size or space check, so a retry is answered the same
         // way even when the pool has filled up since.
@@ -284,7 +326,29 @@ impl Pool {
             check_compatible(&existing, &req)?;
             return Ok((existing, Created::AlreadyExisted));
         }
-        let size = req.capacity.resolve(req.kind.minimum_size())?;
+        let source = req.source.as_ref().map(prepare_source).transpose()?;
+        let mut minimum = req.kind.minimum_size();
+        if let Some(source) = &source {
+            if source.kind != req.kind {
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    format!(
+                        "the source holds {}, but {} was requested",
+                        source.kind, req.kind
+                    ),
+                ));
+            }
+            minimum = minimum.max(source.size_bytes);
+            if req.capacity.limit_bytes > 0
+                && u64::try_from(req.capacity.limit_bytes).is_ok_and(|l| l < source.size_bytes)
+            {
+                return Err(Error::OutOfRange(format!(
+                    "capacity_range.limit_bytes {} is smaller than the source ({} bytes)",
+                    req.capacity.limit_bytes, source.size_bytes
+                )));
+            }
+        }
+        let size = req.capacity.resolve(minimum)?;
         let available = self.usage()?.available_bytes;
         if size > available {
             return Err(Error::NoSpace {
@@ -307,15 +371,35 @@ impl Pool {
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            formatted: false,
+            formatted: source.as_ref().is_some_and(|s| s.formatted),
             claim: req.claim,
+            content_source: source.as_ref().map(|s| s.content),
+            pending_fs_grow: source.as_ref().is_some_and(|s| {
+                s.formatted && size > s.size_bytes && matches!(req.kind, VolumeKind::Filesystem(_))
+            }),
         };
         let image = self.layout.image(&id);
         let allocation = match meta.provisioning {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
         };
-        files::create_backing_file(&image, size, allocation).map_err(|err| match err {
+        let filled = match &source {
+            None => files::create_backing_file(&image, size, allocation),
+            Some(source) => files::copy_sparse(&source.image, &image, source.size_bytes, size)
+                .and_then(|stats| {
+                    tracing::info!(
+                        data_bytes = stats.data_bytes,
+                        extents = stats.extents,
+                        "copied the source"
+                    );
+                    files::grow_backing_file(&image, size, allocation).inspect_err(|_| {
+                        let _ = files::remove_durably(&image);
+                    })
+                }),
+        };
+        // The copy is durable: release the source (thaw it) before the metadata commit.
+        drop(source);
+        filled.map_err(|err| match err {
             Error::Io { ref source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
                 Error::NoSpace {
                     requested: size,
@@ -352,13 +436,146 @@ impl Pool {
         }
         let mut updated = (*current).clone();
         updated.formatted = true;
-        self.write_meta(&updated)?;
+        self.update(updated).map(drop)
+    }
+
+    /// Takes the operation guard of a snapshot (ABORTED when another operation holds it).
+    pub fn lock_snapshot(&self, id: &VolumeId) -> Result<OperationGuard> {
+        self.locks.try_lock(LockKey::Snapshot(id.to_string()))
+    }
+
+    pub fn snapshot(&self, id: &VolumeId) -> Option<Arc<SnapshotMeta>> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshots
+            .get(id)
+            .cloned()
+    }
+
+    /// The snapshot, or NOT_FOUND naming the id.
+    pub fn require_snapshot(&self, id: &VolumeId) -> Result<Arc<SnapshotMeta>> {
+        self.snapshot(id).ok_or_else(|| Error::NotFound {
+            what: "snapshot",
+            id: id.to_string(),
+        })
+    }
+
+    /// Snapshots in id order after `after` matching `filter`, at most `max`; the flag tells
+    /// whether more follow.
+    pub fn list_snapshots(
+        &self,
+        after: Option<VolumeId>,
+        max: usize,
+        filter: impl Fn(&SnapshotMeta) -> bool,
+    ) -> (Vec<Arc<SnapshotMeta>>, bool) {
+        use std::ops::Bound;
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut iter = index
+            .snapshots
+            .range((start, Bound::Unbounded))
+            .map(|(_, m)| m)
+            .filter(|m| filter(m))
+            .map(Arc::clone);
+        let page: Vec<_> = iter.by_ref().take(max).collect();
+        let more = iter.next().is_some();
+        (page, more)
+    }
+
+    /// CreateSnapshot, given a prepared (stable) copy of the source. Idempotent by name: the same
+    /// name for the same source returns the existing snapshot; for another source, ALREADY_EXISTS.
+    /// Like volumes, the metadata file is the commit point.
+    pub fn create_snapshot(
+        &self,
+        name: &str,
+        source_id: &VolumeId,
+        prepare_source: impl FnOnce() -> Result<SourceCopy>,
+    ) -> Result<(Arc<SnapshotMeta>, Created)> {
+        let _guard = self
+            .locks
+            .try_lock(LockKey::SnapshotName(name.to_string()))?;
+        let existing = {
+            let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+            index
+                .snapshots_by_name
+                .get(name)
+                .and_then(|id| index.snapshots.get(id))
+                .cloned()
+        };
+        if let Some(existing) = existing {
+            if existing.source_volume_id != *source_id {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {} already exists ({}) for volume {}, not {source_id}",
+                    shown(name),
+                    existing.id,
+                    existing.source_volume_id
+                )));
+            }
+            return Ok((existing, Created::AlreadyExisted));
+        }
+        let source = prepare_source()?;
+        let id = VolumeId::new_random();
+        let _id_guard = self.lock_snapshot(&id)?;
+        let image = self.layout.snapshot_image(&id);
+        let stats =
+            files::copy_sparse(&source.image, &image, source.size_bytes, source.size_bytes)?;
+        let meta = SnapshotMeta {
+            version: META_VERSION,
+            id,
+            name: name.to_string(),
+            source_volume_id: *source_id,
+            size_bytes: source.size_bytes,
+            kind: source.kind,
+            formatted: source.formatted,
+            created_unix_nanos: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        };
+        drop(source); // thaw the source as soon as its content is copied
+        tracing::info!(snapshot.id = %id, data_bytes = stats.data_bytes, extents = stats.extents, "snapshot copied");
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| Error::Internal(format!("serialising snapshot {id}: {e}")))?;
+        if let Err(err) = files::write_atomic(&self.layout.snapshot_meta(&id), &json) {
+            let _ = files::remove_durably(&image);
+            return Err(err);
+        }
+        let meta = Arc::new(meta);
+        let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+        index.snapshots_by_name.insert(meta.name.clone(), id);
+        index.snapshots.insert(id, Arc::clone(&meta));
+        Ok((meta, Created::New))
+    }
+
+    /// DeleteSnapshot. A snapshot that does not exist is success. Volumes restored from it are
+    /// independent files and are not affected.
+    pub fn delete_snapshot(&self, id: &VolumeId) -> Result<()> {
+        let _guard = self.lock_snapshot(id)?;
+        let Some(meta) = self.snapshot(id) else {
+            return Ok(());
+        };
+        files::remove_durably(&self.layout.snapshot_meta(id))?;
+        {
+            let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+            index.snapshots.remove(id);
+            if index.snapshots_by_name.get(&meta.name) == Some(id) {
+                index.snapshots_by_name.remove(&meta.name);
+            }
+        }
+        files::remove_durably(&self.layout.snapshot_image(id))
+    }
+
+    /// Replaces a volume's metadata (crash-safe) and its index entry. The caller holds the
+    /// volume's operation guard.
+    pub fn update(&self, meta: VolumeMeta) -> Result<Arc<VolumeMeta>> {
+        self.write_meta(&meta)?;
+        let meta = Arc::new(meta);
         self.index
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .by_id
-            .insert(*id, Arc::new(updated));
-        Ok(())
+            .insert(meta.id, Arc::clone(&meta));
+        Ok(meta)
     }
 
     /// DeleteVolume. A volume that does not exist is success. A volume still attached to a loop
@@ -397,25 +614,90 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries.flatten().map(|e| e.path()).collect())
 }
 
-fn load_meta(path: &Path, stem: &str) -> Result<VolumeMeta> {
+/// Metadata whose file is the commit point of an object in a directory of `<id>.img` and
+/// `<id>.json` pairs (volumes, snapshots).
+pub(crate) trait Committed: serde::de::DeserializeOwned {
+    const WHAT: &'static str;
+    fn id(&self) -> VolumeId;
+    fn version(&self) -> u32;
+}
+
+impl Committed for VolumeMeta {
+    const WHAT: &'static str = "volume";
+    fn id(&self) -> VolumeId {
+        self.id
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
     let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    let meta: VolumeMeta = serde_json::from_slice(&text)
+    let meta: M = serde_json::from_slice(&text)
         .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
-    if meta.version != META_VERSION {
+    if meta.version() != META_VERSION {
         return Err(Error::Corrupt(format!(
             "{}: metadata version {} is not supported by this build (expects {META_VERSION})",
             path.display(),
-            meta.version
+            meta.version()
         )));
     }
-    if meta.id.to_string() != stem {
+    if meta.id().to_string() != stem {
         return Err(Error::Corrupt(format!(
-            "{}: holds volume id {} (file name and content disagree)",
+            "{}: holds {} id {} (file name and content disagree)",
             path.display(),
-            meta.id
+            M::WHAT,
+            meta.id()
         )));
     }
     Ok(meta)
+}
+
+/// Startup recovery of one commit-point directory: loads the metadata, removes temp files and
+/// images without metadata (an interrupted create or delete). Unreadable metadata is reported
+/// and left untouched with its image.
+fn recover_dir<M: Committed>(
+    dir: &Path,
+    attached: &[PathBuf],
+    recovery: &mut Recovery,
+) -> Result<Vec<M>> {
+    let mut metas = Vec::new();
+    let mut images = Vec::new();
+    let mut unreadable_stems = Vec::new();
+    for path in list_dir(dir)? {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(files::TEMP_SUFFIX) {
+            files::remove_durably(&path)?;
+            recovery.removed_temp_files.push(path);
+        } else if let Some(stem) = name.strip_suffix(".json") {
+            match load_meta::<M>(&path, stem) {
+                Ok(meta) => metas.push(meta),
+                Err(err) => {
+                    tracing::error!(path = %path.display(), error = %err, "unreadable {} metadata; not served, files left untouched", M::WHAT);
+                    unreadable_stems.push(stem.to_string());
+                    recovery.unreadable.push(path);
+                }
+            }
+        } else if let Some(stem) = name.strip_suffix(".img") {
+            images.push((stem.to_string(), path));
+        }
+    }
+    for (stem, path) in images {
+        let committed =
+            metas.iter().any(|m| m.id().to_string() == stem) || unreadable_stems.contains(&stem);
+        if committed {
+            continue;
+        }
+        if attached.contains(&path) {
+            tracing::warn!(path = %path.display(), "image without metadata is attached to a loop device; left in place");
+            continue;
+        }
+        tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
+        files::remove_durably(&path)?;
+        recovery.removed_partial_images.push(path);
+    }
+    Ok(metas)
 }
 
 /// Same name, compatible arguments → the existing volume; otherwise ALREADY_EXISTS saying why.
@@ -431,6 +713,11 @@ fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result<()> {
         Some(format!(
             "holds {}, but {} was requested",
             existing.kind, req.kind
+        ))
+    } else if existing.content_source != req.source {
+        Some(format!(
+            "was made from {:?}, but {:?} was requested",
+            existing.content_source, req.source
         ))
     } else if existing.provisioning != req.provisioning {
         Some(format!(
@@ -453,6 +740,10 @@ fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn no_source(_: &ContentSource) -> Result<SourceCopy> {
+        Err(Error::Internal("these tests copy no source".into()))
+    }
+
     fn new_volume(name: &str) -> NewVolume {
         NewVolume {
             name: name.into(),
@@ -464,6 +755,7 @@ mod tests {
             access_modes: vec![AccessMode::SingleNodeWriter],
             provisioning: Provisioning::Thin,
             claim: ClaimRef::default(),
+            source: None,
         }
     }
 
@@ -472,13 +764,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::prepare(dir.path()).unwrap();
         let (pool, _) = Pool::open(layout.clone()).unwrap();
-        let (a, how) = pool.create(new_volume("a/../b")).unwrap();
+        let (a, how) = pool.create(new_volume("a/../b"), no_source).unwrap();
         assert_eq!(how, Created::New);
-        let (again, how) = pool.create(new_volume("a/../b")).unwrap();
+        let (again, how) = pool.create(new_volume("a/../b"), no_source).unwrap();
         assert_eq!((again.id, how), (a.id, Created::AlreadyExisted));
         let mut bigger = new_volume("a/../b");
         bigger.capacity.required_bytes = 128 << 20;
-        assert!(matches!(pool.create(bigger), Err(Error::AlreadyExists(_))));
+        assert!(matches!(
+            pool.create(bigger, no_source),
+            Err(Error::AlreadyExists(_))
+        ));
         // A crash between image and metadata leaves an image without metadata, and a torn
         // temp file: recovery removes both and keeps the complete volume.
         let orphan = layout.image(&VolumeId::new_random());

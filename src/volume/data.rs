@@ -1,0 +1,266 @@
+//! Data services: snapshots, restores and clones (point-in-time copies of backing files),
+//! online expansion, and volume health.
+//!
+//! A copy source is made stable before it is read: a snapshot is immutable; a volume's guard is
+//! held (no stage, unstage or delete meanwhile) and, when its file system is mounted, the file
+//! system is frozen (flushed, new writes blocked) for the length of the copy and always thawed.
+//! The copy itself shares extents (reflink) where the pool file system can, and copies only
+//! data extents elsewhere (see `host::files::copy_sparse`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::host::files::{self, Allocation};
+use crate::host::loopdev;
+use crate::host::mount;
+use crate::host::tools::{FsType, Tools};
+use crate::volume::id::VolumeId;
+use crate::volume::node::{NodeOps, Observed};
+use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
+use crate::volume::pool::{ContentSource, Created, Hold, SnapshotMeta, SourceCopy, VolumeMeta};
+
+/// Thaws a frozen file system when dropped, also on every error path.
+struct Frozen {
+    tools: Tools,
+    mount_point: PathBuf,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(err) = self.tools.thaw(&self.mount_point) {
+            tracing::error!(mount_point = %self.mount_point.display(), error = %err, "could not thaw the file system");
+        }
+    }
+}
+
+/// Why a volume is not healthy, if it is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl NodeOps {
+    /// Makes a volume's image stable for copying: holds its guard and freezes its file system
+    /// when mounted. The returned holds release (thaw) when dropped.
+    fn stable_volume(&self, id: &VolumeId) -> Result<(Arc<VolumeMeta>, Vec<Hold>)> {
+        let guard = self.pool.lock_volume(id)?;
+        let meta = self.pool.require(id)?;
+        let mut holds: Vec<Hold> = vec![Box::new(guard)];
+        if let VolumeKind::Filesystem(_) = meta.kind {
+            let record = self.load_record(id)?;
+            let observed = Observed::read(&self.pool.layout().image(id))?;
+            if let Some(staged) = record.staged.filter(|s| observed.fs_mounted_at(&s.path)) {
+                self.tools().freeze(&staged.path)?;
+                holds.push(Box::new(Frozen {
+                    tools: self.tools().clone(),
+                    mount_point: staged.path,
+                }));
+            }
+        }
+        Ok((meta, holds))
+    }
+
+    /// The source of a restore or clone, made stable for the copy.
+    pub fn prepare_source(&self, source: &ContentSource) -> Result<SourceCopy> {
+        match source {
+            ContentSource::Snapshot(id) => {
+                let guard = self.pool.lock_snapshot(id)?;
+                let snap = self.pool.require_snapshot(id)?;
+                Ok(SourceCopy {
+                    image: self.pool.layout().snapshot_image(id),
+                    size_bytes: snap.size_bytes,
+                    kind: snap.kind,
+                    formatted: snap.formatted,
+                    content: *source,
+                    holds: vec![Box::new(guard)],
+                })
+            }
+            ContentSource::Volume(id) => {
+                let (meta, holds) = self.stable_volume(id)?;
+                Ok(SourceCopy {
+                    image: self.pool.layout().image(id),
+                    size_bytes: meta.capacity_bytes,
+                    kind: meta.kind,
+                    formatted: meta.formatted,
+                    content: *source,
+                    holds,
+                })
+            }
+        }
+    }
+
+    /// CreateSnapshot of `source`: a consistent point-in-time copy (frozen while copied).
+    pub fn create_snapshot(
+        &self,
+        name: &str,
+        source: &VolumeId,
+    ) -> Result<(Arc<SnapshotMeta>, Created)> {
+        self.pool.create_snapshot(name, source, || {
+            self.prepare_source(&ContentSource::Volume(*source))
+        })
+    }
+
+    /// ControllerExpandVolume: grows the backing file (a thick one stays fully allocated) and,
+    /// when the volume is attached, tells the loop device. Shrinking is OUT_OF_RANGE; a volume
+    /// already as large as asked is success. Returns the size and whether the node must grow
+    /// the file system (NodeExpandVolume).
+    pub fn expand(&self, id: &VolumeId, range: CapacityRange) -> Result<(u64, bool)> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.pool.require(id)?;
+        let fs_volume = matches!(meta.kind, VolumeKind::Filesystem(_));
+        range.validate()?;
+        if range.admits(meta.capacity_bytes) {
+            return Ok((meta.capacity_bytes, fs_volume && meta.formatted));
+        }
+        let size = range.resolve(meta.kind.minimum_size())?;
+        if size < meta.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} has {} bytes; shrinking to {size} is not supported",
+                meta.capacity_bytes
+            )));
+        }
+        let available = self.pool.usage()?.available_bytes;
+        let growth = size - meta.capacity_bytes;
+        if growth > available {
+            return Err(Error::NoSpace {
+                requested: growth,
+                available,
+            });
+        }
+        let image = self.pool.layout().image(id);
+        let allocation = match meta.provisioning {
+            Provisioning::Thin => Allocation::Sparse,
+            Provisioning::Thick => Allocation::Full,
+        };
+        // File first, metadata second: a crash in between leaves a file larger than recorded,
+        // which a retry makes consistent.
+        files::grow_backing_file(&image, size, allocation)?;
+        let mut updated = (*meta).clone();
+        updated.capacity_bytes = size;
+        self.pool.update(updated)?;
+        for dev in loopdev::devices_of(&image)? {
+            dev.refresh_capacity()?;
+        }
+        Ok((size, fs_volume && meta.formatted))
+    }
+
+    /// NodeExpandVolume: grows the file system mounted at `path` (staging or target) to the
+    /// device's size, online. Block volumes need nothing beyond the device's new capacity.
+    pub fn node_expand(&self, id: &VolumeId, path: &Path) -> Result<u64> {
+        let _guard = self.pool.lock_volume(id)?;
+        let meta = self.pool.require(id)?;
+        let image = self.pool.layout().image(id);
+        let observed = Observed::read(&image)?;
+        let not_here = || Error::NotFound {
+            what: "volume at path",
+            id: format!("{id} at {}", path.display()),
+        };
+        let dev = observed.device.ok_or_else(not_here)?;
+        if !path.is_absolute() || !observed.live_at(meta.kind, path) {
+            return Err(not_here());
+        }
+        dev.refresh_capacity()?;
+        match meta.kind {
+            VolumeKind::Block => {}
+            VolumeKind::Filesystem(FsType::Ext4) => self.tools().grow_ext4_online(&dev.path())?,
+            VolumeKind::Filesystem(FsType::Xfs) => {
+                // xfs_growfs wants the mount point of the file system itself, not a bind of it.
+                let staging = self
+                    .load_record(id)?
+                    .staged
+                    .map(|s| s.path)
+                    .filter(|p| observed.fs_mounted_at(p))
+                    .unwrap_or_else(|| path.to_path_buf());
+                self.tools().grow_xfs(&staging)?;
+            }
+        }
+        if meta.pending_fs_grow {
+            let mut updated = (*meta).clone();
+            updated.pending_fs_grow = false;
+            self.pool.update(updated)?;
+        }
+        Ok(meta.capacity_bytes)
+    }
+
+    /// Grows the file system of a restored or cloned volume that is larger than its source, at
+    /// stage: ext4 offline before the mount, xfs online after it.
+    pub(crate) fn grow_pending(
+        &self,
+        meta: &VolumeMeta,
+        dev: &Path,
+        staging: Option<&Path>,
+    ) -> Result<()> {
+        let current = self.pool.require(&meta.id)?;
+        if !current.pending_fs_grow {
+            return Ok(());
+        }
+        match (meta.kind, staging) {
+            (VolumeKind::Filesystem(FsType::Ext4), None) => self.tools().grow_ext4_offline(dev)?,
+            (VolumeKind::Filesystem(FsType::Xfs), Some(mounted)) => {
+                self.tools().grow_xfs(mounted)?
+            }
+            _ => return Ok(()),
+        }
+        let mut updated = (*current).clone();
+        updated.pending_fs_grow = false;
+        self.pool.update(updated).map(drop)
+    }
+
+    /// The health of a volume as the kernel and the pool show it (ControllerGetVolume and
+    /// NodeGetVolumeStats): the backing file missing or truncated, the loop device gone while
+    /// staged, the file system read-only after errors.
+    pub fn condition(&self, id: &VolumeId) -> Result<Condition> {
+        let meta = self.pool.require(id)?;
+        let image = self.pool.layout().image(id);
+        let mut problems = Vec::new();
+        match std::fs::metadata(&image) {
+            Err(_) => problems.push(format!("the backing file {} is missing", image.display())),
+            Ok(m) if m.len() < meta.capacity_bytes => problems.push(format!(
+                "the backing file is truncated: {} bytes of {}",
+                m.len(),
+                meta.capacity_bytes
+            )),
+            Ok(_) => {}
+        }
+        let record = self.load_record(id)?;
+        if let Some(staged) = &record.staged {
+            let observed = Observed::read(&image)?;
+            match (observed.device, meta.kind) {
+                (None, _) => problems.push(format!(
+                    "the volume is staged at {} but its loop device is gone",
+                    staged.path.display()
+                )),
+                (Some(_), VolumeKind::Filesystem(_)) => {
+                    match mount::mounted_at(&observed.table, &staged.path) {
+                        Some(m) if observed.fs_mounted_at(&staged.path) => {
+                            let wanted_ro = staged.capability.access.read_only()
+                                || meta.access_modes.iter().all(|a| a.read_only())
+                                || staged.capability.mount_flags().iter().any(|f| f == "ro");
+                            if m.read_only() && !wanted_ro {
+                                problems.push(
+                                    "the file system went read-only (I/O or file-system errors; check the kernel log)"
+                                        .to_string(),
+                                );
+                            }
+                        }
+                        _ => problems.push(format!(
+                            "the volume is staged at {} but its file system is not mounted there",
+                            staged.path.display()
+                        )),
+                    }
+                }
+                (Some(_), VolumeKind::Block) => {}
+            }
+        }
+        Ok(Condition {
+            abnormal: !problems.is_empty(),
+            message: if problems.is_empty() {
+                "healthy".to_string()
+            } else {
+                problems.join("; ")
+            },
+        })
+    }
+}
