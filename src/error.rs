@@ -145,9 +145,22 @@ impl Error {
     }
 }
 
+/// The longest message a reply carries: paths and tool output inside errors can be long (or
+/// hostile), and a reply must stay small.
+const MAX_MESSAGE: usize = 1000;
+
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        tonic::Status::new(err.code(), err.to_string())
+        let mut message = err.to_string();
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("… (truncated)");
+        }
+        tonic::Status::new(err.code(), message)
     }
 }
 

@@ -183,6 +183,9 @@ impl MountOptions {
             if FORBIDDEN.contains(&key) || key.starts_with("x-") {
                 return Err(format!("{shown} is not allowed"));
             }
+            if !flag.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                return Err(format!("{shown} does not start with a letter or digit"));
+            }
             if SELINUX_CONTEXTS.contains(&key) {
                 if !valid_selinux_context(flag, key) {
                     return Err(format!("{shown} is not a valid SELinux context option"));
@@ -215,14 +218,16 @@ fn valid_selinux_context(flag: &str, key: &str) -> bool {
     let Some(value) = flag.strip_prefix(key).and_then(|v| v.strip_prefix('=')) else {
         return false;
     };
-    let inner = value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(value);
+    // A comma is only safe inside quotes: unquoted, the kernel would split the option there
+    // and read what follows as further options.
+    let (inner, quoted) = match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => (inner, true),
+        None => (value, false),
+    };
     !inner.is_empty()
         && inner
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:,-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b) || (quoted && b == b','))
 }
 
 /// Mounts the file system on `device` at `target`.

@@ -240,13 +240,15 @@ fn finish<T>(
             Ok(tonic::Response::new(reply))
         }
         Err(err) => {
-            let code = err.code();
+            // The status carries the bounded message; the log line shows the same.
+            let status = tonic::Status::from(err);
+            let (code, message) = (status.code(), status.message());
             if code == tonic::Code::Internal {
-                tracing::error!(grpc.code = ?code, duration_us, error = %err, "failed");
+                tracing::error!(grpc.code = ?code, duration_us, error = message, "failed");
             } else {
-                tracing::warn!(grpc.code = ?code, duration_us, error = %err, "refused");
+                tracing::warn!(grpc.code = ?code, duration_us, error = message, "refused");
             }
-            Err(err.into())
+            Err(status)
         }
     }
 }
@@ -292,8 +294,9 @@ fn object_id(field: &'static str, value: &str, what: &'static str) -> Result<Vol
     })
 }
 
-/// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), and
-/// outside the driver's state dir.
+/// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), not
+/// a symlink itself, and outside the driver's state dir. Returned with the symlinks of its
+/// ancestors resolved (see `resolve_existing_prefix`).
 pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<PathBuf> {
     required(field, value)?;
     if value.len() > 4096 {
@@ -330,7 +333,9 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
             format!("{} is the root directory", shown(value)),
         ));
     }
-    let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    // Symlinks in the ancestors are followed, as the kernel does when mounting: the mount and
+    // mountinfo show the resolved path, so every later comparison uses it too.
+    let resolved = resolve_existing_prefix(path);
     if resolved.starts_with(state_dir) || state_dir.starts_with(&resolved) {
         return Err(Error::invalid(
             field,
@@ -341,7 +346,59 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
             ),
         ));
     }
-    Ok(path.to_path_buf())
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} is a symbolic link; refusing to mount through it",
+                shown(value)
+            ),
+        ));
+    }
+    Ok(resolved)
+}
+
+/// The `volume_path` of NodeGetVolumeStats / NodeExpandVolume: required; anything that cannot
+/// be where the volume is (relative, too long, NUL, missing) is NOT_FOUND, as the spec (and
+/// csi-sanity) expect; an existing path is resolved like `co_path`.
+pub fn volume_path(id: &VolumeId, value: &str) -> Result<PathBuf> {
+    required("volume_path", value)?;
+    let not_found = || Error::NotFound {
+        what: "volume at volume_path",
+        id: format!("{id} at {}", shown(value)),
+    };
+    let path = Path::new(value);
+    if value.len() > 4096
+        || value.contains('\0')
+        || !path.is_absolute()
+        || std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+    {
+        return Err(not_found());
+    }
+    path.canonicalize().map_err(|_| not_found())
+}
+
+/// `path` with its deepest existing ancestor canonicalised (symlinks in it followed) and the
+/// rest appended: where a mount at `path` would really land, also when the last components do
+/// not exist yet and an ancestor is a symlink.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut current = path;
+    loop {
+        if let Ok(real) = current.canonicalize() {
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |acc: PathBuf, part| acc.join(part));
+        }
+        match (current.parent(), current.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                current = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Why a VolumeCapability cannot be used.

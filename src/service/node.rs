@@ -159,9 +159,9 @@ impl Node for NodeService {
                     required("volume_id", &req.volume_id)?;
                     required("volume_path", &req.volume_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    let stats = domain
-                        .node
-                        .stats(&id, std::path::Path::new(&req.volume_path))?;
+                    domain.pool.require(&id)?;
+                    let path = crate::service::volume_path(&id, &req.volume_path)?;
+                    let stats = domain.node.stats(&id, &path)?;
                     let usage = match stats {
                         VolumeStats::Filesystem(u) => vec![
                             usage(
@@ -220,9 +220,8 @@ impl Node for NodeService {
                         meta.capacity_bytes
                     )));
                     }
-                    let size = domain
-                        .node
-                        .node_expand(&id, std::path::Path::new(&req.volume_path))?;
+                    let path = crate::service::volume_path(&id, &req.volume_path)?;
+                    let size = domain.node.node_expand(&id, &path)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
                     })

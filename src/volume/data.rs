@@ -155,7 +155,7 @@ impl NodeOps {
         let observed = Observed::read(&image)?;
         let not_here = || Error::NotFound {
             what: "volume at path",
-            id: format!("{id} at {}", path.display()),
+            id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
         };
         let dev = observed.device.ok_or_else(not_here)?;
         if !path.is_absolute() || !observed.live_at(meta.kind, path) {

@@ -8,3 +8,4 @@ pub mod node;
 pub mod params;
 pub mod pool;
 pub mod reconcile;
+pub(crate) mod records;

@@ -14,8 +14,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::host::files::{self, Usage};
 use crate::host::loopdev::{self, AttachOptions, LoopDevice};
@@ -24,38 +22,7 @@ use crate::host::tools::{Probe, Tools};
 use crate::volume::id::VolumeId;
 use crate::volume::params::{AccessKind, Capability, VolumeKind};
 use crate::volume::pool::{Pool, VolumeMeta};
-
-const RECORD_VERSION: u32 = 1;
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StageRecord {
-    pub(crate) path: PathBuf,
-    pub(crate) capability: Capability,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct PublishRecord {
-    pub(crate) target: PathBuf,
-    pub(crate) capability: Capability,
-    pub(crate) readonly: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct NodeRecord {
-    version: u32,
-    pub(crate) staged: Option<StageRecord>,
-    pub(crate) published: Vec<PublishRecord>,
-}
-
-impl Default for NodeRecord {
-    fn default() -> Self {
-        NodeRecord {
-            version: RECORD_VERSION,
-            staged: None,
-            published: Vec::new(),
-        }
-    }
-}
+use crate::volume::records::{self, NodeRecord, PublishRecord, StageRecord};
 
 /// Usage of a volume as NodeGetVolumeStats reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,23 +135,11 @@ impl NodeOps {
     }
 
     pub(crate) fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
-        let path = self.pool.layout().node_record(id);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeRecord::default()),
-            Err(e) => Err(Error::io("read", &path, e)),
-        }
+        records::load(&self.pool.layout().node_record(id))
     }
 
-    pub(crate) fn save_record(&self, id: &VolumeId, record: &NodeRecord) -> Result<()> {
-        let path = self.pool.layout().node_record(id);
-        if record.staged.is_none() && record.published.is_empty() {
-            return files::remove_durably(&path);
-        }
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|e| Error::Internal(format!("serialising node record of {id}: {e}")))?;
-        files::write_atomic(&path, &json)
+    fn records_dir(&self, id: &VolumeId) -> PathBuf {
+        self.pool.layout().node_record(id)
     }
 
     /// The volume and its operation guard; NOT_FOUND for an unknown id, and
@@ -203,7 +158,7 @@ impl NodeOps {
     pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, Some(cap))?;
-        let mut record = self.load_record(id)?;
+        let record = self.load_record(id)?;
         let observed = Observed::read(&self.pool.layout().image(id))?;
         if let Some(staged) = &record.staged {
             let live = observed.device.is_some()
@@ -222,13 +177,12 @@ impl NodeOps {
             }
         }
         self.ensure_staged(&meta, staging, cap, observed)?;
-        let wanted = Some(StageRecord {
+        let wanted = StageRecord {
             path: staging.to_path_buf(),
             capability: cap.clone(),
-        });
-        if record.staged != wanted {
-            record.staged = wanted;
-            self.save_record(id, &record)?;
+        };
+        if record.staged.as_ref() != Some(&wanted) {
+            records::save_staged(&self.records_dir(id), &wanted)?;
         }
         Ok(())
     }
@@ -265,6 +219,10 @@ impl NodeOps {
             Some(_) => mount_options(cap, meta)?,
             None => MountOptions::default(),
         };
+        if fs.is_some() {
+            // Refuse a bad staging path before touching the volume (no attach, no mkfs).
+            ensure_directory(staging, "staging_target_path")?;
+        }
         let (dev, attached_here) = match observed.device {
             Some(dev) => (dev, false),
             None => (self.attach(meta)?, true),
@@ -276,7 +234,6 @@ impl NodeOps {
         let result = (|| {
             self.format_if_blank(meta, &dev, fs)?;
             self.grow_pending(meta, &dev.path(), None)?;
-            ensure_directory(staging, "staging_target_path")?;
             mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
             self.grow_pending(meta, &dev.path(), Some(staging))?;
             crate::faults::crash_point("stage.mounted");
@@ -352,7 +309,7 @@ impl NodeOps {
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, None)?;
-        let mut record = self.load_record(id)?;
+        let record = self.load_record(id)?;
         if let Some(staged) = &record.staged {
             if staged.path != staging {
                 // Staged elsewhere (or never here): nothing to undo at this path.
@@ -389,9 +346,7 @@ impl NodeOps {
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
         if record.staged.is_some() || !record.published.is_empty() {
-            record.staged = None;
-            record.published.clear();
-            self.save_record(id, &record)?;
+            records::clear(&self.records_dir(id))?;
         }
         Ok(())
     }
@@ -408,7 +363,7 @@ impl NodeOps {
     ) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, Some(cap))?;
-        let mut record = self.load_record(id)?;
+        let record = self.load_record(id)?;
         let Some(staged) = record.staged.clone().filter(|s| s.path == staging) else {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is not staged at staging_target_path {}; call NodeStageVolume first",
@@ -433,12 +388,12 @@ impl NodeOps {
                 )));
             }
             if !record.published.iter().any(|p| p.target == target) {
-                record.published.push(PublishRecord {
+                let adopted = PublishRecord {
                     target: target.to_path_buf(),
                     capability: cap.clone(),
                     readonly,
-                });
-                self.save_record(id, &record)?;
+                };
+                records::add_published(&self.records_dir(id), &adopted)?;
             }
             return Ok(());
         }
@@ -467,13 +422,12 @@ impl NodeOps {
         let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
         bind_target(meta.kind, &dev, staging, target, &options)?;
         crate::faults::crash_point("publish.bound");
-        record.published.retain(|p| p.target != target);
-        record.published.push(PublishRecord {
+        let published = PublishRecord {
             target: target.to_path_buf(),
             capability: cap.clone(),
             readonly,
-        });
-        if let Err(err) = self.save_record(id, &record) {
+        };
+        if let Err(err) = records::add_published(&self.records_dir(id), &published) {
             let _ = mount::unmount(target);
             return Err(err);
         }
@@ -485,7 +439,7 @@ impl NodeOps {
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, None)?;
-        let mut record = self.load_record(id)?;
+        let record = self.load_record(id)?;
         let observed = Observed::read(&self.pool.layout().image(id))?;
         if observed.live_at(meta.kind, target) {
             let read_only_device = observed.read_only_device_at(target);
@@ -501,10 +455,8 @@ impl NodeOps {
             )));
         }
         remove_target(target, meta.kind)?;
-        let before = record.published.len();
-        record.published.retain(|p| p.target != target);
-        if record.published.len() != before {
-            self.save_record(id, &record)?;
+        if record.published.iter().any(|p| p.target == target) {
+            records::remove_published(&self.records_dir(id), target)?;
         }
         Ok(())
     }
@@ -514,7 +466,7 @@ impl NodeOps {
         let meta = self.checked(id, None)?;
         let not_here = || Error::NotFound {
             what: "volume at path",
-            id: format!("{id} at {}", path.display()),
+            id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
         };
         if !path.is_absolute() {
             return Err(not_here());
@@ -598,6 +550,14 @@ pub(crate) fn publish_options(
 fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {
     let mut options = MountOptions::parse(cap.mount_flags())
         .map_err(|why| Error::invalid("volume_capability.mount.mount_flags", why))?;
+    // ext4 zeroes its inode tables lazily after mounting; the loop device turns those zeroes
+    // into holes punched in the backing file, which would hand a thick volume's reservation
+    // back to the pool. The tables of a fresh volume read back as zeroes anyway.
+    let thick_ext4 = meta.provisioning == crate::volume::params::Provisioning::Thick
+        && meta.kind == VolumeKind::Filesystem(crate::volume::params::FsType::Ext4);
+    if thick_ext4 && !options.data.iter().any(|o| o.contains("init_itable")) {
+        options.data.push("noinit_itable".to_string());
+    }
     if cap.access.read_only() || meta.access_modes.iter().all(|m| m.read_only()) {
         options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
     }

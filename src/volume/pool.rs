@@ -79,8 +79,9 @@ impl Layout {
     pub fn snapshot_meta(&self, id: &VolumeId) -> PathBuf {
         self.snapshots_dir().join(format!("{id}.json"))
     }
+    /// The directory of a volume's node records (see `records.rs`).
     pub fn node_record(&self, id: &VolumeId) -> PathBuf {
-        self.node_dir().join(format!("{id}.json"))
+        self.node_dir().join(id.to_string())
     }
 }
 
@@ -206,33 +207,63 @@ impl Pool {
     /// metadata, removes half-made images (no metadata), stale temp files and node records of
     /// deleted volumes.
     pub fn open(layout: Layout) -> Result<(Self, Recovery)> {
+        Self::open_with(layout, true)
+    }
+
+    /// Opens the pool without changing anything on disk (for the operator CLI, beside a live
+    /// driver): what recovery would remove is reported in `Recovery` but left in place.
+    pub fn open_read_only(layout: Layout) -> Result<(Self, Recovery)> {
+        Self::open_with(layout, false)
+    }
+
+    fn open_with(layout: Layout, clean: bool) -> Result<(Self, Recovery)> {
         let mut recovery = Recovery::default();
         let mut index = Index::default();
         let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
-        for meta in recover_dir::<VolumeMeta>(&layout.volumes_dir(), &attached, &mut recovery)? {
+        for meta in
+            recover_dir::<VolumeMeta>(&layout.volumes_dir(), &attached, &mut recovery, clean)?
+        {
             index.by_name.insert(meta.name.clone(), meta.id);
             index.by_id.insert(meta.id, Arc::new(meta));
         }
-        for snap in recover_dir::<SnapshotMeta>(&layout.snapshots_dir(), &attached, &mut recovery)?
+        for snap in
+            recover_dir::<SnapshotMeta>(&layout.snapshots_dir(), &attached, &mut recovery, clean)?
         {
             index.snapshots_by_name.insert(snap.name.clone(), snap.id);
             index.snapshots.insert(snap.id, Arc::new(snap));
         }
         for path in list_dir(&layout.node_dir())? {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let known = name
-                .strip_suffix(".json")
+            let known = path
+                .file_name()
+                .and_then(|n| n.to_str())
                 .and_then(VolumeId::parse)
                 .is_some_and(|id| index.by_id.contains_key(&id));
-            if name.ends_with(files::TEMP_SUFFIX) || !known {
-                tracing::info!(path = %path.display(), "removing stale node record");
-                files::remove_durably(&path)?;
-                if name.ends_with(files::TEMP_SUFFIX) {
-                    recovery.removed_temp_files.push(path);
+            if known && path.is_dir() {
+                // A crash-safe record write that did not finish.
+                for temp in list_dir(&path)? {
+                    if temp.to_string_lossy().ends_with(files::TEMP_SUFFIX) {
+                        if clean {
+                            files::remove_durably(&temp)?;
+                        }
+                        recovery.removed_temp_files.push(temp);
+                    }
+                }
+                continue;
+            }
+            if clean {
+                tracing::info!(path = %path.display(), "removing stale node records");
+                let removed = if path.is_dir() {
+                    crate::volume::records::clear(&path)
                 } else {
-                    recovery.removed_node_records.push(path);
+                    files::remove_durably(&path)
+                };
+                // Something odd in the node dir must not keep the driver from starting.
+                if let Err(err) = removed {
+                    tracing::error!(path = %path.display(), error = %err, "could not remove; left in place");
+                    continue;
                 }
             }
+            recovery.removed_node_records.push(path);
         }
         recovery.volumes = index.by_id.len();
         Ok((
@@ -292,6 +323,19 @@ impl Pool {
         let page: Vec<_> = iter.by_ref().take(max).collect();
         let more = iter.next().is_some();
         (page, more)
+    }
+
+    pub fn snapshot_count(&self) -> usize {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshots
+            .len()
+    }
+
+    /// Every volume, in id order.
+    pub fn volumes(&self) -> Vec<Arc<VolumeMeta>> {
+        self.list(None, usize::MAX).0
     }
 
     pub fn len(&self) -> usize {
@@ -603,7 +647,7 @@ impl Pool {
             }
         }
         // Leftovers from here on are cleaned by startup recovery if this fails part-way.
-        files::remove_durably(&self.layout.node_record(id))?;
+        crate::volume::records::clear(&self.layout.node_record(id))?;
         files::remove_durably(&image)?;
         Ok(())
     }
@@ -661,14 +705,22 @@ fn recover_dir<M: Committed>(
     dir: &Path,
     attached: &[PathBuf],
     recovery: &mut Recovery,
+    clean: bool,
 ) -> Result<Vec<M>> {
+    let remove = |path: &Path| {
+        if clean {
+            files::remove_durably(path)
+        } else {
+            Ok(())
+        }
+    };
     let mut metas = Vec::new();
     let mut images = Vec::new();
     let mut unreadable_stems = Vec::new();
     for path in list_dir(dir)? {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(files::TEMP_SUFFIX) {
-            files::remove_durably(&path)?;
+            remove(&path)?;
             recovery.removed_temp_files.push(path);
         } else if let Some(stem) = name.strip_suffix(".json") {
             match load_meta::<M>(&path, stem) {
@@ -694,7 +746,7 @@ fn recover_dir<M: Committed>(
             continue;
         }
         tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
-        files::remove_durably(&path)?;
+        remove(&path)?;
         recovery.removed_partial_images.push(path);
     }
     Ok(metas)

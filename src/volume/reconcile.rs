@@ -16,6 +16,7 @@
 //! to the pool directory are never touched.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::files;
@@ -60,33 +61,60 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries.flatten().map(|e| e.path()).collect())
 }
 
+/// How orphans are collected.
+#[derive(Clone, Copy, Debug)]
+pub struct GcPolicy {
+    /// Files younger than this are left alone: they may belong to an operation in flight in
+    /// another process (the operator CLI beside a live driver). Zero inside the driver, whose
+    /// operation guards already tell what is in flight.
+    pub min_age: Duration,
+    /// Report what would be collected, change nothing.
+    pub dry_run: bool,
+}
+
+impl GcPolicy {
+    /// The driver's own rounds.
+    pub const IN_DRIVER: GcPolicy = GcPolicy {
+        min_age: Duration::ZERO,
+        dry_run: false,
+    };
+}
+
 impl NodeOps {
-    /// One reconciliation round.
+    /// One reconciliation round: repair drift of staged and published volumes, then collect
+    /// orphans.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let layout = self.pool.layout().clone();
-        for path in list(&layout.node_dir())? {
+        for path in list(&self.pool.layout().node_dir())? {
             let Some(id) = id_prefix(&path) else { continue };
             let Ok(_guard) = self.pool.lock_volume(&id) else {
                 continue;
             };
-            if path.extension().is_some_and(|e| e == "tmp") {
-                files::remove_durably(&path)?;
-                report.collected(format!("removed stale temp file {}", path.display()));
-                continue;
-            }
             let Some(meta) = self.pool.get(&id) else {
-                files::remove_durably(&path)?;
-                report.collected(format!("removed node record of unknown volume {id}"));
                 continue;
             };
+            if path.extension().is_some_and(|e| e == "tmp") {
+                continue;
+            }
             if let Err(err) = self.reconcile_volume(&meta, &mut report) {
                 report.unrepairable(format!("volume {id}: {err}"));
             }
         }
-        self.collect_orphan_devices(&mut report)?;
-        self.collect_orphan_files(&mut report)?;
+        self.collect_orphans(GcPolicy::IN_DRIVER, &mut report)?;
         Ok(report)
+    }
+
+    /// Collects orphans: loop devices of images that are no committed volume's, images without
+    /// metadata, stale temp files, node records of unknown volumes. Whether a volume exists is
+    /// decided by its metadata file on disk at that moment (the commit point), not by this
+    /// process's index, so the operator CLI can run beside a live driver.
+    pub fn collect_orphans(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
+        self.collect_orphan_devices(policy, report)?;
+        self.collect_orphan_files(policy, report)
+    }
+
+    fn committed(&self, id: &VolumeId) -> bool {
+        self.pool.layout().meta(id).exists()
     }
 
     fn reconcile_volume(&self, meta: &VolumeMeta, report: &mut ReconcileReport) -> Result<()> {
@@ -161,7 +189,7 @@ impl NodeOps {
     }
 
     /// Loop devices backed by a file in the pool directory that is no live volume's image.
-    fn collect_orphan_devices(&self, report: &mut ReconcileReport) -> Result<()> {
+    fn collect_orphan_devices(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
         let volumes_dir = self.pool.layout().volumes_dir();
         let table = mount::mounts()?;
         for (dev, backing) in loopdev::attached()? {
@@ -181,9 +209,8 @@ impl NodeOps {
                 },
                 None => None,
             };
-            let is_volume_image = id.is_some_and(|id| {
-                self.pool.get(&id).is_some() && self.pool.layout().image(&id) == file
-            });
+            let is_volume_image =
+                id.is_some_and(|id| self.committed(&id) && self.pool.layout().image(&id) == file);
             if is_volume_image && deleted {
                 // The device now holds the only copy of a live volume's data: never detach it.
                 report.unrepairable(format!(
@@ -206,38 +233,79 @@ impl NodeOps {
                 ));
                 continue;
             }
-            dev.detach()?;
-            report.collected(format!(
-                "detached orphan loop device {} (backed by {})",
+            let what = format!(
+                "orphan loop device {} (backed by {})",
                 dev.path().display(),
                 backing.display()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Images without metadata and stale temp files in the pool directory.
-    fn collect_orphan_files(&self, report: &mut ReconcileReport) -> Result<()> {
-        let layout = self.pool.layout();
-        let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
-        for path in list(&layout.volumes_dir())? {
-            let Some(id) = id_prefix(&path) else { continue };
-            let Ok(_guard) = self.pool.lock_volume(&id) else {
-                continue;
-            };
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(files::TEMP_SUFFIX) {
-                files::remove_durably(&path)?;
-                report.collected(format!("removed stale temp file {}", path.display()));
-            } else if name.ends_with(".img")
-                && self.pool.get(&id).is_none()
-                && !layout.meta(&id).exists()
-                && !attached.contains(&path)
-            {
-                files::remove_durably(&path)?;
-                report.collected(format!("removed image without metadata {}", path.display()));
+            );
+            if policy.dry_run {
+                report.collected(format!("would detach {what}"));
+            } else {
+                dev.detach()?;
+                report.collected(format!("detached {what}"));
             }
         }
         Ok(())
     }
+
+    /// Images without metadata, stale temp files and node records of unknown volumes.
+    fn collect_orphan_files(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
+        let layout = self.pool.layout().clone();
+        let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
+        for dir in [
+            layout.volumes_dir(),
+            layout.snapshots_dir(),
+            layout.node_dir(),
+        ] {
+            for path in list(&dir)? {
+                let Some(id) = id_prefix(&path) else { continue };
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let what = if name.ends_with(files::TEMP_SUFFIX) {
+                    "stale temp file"
+                } else if dir == layout.volumes_dir()
+                    && name.ends_with(".img")
+                    && !self.committed(&id)
+                {
+                    "image without metadata"
+                } else if dir == layout.snapshots_dir()
+                    && name.ends_with(".img")
+                    && !layout.snapshot_meta(&id).exists()
+                {
+                    "snapshot image without metadata"
+                } else if dir == layout.node_dir() && !self.committed(&id) {
+                    "node record of an unknown volume"
+                } else {
+                    continue;
+                };
+                if attached.contains(&path) || !older_than(&path, policy.min_age) {
+                    continue;
+                }
+                let guard = if dir == layout.snapshots_dir() {
+                    self.pool.lock_snapshot(&id)
+                } else {
+                    self.pool.lock_volume(&id)
+                };
+                let Ok(_guard) = guard else { continue };
+                if policy.dry_run {
+                    report.collected(format!("would remove {what} {}", path.display()));
+                } else {
+                    files::remove_durably(&path)?;
+                    report.collected(format!("removed {what} {}", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `path` was last modified at least `age` ago.
+fn older_than(path: &Path, age: Duration) -> bool {
+    if age.is_zero() {
+        return true;
+    }
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|elapsed| elapsed >= age)
 }

@@ -1,0 +1,176 @@
+//! Node records: what the CO asked this node to stage and publish — the one thing the kernel
+//! cannot tell after a reboot. Layout, per volume, in `node/<id>/`:
+//! - `staged.json`: the staging path and capability;
+//! - `target-<hash>.json`: one file per published target (the hash names the target path).
+//!
+//! One small file per fact, each written crash-safely, so that tearing down (unpublish,
+//! unstage, delete) only ever *removes* files: it works on a pool that is full to the last
+//! block, where writing even a small record would fail with ENOSPC.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::host::{files, mount};
+use crate::volume::params::Capability;
+
+const STAGED: &str = "staged.json";
+const TARGET_PREFIX: &str = "target-";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StageRecord {
+    pub(crate) path: PathBuf,
+    pub(crate) capability: Capability,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PublishRecord {
+    pub(crate) target: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) readonly: bool,
+}
+
+/// The in-memory view of a volume's records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NodeRecord {
+    pub(crate) staged: Option<StageRecord>,
+    /// Sorted by target path.
+    pub(crate) published: Vec<PublishRecord>,
+}
+
+/// FNV-1a of the target path: a stable, dependency-free file name for it (the file content
+/// holds the full path, which is what is compared).
+fn target_file(dir: &Path, target: &Path) -> PathBuf {
+    let hash = target
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    dir.join(format!("{TARGET_PREFIX}{hash:016x}.json"))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("serialising {}: {e}", path.display())))?;
+    files::write_atomic(path, &json)
+}
+
+/// Reads a volume's records from `dir` (`node/<id>`); no directory means no records.
+pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
+    let mut record = NodeRecord {
+        staged: read_json(&dir.join(STAGED))?,
+        published: Vec::new(),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TARGET_PREFIX) && name.ends_with(".json") {
+            if let Some(published) = read_json::<PublishRecord>(&entry.path())? {
+                record.published.push(published);
+            }
+        }
+    }
+    record.published.sort_by(|a, b| a.target.cmp(&b.target));
+    Ok(record)
+}
+
+fn ensure_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    files::fsync_dir(dir.parent().unwrap_or(Path::new("/")))
+}
+
+pub(crate) fn save_staged(dir: &Path, staged: &StageRecord) -> Result<()> {
+    ensure_dir(dir)?;
+    write_json(&dir.join(STAGED), staged)
+}
+
+pub(crate) fn add_published(dir: &Path, published: &PublishRecord) -> Result<()> {
+    ensure_dir(dir)?;
+    write_json(&target_file(dir, &published.target), published)
+}
+
+/// Forgets a published target; only removes a file.
+pub(crate) fn remove_published(dir: &Path, target: &Path) -> Result<()> {
+    files::remove_durably(&target_file(dir, target))
+}
+
+/// Forgets everything about the volume on this node; only removes files. A directory with a
+/// mount inside (which a record directory never has) is refused, never walked into.
+pub(crate) fn clear(dir: &Path) -> Result<()> {
+    if let Some(m) = mount::mounts()?
+        .iter()
+        .find(|m| m.mount_point.starts_with(dir))
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "{} has a mount at {} inside it; not removing it",
+            dir.display(),
+            m.mount_point.display()
+        )));
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => files::fsync_dir(dir.parent().unwrap_or(Path::new("/"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove directory", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::params::{AccessKind, AccessMode};
+
+    #[test]
+    fn records_round_trip_and_clear() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vol");
+        let cap = Capability {
+            access: AccessMode::SingleNodeWriter,
+            kind: AccessKind::Block,
+        };
+        assert_eq!(load(&dir).unwrap(), NodeRecord::default());
+        let staged = StageRecord {
+            path: "/s".into(),
+            capability: cap.clone(),
+        };
+        save_staged(&dir, &staged).unwrap();
+        for target in ["/b", "/a"] {
+            let p = PublishRecord {
+                target: target.into(),
+                capability: cap.clone(),
+                readonly: false,
+            };
+            add_published(&dir, &p).unwrap();
+        }
+        let loaded = load(&dir).unwrap();
+        assert_eq!(loaded.staged, Some(staged));
+        assert_eq!(loaded.published.len(), 2);
+        assert_eq!(loaded.published[0].target, PathBuf::from("/a"));
+        remove_published(&dir, Path::new("/a")).unwrap();
+        remove_published(&dir, Path::new("/a")).unwrap();
+        assert_eq!(load(&dir).unwrap().published.len(), 1);
+        clear(&dir).unwrap();
+        clear(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+}
