@@ -26,6 +26,40 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI Identity, Controller and Node services on a unix socket.
     Serve(Config),
+    /// Print this node's volumes (id, name, size, allocated, file system, loop device, staged
+    /// and published paths, health). Read-only: safe beside a live driver.
+    Status(StatusArgs),
+    /// List (--dry-run) or remove orphans: loop devices of deleted volumes, images without
+    /// metadata, stale temp files and records. Safe beside a live driver: only files older
+    /// than --min-age are touched, and existence is judged by the metadata on disk.
+    Gc(GcArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    /// The driver's state directory.
+    #[arg(long, default_value = "/var/lib/loopcsi")]
+    pub state_dir: PathBuf,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct GcArgs {
+    /// The driver's state directory.
+    #[arg(long, default_value = "/var/lib/loopcsi")]
+    pub state_dir: PathBuf,
+
+    /// Only list what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Leave files younger than this many seconds alone (they may belong to an operation in
+    /// flight in the running driver).
+    #[arg(long, default_value_t = 600)]
+    pub min_age: u64,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -58,6 +92,11 @@ pub struct Config {
     /// for and what the kernel shows, and collect orphans (see the README); 0 turns them off.
     #[arg(long, default_value_t = 60)]
     pub reconcile_interval: u64,
+
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, e.g. 0.0.0.0:9898.
+    /// Off when not given.
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
 
     /// Attach loop devices with buffered I/O instead of direct I/O. Direct I/O (the default)
     /// avoids caching every page twice; the driver falls back to buffered I/O by itself, with a
@@ -152,6 +191,7 @@ mod tests {
             driver_name: "loopcsi.dev".into(),
             max_volumes_per_node: 0,
             reconcile_interval: 60,
+            metrics_address: None,
             buffered_io: false,
         }
     }

@@ -11,6 +11,8 @@ pub mod config;
 pub mod error;
 pub mod faults;
 pub mod host;
+pub mod metrics;
+pub mod operator;
 pub mod server;
 pub mod service;
 pub mod volume;

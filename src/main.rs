@@ -22,6 +22,19 @@ async fn main() -> anyhow::Result<()> {
             let server = loopcsi::server::bind(&config)?;
             server.serve(shutdown).await?;
         }
+        Command::Status(args) => {
+            print!("{}", loopcsi::operator::status(&args.state_dir, args.json)?);
+        }
+        Command::Gc(args) => {
+            let min_age = std::time::Duration::from_secs(args.min_age);
+            let report = loopcsi::operator::gc(&args.state_dir, args.dry_run, min_age)?;
+            for line in report.collected.iter().chain(&report.unrepairable) {
+                println!("{line}");
+            }
+            if report.collected.is_empty() && report.unrepairable.is_empty() {
+                println!("no orphans");
+            }
+        }
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ pub struct BoundServer {
     listener: UnixListener,
     socket: PathBuf,
     driver: Arc<Driver>,
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Validates the config, finds the external tools (fails fast when one is missing), binds the
@@ -37,11 +38,24 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
         std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
     }
     let listener = bind_private(&socket)?;
+    let metrics = config
+        .metrics_address
+        .map(|addr| {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| Error::io("bind metrics address", addr.to_string(), e));
+            if listener.is_err() {
+                let _ = std::fs::remove_file(&socket);
+            }
+            listener
+        })
+        .transpose()?;
     let driver = Driver::start(config, tools);
     Ok(BoundServer {
         listener,
         socket,
         driver,
+        metrics,
     })
 }
 
@@ -98,13 +112,28 @@ impl BoundServer {
         &self.socket
     }
 
+    /// The bound metrics address (useful with port 0).
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight RPCs and removes the socket.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let BoundServer {
             listener,
             socket,
             driver,
+            metrics,
         } = self;
+        let metrics_task = match metrics {
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| Error::io("listen", "metrics address", e))?;
+                tracing::info!(address = ?listener.local_addr().ok(), "serving metrics at /metrics");
+                Some(tokio::spawn(serve_metrics(listener, Arc::clone(&driver))))
+            }
+            None => None,
+        };
         tracing::info!(socket = %socket.display(), "listening");
         let result = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(IdentityService::new(Arc::clone(
@@ -117,9 +146,74 @@ impl BoundServer {
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             .await;
         driver.stop_background();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         let _ = std::fs::remove_file(&socket);
         tracing::info!(socket = %socket.display(), "stopped");
         result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+    }
+}
+
+/// Serves GET /metrics over HTTP/1.1: counters from the RPC path, gauges read from the pool and
+/// the kernel at scrape time (on the blocking pool). Anything else is 404.
+async fn serve_metrics(listener: tokio::net::TcpListener, driver: Arc<Driver>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let driver = Arc::clone(&driver);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let driver = Arc::clone(&driver);
+                    async move {
+                        let response = if request.method() == hyper::Method::GET
+                            && request.uri().path() == "/metrics"
+                        {
+                            let inventory = match driver.ready_domain() {
+                                Some(domain) => {
+                                    tokio::task::spawn_blocking(move || domain.node.inventory())
+                                        .await
+                                        .ok()
+                                        .and_then(|r| {
+                                            r.inspect_err(
+                                                |e| tracing::warn!(error = %e, "metrics inventory"),
+                                            )
+                                            .ok()
+                                        })
+                                }
+                                None => None,
+                            };
+                            hyper::Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(
+                                    driver.metrics.render(inventory.as_ref()),
+                                )))
+                        } else {
+                            hyper::Response::builder()
+                                .status(hyper::StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(
+                                    b"not found; metrics are at /metrics\n",
+                                )))
+                        };
+                        response
+                    }
+                },
+            );
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %err, "metrics connection");
+            }
+        });
     }
 }
 

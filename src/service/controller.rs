@@ -189,10 +189,13 @@ impl Controller for ControllerService {
         request: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::info_span!("rpc", rpc.method = "CreateVolume", volume.name = %shown(&req.name), volume.id = tracing::field::Empty);
+        let rpc = crate::service::Rpc::new(
+            "CreateVolume",
+            tracing::info_span!("rpc", rpc.method = "CreateVolume", volume.name = %shown(&req.name), volume.id = tracing::field::Empty),
+        );
         let this = self.clone();
         self.driver
-            .run(span, move |domain| {
+            .run(rpc, move |domain| {
                 let name = volume_name(&req.name)?;
                 let (kind, caps) = creation_capabilities(&req.volume_capabilities, domain)?;
                 let params = StorageClassParams::try_from(&req.parameters)?;
@@ -454,9 +457,12 @@ impl Controller for ControllerService {
         request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::info_span!("rpc", rpc.method = "CreateSnapshot", volume.id = %shown(&req.source_volume_id), snapshot.name = %shown(&req.name));
+        let rpc = crate::service::Rpc::new(
+            "CreateSnapshot",
+            tracing::info_span!("rpc", rpc.method = "CreateSnapshot", volume.id = %shown(&req.source_volume_id), snapshot.name = %shown(&req.name)),
+        );
         self.driver
-            .run(span, move |domain| {
+            .run(rpc, move |domain| {
                 let name = volume_name(&req.name)?;
                 required("source_volume_id", &req.source_volume_id)?;
                 snapshot_parameters(&req.parameters)?;
@@ -478,9 +484,12 @@ impl Controller for ControllerService {
         request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::info_span!("rpc", rpc.method = "DeleteSnapshot", snapshot.id = %shown(&req.snapshot_id));
+        let rpc = crate::service::Rpc::new(
+            "DeleteSnapshot",
+            tracing::info_span!("rpc", rpc.method = "DeleteSnapshot", snapshot.id = %shown(&req.snapshot_id)),
+        );
         self.driver
-            .run(span, move |domain| {
+            .run(rpc, move |domain| {
                 required("snapshot_id", &req.snapshot_id)?;
                 if let Some(id) = crate::volume::id::VolumeId::parse(&req.snapshot_id) {
                     domain.pool.delete_snapshot(&id)?;
@@ -540,9 +549,12 @@ impl Controller for ControllerService {
         request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         let req = request.into_inner();
-        let span = tracing::info_span!("rpc", rpc.method = "GetSnapshot", snapshot.id = %shown(&req.snapshot_id));
+        let rpc = crate::service::Rpc::new(
+            "GetSnapshot",
+            tracing::info_span!("rpc", rpc.method = "GetSnapshot", snapshot.id = %shown(&req.snapshot_id)),
+        );
         self.driver
-            .run(span, move |domain| {
+            .run(rpc, move |domain| {
                 let id = snapshot_id("snapshot_id", &req.snapshot_id)?;
                 let snap = domain.pool.require_snapshot(&id)?;
                 Ok(csi::GetSnapshotResponse {

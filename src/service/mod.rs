@@ -47,6 +47,7 @@ pub struct Driver {
     /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
     token_key: std::collections::hash_map::RandomState,
     background: tokio::task::AbortHandle,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Startup recovery: loads the pool (removing what a crash left half-made) and builds the domain.
@@ -72,7 +73,11 @@ fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
 }
 
 /// Runs a reconciliation round every `interval`, each on the blocking pool.
-async fn reconcile_forever(domain: Arc<Domain>, interval: std::time::Duration) {
+async fn reconcile_forever(
+    domain: Arc<Domain>,
+    interval: std::time::Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate; recovery just ran
@@ -81,12 +86,15 @@ async fn reconcile_forever(domain: Arc<Domain>, interval: std::time::Duration) {
         let domain = Arc::clone(&domain);
         let round = tokio::task::spawn_blocking(move || domain.node.reconcile()).await;
         match round {
-            Ok(Ok(report)) => tracing::debug!(
-                repaired = report.repaired.len(),
-                unrepairable = report.unrepairable.len(),
-                collected = report.collected.len(),
-                "reconciliation round done"
-            ),
+            Ok(Ok(report)) => {
+                metrics.observe_reconcile(&report);
+                tracing::debug!(
+                    repaired = report.repaired.len(),
+                    unrepairable = report.unrepairable.len(),
+                    collected = report.collected.len(),
+                    "reconciliation round done"
+                );
+            }
             Ok(Err(err)) => tracing::warn!(error = %err, "reconciliation round failed"),
             Err(panicked) => tracing::error!(error = %panicked, "reconciliation round panicked"),
         }
@@ -98,6 +106,8 @@ impl Driver {
     /// it is done, and other RPCs wait for it), then reconciliation rounds every
     /// `--reconcile-interval` seconds.
     pub fn start(config: &Config, tools: Tools) -> Arc<Self> {
+        let metrics = crate::metrics::Metrics::new();
+        let round_metrics = Arc::clone(&metrics);
         let (tx, rx) = watch::channel(Readiness::Starting);
         let state_dir = config.state_dir.clone();
         let direct_io = !config.buffered_io;
@@ -116,7 +126,7 @@ impl Driver {
             };
             let _ = tx.send(next);
             if let (Some(domain), false) = (domain, interval.is_zero()) {
-                reconcile_forever(domain, interval).await;
+                reconcile_forever(domain, interval, round_metrics).await;
             }
         });
         Arc::new(Driver {
@@ -126,6 +136,7 @@ impl Driver {
             readiness: rx,
             token_key: std::collections::hash_map::RandomState::new(),
             background: background.abort_handle(),
+            metrics,
         })
     }
 
@@ -140,6 +151,14 @@ impl Driver {
             Readiness::Starting => Ok(false),
             Readiness::Ready(_) => Ok(true),
             Readiness::Failed(why) => Err(why.clone()),
+        }
+    }
+
+    /// The domain if recovery is over, without waiting.
+    pub fn ready_domain(&self) -> Option<Arc<Domain>> {
+        match &*self.readiness.borrow() {
+            Readiness::Ready(domain) => Some(Arc::clone(domain)),
+            _ => None,
         }
     }
 
@@ -161,7 +180,7 @@ impl Driver {
     /// outcome once with its gRPC code and duration, and maps the error to a status.
     pub async fn run<T, F>(
         &self,
-        span: tracing::Span,
+        rpc: Rpc,
         op: F,
     ) -> std::result::Result<tonic::Response<T>, tonic::Status>
     where
@@ -176,17 +195,53 @@ impl Driver {
                 .await
                 .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?
         };
-        let result = work.instrument(span.clone()).await;
-        finish(span, started, result)
+        let result = work.instrument(rpc.span.clone()).await;
+        self.finish(rpc, started, result)
     }
 
     /// Runs an RPC that needs no I/O and no recovered state (capabilities, plugin info).
     pub fn answer<T>(
         &self,
-        span: tracing::Span,
+        rpc: Rpc,
         result: Result<T>,
     ) -> std::result::Result<tonic::Response<T>, tonic::Status> {
-        finish(span, Instant::now(), result)
+        self.finish(rpc, Instant::now(), result)
+    }
+
+    /// Logs the outcome once in the RPC's span, counts it in the metrics, and maps the error
+    /// to a status (the one `From<Error> for Status`).
+    fn finish<T>(
+        &self,
+        rpc: Rpc,
+        started: Instant,
+        result: Result<T>,
+    ) -> std::result::Result<tonic::Response<T>, tonic::Status> {
+        let elapsed = started.elapsed();
+        let duration_us = elapsed.as_micros() as u64;
+        let _entered = rpc.span.enter();
+        let outcome = match result {
+            Ok(reply) => {
+                tracing::info!(grpc.code = "OK", duration_us, "done");
+                Ok(tonic::Response::new(reply))
+            }
+            Err(err) => {
+                // The status carries the bounded message; the log line shows the same.
+                let status = tonic::Status::from(err);
+                let (code, message) = (status.code(), status.message());
+                if code == tonic::Code::Internal {
+                    tracing::error!(grpc.code = ?code, duration_us, error = message, "failed");
+                } else {
+                    tracing::warn!(grpc.code = ?code, duration_us, error = message, "refused");
+                }
+                Err(status)
+            }
+        };
+        let code = outcome
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics
+            .observe_rpc(rpc.method, code, elapsed.as_secs_f64());
+        outcome
     }
 
     pub fn topology(&self) -> csi::Topology {
@@ -227,41 +282,30 @@ impl Driver {
     }
 }
 
-fn finish<T>(
-    span: tracing::Span,
-    started: Instant,
-    result: Result<T>,
-) -> std::result::Result<tonic::Response<T>, tonic::Status> {
-    let duration_us = started.elapsed().as_micros() as u64;
-    let _entered = span.enter();
-    match result {
-        Ok(reply) => {
-            tracing::info!(grpc.code = "OK", duration_us, "done");
-            Ok(tonic::Response::new(reply))
-        }
-        Err(err) => {
-            // The status carries the bounded message; the log line shows the same.
-            let status = tonic::Status::from(err);
-            let (code, message) = (status.code(), status.message());
-            if code == tonic::Code::Internal {
-                tracing::error!(grpc.code = ?code, duration_us, error = message, "failed");
-            } else {
-                tracing::warn!(grpc.code = ?code, duration_us, error = message, "refused");
-            }
-            Err(status)
-        }
-    }
-}
-
 /// The span of one RPC.
 #[macro_export]
 macro_rules! rpc_span {
     ($method:literal) => {
-        tracing::info_span!("rpc", rpc.method = $method)
+        $crate::service::Rpc::new($method, tracing::info_span!("rpc", rpc.method = $method))
     };
     ($method:literal, $id:expr) => {
-        tracing::info_span!("rpc", rpc.method = $method, volume.id = %$crate::error::shown($id))
+        $crate::service::Rpc::new(
+            $method,
+            tracing::info_span!("rpc", rpc.method = $method, volume.id = %$crate::error::shown($id)),
+        )
     };
+}
+
+/// One RPC: its method name (for metrics) and its tracing span.
+pub struct Rpc {
+    method: &'static str,
+    span: tracing::Span,
+}
+
+impl Rpc {
+    pub fn new(method: &'static str, span: tracing::Span) -> Self {
+        Rpc { method, span }
+    }
 }
 
 // ---- request parsing shared by the services ----

@@ -9,3 +9,4 @@ pub mod params;
 pub mod pool;
 pub mod reconcile;
 pub(crate) mod records;
+pub mod status;

@@ -71,6 +71,7 @@ pub struct TestDriver {
 struct Running {
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn config(root: &Path) -> Config {
@@ -82,6 +83,8 @@ fn config(root: &Path) -> Config {
         max_volumes_per_node: 0,
         // Tests run reconciliation rounds themselves, when they want one.
         reconcile_interval: 0,
+        // An ephemeral loopback port: no fixed ports in tests.
+        metrics_address: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         buffered_io: false,
     }
 }
@@ -106,6 +109,7 @@ pub async fn connect(socket: PathBuf) -> Channel {
 async fn launch(root: &Path) -> (Running, Channel) {
     let server = loopcsi::server::bind(&config(root)).expect("bind the driver socket");
     let socket = server.socket().to_path_buf();
+    let metrics = server.metrics_address();
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         server
@@ -115,7 +119,14 @@ async fn launch(root: &Path) -> (Running, Channel) {
             .await
             .expect("driver serve");
     });
-    (Running { shutdown, task }, connect(socket).await)
+    (
+        Running {
+            shutdown,
+            task,
+            metrics,
+        },
+        connect(socket).await,
+    )
 }
 
 impl TestDriver {
@@ -194,6 +205,14 @@ impl TestDriver {
         self.identity = IdentityClient::new(channel.clone());
         self.controller = ControllerClient::new(channel.clone());
         self.node = NodeClient::new(channel);
+    }
+
+    /// Where the running driver serves /metrics.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        self.running
+            .as_ref()
+            .and_then(|r| r.metrics)
+            .expect("the test driver serves metrics")
     }
 
     pub async fn stop(&mut self) {

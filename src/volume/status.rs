@@ -1,0 +1,96 @@
+//! What an operator (the `loopcsi status` command) and a metrics scrape see: every volume with
+//! its size, allocation, loop device, staging and publish paths and health, read from the pool,
+//! the node records and the kernel at that instant. Reading it changes nothing.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::host::{files, loopdev, mount};
+use crate::metrics::Inventory;
+use crate::volume::node::NodeOps;
+use crate::volume::params::{Provisioning, VolumeKind};
+
+/// One volume as `loopcsi status` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VolumeStatus {
+    pub id: String,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub kind: VolumeKind,
+    pub provisioning: Provisioning,
+    pub loop_device: Option<String>,
+    pub direct_io: Option<bool>,
+    pub staged_at: Option<PathBuf>,
+    pub published_at: Vec<PathBuf>,
+    pub healthy: bool,
+    pub health: String,
+}
+
+impl NodeOps {
+    /// Every volume's status, in id order.
+    pub fn volume_statuses(&self) -> Result<Vec<VolumeStatus>> {
+        let mut out = Vec::new();
+        for meta in self.pool.volumes() {
+            let image = self.pool.layout().image(&meta.id);
+            let device = loopdev::find_by_backing_file(&image)?;
+            let record = self.load_record(&meta.id)?;
+            let condition = self.condition(&meta.id)?;
+            out.push(VolumeStatus {
+                id: meta.id.to_string(),
+                name: meta.name.clone(),
+                capacity_bytes: meta.capacity_bytes,
+                allocated_bytes: files::allocated_bytes(&image).unwrap_or(0),
+                kind: meta.kind,
+                provisioning: meta.provisioning,
+                loop_device: device.map(|d| d.path().display().to_string()),
+                direct_io: device.map(|d| d.direct_io()),
+                staged_at: record.staged.map(|s| s.path),
+                published_at: record.published.into_iter().map(|p| p.target).collect(),
+                healthy: !condition.abnormal,
+                health: condition.message,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The figures a metrics scrape reports, each read once (one sysfs scan, one mountinfo
+    /// read), so a scrape stays cheap with thousands of volumes.
+    pub fn inventory(&self) -> Result<Inventory> {
+        let layout = self.pool.layout();
+        let volumes_dir = layout.volumes_dir();
+        let devices: Vec<_> = loopdev::attached()?
+            .into_iter()
+            .filter(|(_, file)| file.parent() == Some(volumes_dir.as_path()))
+            .collect();
+        let table = mount::mounts()?;
+        let mut published = 0u64;
+        let mut allocated = 0u64;
+        for meta in self.pool.volumes() {
+            allocated += files::allocated_bytes(&layout.image(&meta.id)).unwrap_or(0);
+            let record = self.load_record(&meta.id)?;
+            published += record
+                .published
+                .iter()
+                .filter(|p| mount::mounted_at(&table, &p.target).is_some())
+                .count() as u64;
+        }
+        let (snapshots, _) = self.pool.list_snapshots(None, usize::MAX, |_| true);
+        for snap in &snapshots {
+            allocated += files::allocated_bytes(&layout.snapshot_image(&snap.id)).unwrap_or(0);
+        }
+        let usage = self.pool.usage()?;
+        Ok(Inventory {
+            volumes: self.pool.len() as u64,
+            staged: devices.iter().filter(|(d, _)| !d.read_only()).count() as u64,
+            published,
+            snapshots: snapshots.len() as u64,
+            loop_devices: devices.len() as u64,
+            pool_capacity_bytes: usage.total_bytes,
+            pool_available_bytes: usage.available_bytes,
+            allocated_bytes: allocated,
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! Operating loopcsi: the Prometheus metrics endpoint, and the `status` and `gc` commands run
+//! beside a live driver.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+/// GET `path` from the metrics server with a plain HTTP/1.1 request; returns (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the first sample line that starts with `series`.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_rpcs_volumes_pool_and_devices() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = d
+        .create(create_req("metered", 32 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = (d.staging("s"), d.target("p"));
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    let _ = d.delete("not-a-volume-id").await;
+    assert_code(
+        d.unstage(&id, &staging).await,
+        tonic::Code::FailedPrecondition,
+        "published",
+    );
+
+    let addr = d.metrics_address();
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &body,
+            r#"loopcsi_rpc_requests_total{method="CreateVolume",code="Ok"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"loopcsi_rpc_requests_total{method="NodeUnstageVolume",code="FailedPrecondition"}"#
+        ),
+        1.0
+    );
+    assert!(
+        body.contains(r#"loopcsi_rpc_duration_seconds_bucket{le="#),
+        "latency histogram"
+    );
+    assert_eq!(sample(&body, r#"loopcsi_volumes{state="created"}"#), 1.0);
+    assert_eq!(sample(&body, r#"loopcsi_volumes{state="staged"}"#), 1.0);
+    assert_eq!(sample(&body, r#"loopcsi_volumes{state="published"}"#), 1.0);
+    assert_eq!(sample(&body, "loopcsi_loop_devices_attached"), 1.0);
+    assert!(sample(&body, "loopcsi_pool_capacity_bytes") > 0.0);
+    assert!(sample(&body, "loopcsi_pool_available_bytes") > 0.0);
+    assert!(
+        sample(&body, "loopcsi_pool_allocated_bytes") > 0.0,
+        "mkfs wrote something"
+    );
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(addr, "/other"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    d.unpublish(&id, &target).await.unwrap();
+    d.unstage(&id, &staging).await.unwrap();
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(sample(&body, r#"loopcsi_volumes{state="staged"}"#), 0.0);
+    assert_eq!(sample(&body, "loopcsi_loop_devices_attached"), 0.0);
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}
+
+fn loopcsi(args: &[&str], state_dir: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loopcsi"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every path under `dir` with its size and modification time.
+fn snapshot_tree(dir: &Path) -> Vec<(std::path::PathBuf, u64, SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_volumes_beside_a_live_driver_and_changes_nothing() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("xfs", snw());
+    let id = d
+        .create(create_req("shown", 300 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let other = d
+        .create(create_req("idle", 8 * MIB, block_cap(snw())))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = (d.staging("s"), d.target("p"));
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    let state = d.state_dir();
+    let before = snapshot_tree(&state);
+
+    let (ok, table, stderr) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || loopcsi(&["status"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    let header = table.lines().next().unwrap();
+    for column in [
+        "ID",
+        "NAME",
+        "SIZE",
+        "ALLOCATED",
+        "FS",
+        "DEVICE",
+        "STAGED",
+        "PUBLISHED",
+        "HEALTH",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .expect("the staged volume is listed");
+    assert!(
+        row.contains("shown") && row.contains("xfs") && row.contains("/dev/loop"),
+        "{row}"
+    );
+    assert!(
+        row.contains(&*staging.to_string_lossy()) && row.contains(&*target.to_string_lossy()),
+        "{row}"
+    );
+    assert!(
+        row.contains("300.0 MiB") && row.contains("healthy"),
+        "{row}"
+    );
+    assert!(table
+        .lines()
+        .any(|l| l.starts_with(&other) && l.contains("block")));
+
+    let (ok, json, stderr) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || loopcsi(&["status", "--json"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let volumes = parsed.as_array().unwrap();
+    assert_eq!(volumes.len(), 2);
+    let shown = volumes.iter().find(|v| v["id"] == id.as_str()).unwrap();
+    assert_eq!(shown["capacity_bytes"], 300 * MIB);
+    assert_eq!(shown["staged_at"], staging.to_string_lossy().as_ref());
+    assert_eq!(shown["healthy"], true);
+    assert!(shown["loop_device"]
+        .as_str()
+        .unwrap()
+        .starts_with("/dev/loop"));
+
+    assert_eq!(
+        snapshot_tree(&state),
+        before,
+        "status changed nothing in the state dir"
+    );
+    let (ok, _, stderr) =
+        tokio::task::spawn_blocking(|| loopcsi(&["status"], Path::new("/nonexistent-loopcsi")))
+            .await
+            .unwrap();
+    assert!(!ok && stderr.contains("--state-dir"), "{stderr}");
+
+    d.unpublish(&id, &target).await.unwrap();
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.delete(&other).await.unwrap();
+    d.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
+    let mut d = TestDriver::start().await;
+    let live = d
+        .create(create_req("live", 8 * MIB, block_cap(snw())))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = d.staging("s");
+    d.stage(&live, &staging, block_cap(snw())).await.unwrap();
+    let volumes = d.state_dir().join("volumes");
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    let make = |name: String, old: bool| {
+        let path = volumes.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        if old {
+            file.set_modified(long_ago).unwrap();
+        }
+        path
+    };
+    let old_orphan = make(format!("{}.img", uuid::Uuid::new_v4()), true);
+    let old_temp = make(format!("{}.json.tmp", uuid::Uuid::new_v4()), true);
+    // Young: could be a CreateVolume in flight in the running driver.
+    let young_orphan = make(format!("{}.img", uuid::Uuid::new_v4()), false);
+
+    let state = d.state_dir();
+    let (ok, listed, stderr) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || loopcsi(&["gc", "--dry-run"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        listed.contains(&*old_orphan.to_string_lossy())
+            && listed.contains(&*old_temp.to_string_lossy()),
+        "{listed}"
+    );
+    assert!(listed.lines().all(|l| l.starts_with("would ")), "{listed}");
+    assert!(
+        !listed.contains(&*young_orphan.to_string_lossy()),
+        "{listed}"
+    );
+    assert!(
+        old_orphan.exists() && old_temp.exists(),
+        "--dry-run removes nothing"
+    );
+
+    let (ok, removed, stderr) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || loopcsi(&["gc"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    assert_eq!(removed.lines().count(), 2, "{removed}");
+    assert!(!old_orphan.exists() && !old_temp.exists());
+    assert!(young_orphan.exists(), "a young file is left alone");
+    assert!(
+        d.loop_device_of(&live).is_some(),
+        "the live volume's device is untouched"
+    );
+    assert!(d.image_path(&live).exists());
+
+    let (ok, nothing, _) =
+        tokio::task::spawn_blocking(move || loopcsi(&["gc", "--min-age", "0"], &state))
+            .await
+            .unwrap();
+    assert!(ok);
+    assert!(
+        nothing.contains(&*young_orphan.to_string_lossy()),
+        "{nothing}"
+    );
+    d.unstage(&live, &staging).await.unwrap();
+    d.delete(&live).await.unwrap();
+    d.assert_clean();
+}
