@@ -193,20 +193,30 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
         .unwrap()
         .into_inner()
         .capabilities;
-    let services: HashSet<i32> = caps
-        .iter()
-        .map(|c| match &c.r#type {
-            Some(csi::plugin_capability::Type::Service(s)) => s.r#type,
+    use csi::plugin_capability::volume_expansion::Type as Expansion;
+    let mut services = HashSet::new();
+    let mut expansion = Vec::new();
+    for c in &caps {
+        match &c.r#type {
+            Some(csi::plugin_capability::Type::Service(s)) => {
+                services.insert(s.r#type);
+            }
+            Some(csi::plugin_capability::Type::VolumeExpansion(e)) => expansion.push(e.r#type),
             other => panic!("unexpected plugin capability {other:?}"),
-        })
-        .collect();
-    assert_eq!(caps.len(), 2, "{caps:?}");
+        }
+    }
+    assert_eq!(caps.len(), 3, "{caps:?}");
     assert_eq!(
         services,
         HashSet::from([
             Service::ControllerService as i32,
             Service::VolumeAccessibilityConstraints as i32
         ])
+    );
+    assert_eq!(
+        expansion,
+        vec![Expansion::Online as i32],
+        "online volume expansion"
     );
 
     // Any RPC that needs the recovered state waits for recovery; after it, Probe is ready.
@@ -398,7 +408,7 @@ async fn create_volume_name_rules() {
     // No name ever becomes a path: the state dir holds only <uuid>.img/.json files.
     for rel in walk(&d.state_dir()) {
         let text = rel.display().to_string();
-        if text == "volumes" || text == "node" {
+        if text == "volumes" || text == "node" || text == "snapshots" {
             continue;
         }
         let file = rel.file_name().unwrap().to_str().unwrap();
@@ -671,26 +681,43 @@ async fn create_volume_parameters_source_and_mutable_parameters() {
         .unwrap();
     assert_eq!(sidecar.capacity_bytes, 16 * MIB);
 
-    // A content source (snapshot or volume): not supported.
+    // A content source that names nothing of ours: NOT_FOUND (a snapshot id of another shape,
+    // well-formed ids of no snapshot or volume); a source of no type: INVALID_ARGUMENT.
     use csi::volume_content_source::{SnapshotSource, Type as Source, VolumeSource};
-    for source in [
-        Source::Snapshot(SnapshotSource {
-            snapshot_id: "snap-1".into(),
-        }),
-        Source::Volume(VolumeSource {
-            volume_id: sidecar.volume_id.clone(),
-        }),
+    let unknown = random_id();
+    for (source, needles) in [
+        (
+            Source::Snapshot(SnapshotSource {
+                snapshot_id: "snap-1".into(),
+            }),
+            vec!["snapshot", "snap-1"],
+        ),
+        (
+            Source::Snapshot(SnapshotSource {
+                snapshot_id: unknown.clone(),
+            }),
+            vec!["snapshot", unknown.as_str()],
+        ),
+        (
+            Source::Volume(VolumeSource {
+                volume_id: unknown.clone(),
+            }),
+            vec!["volume", unknown.as_str()],
+        ),
     ] {
         let mut req = create_req("p-source", 16 * MIB, cap.clone());
         req.volume_content_source = Some(csi::VolumeContentSource {
             r#type: Some(source),
         });
-        assert_err(
-            d.create(req).await,
-            Code::InvalidArgument,
-            &["volume_content_source"],
-        );
+        assert_err(d.create(req).await, Code::NotFound, &needles);
     }
+    let mut req = create_req("p-source", 16 * MIB, cap.clone());
+    req.volume_content_source = Some(csi::VolumeContentSource { r#type: None });
+    assert_err(
+        d.create(req).await,
+        Code::InvalidArgument,
+        &["volume_content_source"],
+    );
 
     // mutable_parameters without MODIFY_VOLUME.
     let mut req = create_req("p-mutable", 16 * MIB, cap.clone());
@@ -703,6 +730,35 @@ async fn create_volume_parameters_source_and_mutable_parameters() {
 
     assert_eq!(d.list_all().await.len(), 1);
     d.delete(&sidecar.volume_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_from_an_existing_volume_is_a_clone() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let source = new_volume(&mut d, "c-source", 16 * MIB, cap.clone()).await;
+    use csi::volume_content_source::{Type as Source, VolumeSource};
+    let content = csi::VolumeContentSource {
+        r#type: Some(Source::Volume(VolumeSource {
+            volume_id: source.clone(),
+        })),
+    };
+    let mut req = create_req("c-clone", 16 * MIB, cap.clone());
+    req.volume_content_source = Some(content.clone());
+    let clone = d
+        .create(req.clone())
+        .await
+        .expect("a clone of an existing volume");
+    assert_ne!(clone.volume_id, source);
+    assert_eq!(clone.capacity_bytes, 16 * MIB);
+    assert_eq!(clone.content_source, Some(content));
+    // Idempotent by name.
+    assert_eq!(d.create(req).await.unwrap().volume_id, clone.volume_id);
+    assert_eq!(d.list_all().await.len(), 2);
+    d.delete(&clone.volume_id).await.unwrap();
+    d.delete(&source).await.unwrap();
+    assert!(d.list_all().await.is_empty());
+    d.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1190,7 +1246,7 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
             other => panic!("unexpected controller capability {other:?}"),
         })
         .collect();
-    assert_eq!(kinds.len(), 4, "{kinds:?}");
+    assert_eq!(kinds.len(), 11, "{kinds:?}");
     assert_eq!(
         kinds.into_iter().collect::<HashSet<_>>(),
         HashSet::from([
@@ -1198,9 +1254,17 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
             Rpc::ListVolumes as i32,
             Rpc::GetCapacity as i32,
             Rpc::SingleNodeMultiWriter as i32,
+            Rpc::CreateDeleteSnapshot as i32,
+            Rpc::ListSnapshots as i32,
+            Rpc::GetSnapshot as i32,
+            Rpc::CloneVolume as i32,
+            Rpc::ExpandVolume as i32,
+            Rpc::GetVolume as i32,
+            Rpc::VolumeCondition as i32,
         ])
     );
 
+    // Only the RPCs of capabilities that are not advertised remain UNIMPLEMENTED.
     let id = random_id();
     assert_err(
         d.controller
@@ -1226,28 +1290,51 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
     );
     assert_err(
         d.controller
+            .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::Unimplemented,
+        &["ControllerModifyVolume"],
+    );
+
+    // The advertised ones are served: an unknown id is NOT_FOUND (or OK where the spec says
+    // so), never UNIMPLEMENTED.
+    assert_err(
+        d.controller
             .create_snapshot(csi::CreateSnapshotRequest {
                 source_volume_id: id.clone(),
                 name: "snap".into(),
                 ..Default::default()
             })
             .await,
-        Code::Unimplemented,
-        &["CreateSnapshot"],
+        Code::NotFound,
+        &[&id],
     );
+    d.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot of an unknown snapshot is OK");
+    let listed = d
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots is served")
+        .into_inner();
+    assert!(listed.entries.is_empty() && listed.next_token.is_empty());
     assert_err(
         d.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest::default())
+            .get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
             .await,
-        Code::Unimplemented,
-        &["DeleteSnapshot"],
-    );
-    assert_err(
-        d.controller
-            .list_snapshots(csi::ListSnapshotsRequest::default())
-            .await,
-        Code::Unimplemented,
-        &["ListSnapshots"],
+        Code::NotFound,
+        &[&id],
     );
     assert_err(
         d.controller
@@ -1257,8 +1344,8 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
                 ..Default::default()
             })
             .await,
-        Code::Unimplemented,
-        &["ControllerExpandVolume"],
+        Code::NotFound,
+        &[&id],
     );
     assert_err(
         d.controller
@@ -1266,18 +1353,8 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
                 volume_id: id.clone(),
             })
             .await,
-        Code::Unimplemented,
-        &["ControllerGetVolume"],
-    );
-    assert_err(
-        d.controller
-            .controller_modify_volume(csi::ControllerModifyVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await,
-        Code::Unimplemented,
-        &["ControllerModifyVolume"],
+        Code::NotFound,
+        &[&id],
     );
     assert_err(
         d.node
@@ -1287,9 +1364,10 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
                 ..Default::default()
             })
             .await,
-        Code::Unimplemented,
-        &["NodeExpandVolume"],
+        Code::NotFound,
+        &[&id],
     );
+    d.assert_clean();
 }
 
 // ---- NodeStageVolume ----
@@ -2062,13 +2140,15 @@ async fn node_capabilities_and_info() {
             other => panic!("unexpected node capability {other:?}"),
         })
         .collect();
-    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
     assert_eq!(
         kinds.into_iter().collect::<HashSet<_>>(),
         HashSet::from([
             Rpc::StageUnstageVolume as i32,
             Rpc::GetVolumeStats as i32,
             Rpc::SingleNodeMultiWriter as i32,
+            Rpc::ExpandVolume as i32,
+            Rpc::VolumeCondition as i32,
         ])
     );
 

@@ -21,11 +21,22 @@ pub struct MountEntry {
     pub options: String,
     pub fs_type: String,
     pub source: String,
+    /// Options of the file system itself (`rw,errors=remount-ro,...`).
+    pub super_options: String,
 }
 
 impl MountEntry {
+    /// This mount is read-only (a per-mount flag, as a read-only bind has).
     pub fn read_only(&self) -> bool {
         self.options.split(',').any(|o| o == "ro")
+    }
+
+    /// The file system itself went read-only, e.g. ext4 after errors (`errors=remount-ro`
+    /// shows as `ro` or `emergency_ro` in the super options, not in the per-mount ones).
+    pub fn fs_read_only(&self) -> bool {
+        self.super_options
+            .split(',')
+            .any(|o| o == "ro" || o == "emergency_ro")
     }
 }
 
@@ -72,6 +83,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let mut tail = tail.split(' ');
     let fs_type = tail.next()?.to_string();
     let source = unescape(tail.next().unwrap_or(""));
+    let super_options = tail.next().unwrap_or("").to_string();
     Some(MountEntry {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
@@ -80,6 +92,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         options,
         fs_type,
         source,
+        super_options,
     })
 }
 

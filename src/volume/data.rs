@@ -139,6 +139,9 @@ impl NodeOps {
         files::grow_backing_file(&image, size, allocation)?;
         let mut updated = (*meta).clone();
         updated.capacity_bytes = size;
+        // Until NodeExpandVolume grows it, the file system is smaller than the volume; should
+        // the online grow be impossible, the next stage grows it (ext4 offline).
+        updated.pending_fs_grow = fs_volume && meta.formatted;
         self.pool.update(updated)?;
         for dev in loopdev::devices_of(&image)? {
             dev.refresh_capacity()?;
@@ -238,11 +241,25 @@ impl NodeOps {
                             let wanted_ro = staged.capability.access.read_only()
                                 || meta.access_modes.iter().all(|a| a.read_only())
                                 || staged.capability.mount_flags().iter().any(|f| f == "ro");
-                            if m.read_only() && !wanted_ro {
+                            if (m.read_only() || m.fs_read_only()) && !wanted_ro {
                                 problems.push(
                                     "the file system went read-only (I/O or file-system errors; check the kernel log)"
                                         .to_string(),
                                 );
+                            }
+                            if let Some(dev) = observed.device {
+                                let errors = std::fs::read_to_string(format!(
+                                    "/sys/fs/ext4/loop{}/errors_count",
+                                    dev.0
+                                ))
+                                .ok()
+                                .and_then(|t| t.trim().parse::<u64>().ok())
+                                .unwrap_or(0);
+                                if errors > 0 {
+                                    problems.push(format!(
+                                        "ext4 recorded {errors} file-system error(s); run e2fsck"
+                                    ));
+                                }
                             }
                         }
                         _ => problems.push(format!(

@@ -558,6 +558,13 @@ fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {
     if thick_ext4 && !options.data.iter().any(|o| o.contains("init_itable")) {
         options.data.push("noinit_itable".to_string());
     }
+    // A restore or clone carries its source's xfs UUID, and both live on this node: without
+    // nouuid the second of them would not mount.
+    if meta.kind == VolumeKind::Filesystem(crate::volume::params::FsType::Xfs)
+        && !options.data.iter().any(|o| o == "nouuid")
+    {
+        options.data.push("nouuid".to_string());
+    }
     if cap.access.read_only() || meta.access_modes.iter().all(|m| m.read_only()) {
         options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
     }
