@@ -143,8 +143,9 @@ async fn orphans_are_collected_and_foreign_devices_left_alone() {
     // Stale temp files and a node record of an unknown volume.
     let temp = volumes.join(format!("{}.json.tmp", uuid::Uuid::new_v4()));
     std::fs::write(&temp, b"{").unwrap();
-    let record = node.join(format!("{}.json", uuid::Uuid::new_v4()));
-    std::fs::write(&record, b"{}").unwrap();
+    let record = node.join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&record).unwrap();
+    std::fs::write(record.join("staged.json"), b"{}").unwrap();
     // A loop device that is not the driver's: backed by a file outside the pool.
     let foreign = d.root().join("foreign.img");
     std::fs::File::create(&foreign)

@@ -289,7 +289,11 @@ impl NodeOps {
                 if policy.dry_run {
                     report.collected(format!("would remove {what} {}", path.display()));
                 } else {
-                    files::remove_durably(&path)?;
+                    if path.is_dir() {
+                        crate::volume::records::clear(&path)?;
+                    } else {
+                        files::remove_durably(&path)?;
+                    }
                     report.collected(format!("removed {what} {}", path.display()));
                 }
             }
