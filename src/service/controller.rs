@@ -417,7 +417,6 @@ impl Controller for ControllerService {
                 rpc(Type::ListSnapshots),
                 rpc(Type::GetSnapshot),
                 rpc(Type::CloneVolume),
-                rpc(Type::ExpandVolume),
                 rpc(Type::GetVolume),
                 rpc(Type::VolumeCondition),
             ],
@@ -564,47 +563,18 @@ impl Controller for ControllerService {
             .await
     }
 
-    /// ControllerExpandVolume: grows the backing file (thick stays thick) and the loop device,
-    /// online. Shrinking is OUT_OF_RANGE; repeating a done expansion is OK.
-    /// node_expansion_required is true for file-system volumes (the node grows the file system).
+    /// ControllerExpandVolume: EXPAND_VOLUME is advertised by the node service only, so this
+    /// is UNIMPLEMENTED (spec). In a node-local deployment the cluster's one resizer runs on a
+    /// single node and could not reach the pools of the others; the kubelet's NodeExpandVolume,
+    /// on the node that holds the volume, does the whole expansion.
     async fn controller_expand_volume(
         &self,
-        request: Request<csi::ControllerExpandVolumeRequest>,
+        _request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        let req = request.into_inner();
-        self.driver
-            .run(
-                rpc_span!("ControllerExpandVolume", &req.volume_id),
-                move |domain| {
-                    required("volume_id", &req.volume_id)?;
-                    let range = req
-                        .capacity_range
-                        .ok_or_else(|| Error::invalid("capacity_range", "is required"))?;
-                    let cap = req
-                        .volume_capability
-                        .as_ref()
-                        .map(|c| capability("volume_capability", c, Some(domain.node.tools())))
-                        .transpose()?;
-                    let id = volume_id("volume_id", &req.volume_id)?;
-                    if let Some(cap) = cap {
-                        let meta = domain.pool.require(&id)?;
-                        cap.check_against(meta.kind)
-                            .map_err(|why| Error::invalid("volume_capability", why))?;
-                    }
-                    let (size, node_expansion_required) = domain.node.expand(
-                        &id,
-                        CapacityRange {
-                            required_bytes: range.required_bytes,
-                            limit_bytes: range.limit_bytes,
-                        },
-                    )?;
-                    Ok(csi::ControllerExpandVolumeResponse {
-                        capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
-                        node_expansion_required,
-                    })
-                },
-            )
-            .await
+        self.driver.answer(
+            rpc_span!("ControllerExpandVolume"),
+            Err(Error::Unsupported("ControllerExpandVolume")),
+        )
     }
 
     /// ControllerGetVolume: the volume and its condition (backing file missing or truncated,

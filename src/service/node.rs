@@ -194,11 +194,12 @@ impl Node for NodeService {
             .await
     }
 
-    /// NodeExpandVolume: grows the file system at volume_path online (resize2fs for ext4, which
-    /// needs CAP_SYS_RESOURCE — FAILED_PRECONDITION naming it when the kernel refuses;
-    /// xfs_growfs for xfs); block volumes only refresh the device size. NOT_FOUND when the
-    /// volume is not at volume_path; OUT_OF_RANGE when asked for more than ControllerExpandVolume
-    /// gave the volume.
+    /// NodeExpandVolume: all of the expansion, online, on the node that holds the volume:
+    /// grows the backing file to capacity_range (a thick volume stays fully allocated), the loop
+    /// device (LOOP_SET_CAPACITY), and the file system at volume_path (resize2fs for ext4, which
+    /// needs CAP_SYS_RESOURCE — FAILED_PRECONDITION naming it when the kernel refuses; xfs_growfs
+    /// for xfs). Shrinking is OUT_OF_RANGE; repeating a done expansion is OK; NOT_FOUND when the
+    /// volume is not at volume_path.
     async fn node_expand_volume(
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
@@ -210,18 +211,31 @@ impl Node for NodeService {
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
                     required("volume_path", &req.volume_path)?;
+                    let cap = req
+                        .volume_capability
+                        .as_ref()
+                        .map(|c| {
+                            crate::service::capability(
+                                "volume_capability",
+                                c,
+                                Some(domain.node.tools()),
+                            )
+                        })
+                        .transpose()?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     let meta = domain.pool.require(&id)?;
-                    let wanted = req.capacity_range.map_or(0, |r| r.required_bytes);
-                    if u64::try_from(wanted).is_ok_and(|w| w > meta.capacity_bytes) {
-                        return Err(Error::OutOfRange(format!(
-                        "capacity_range.required_bytes {wanted} exceeds the volume's {} bytes; \
-                         ControllerExpandVolume first",
-                        meta.capacity_bytes
-                    )));
+                    if let Some(cap) = cap {
+                        cap.check_against(meta.kind)
+                            .map_err(|why| Error::invalid("volume_capability", why))?;
                     }
                     let path = crate::service::volume_path(&id, &req.volume_path)?;
-                    let size = domain.node.node_expand(&id, &path)?;
+                    let range = req
+                        .capacity_range
+                        .map(|r| crate::volume::params::CapacityRange {
+                            required_bytes: r.required_bytes,
+                            limit_bytes: r.limit_bytes,
+                        });
+                    let size = domain.node.node_expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
                     })

@@ -102,23 +102,20 @@ impl NodeOps {
         })
     }
 
-    /// ControllerExpandVolume: grows the backing file (a thick one stays fully allocated) and,
-    /// when the volume is attached, tells the loop device. Shrinking is OUT_OF_RANGE; a volume
-    /// already as large as asked is success. Returns the size and whether the node must grow
-    /// the file system (NodeExpandVolume).
-    pub fn expand(&self, id: &VolumeId, range: CapacityRange) -> Result<(u64, bool)> {
-        let _guard = self.pool.lock_volume(id)?;
-        let meta = self.pool.require(id)?;
-        let fs_volume = matches!(meta.kind, VolumeKind::Filesystem(_));
+    /// Grows the volume's backing file to what `range` asks (a thick one stays fully
+    /// allocated), records the new size, and tells every loop device attached to it.
+    /// Shrinking is OUT_OF_RANGE; a volume already as large as asked is left alone. The caller
+    /// holds the volume's guard. Returns the volume's size.
+    fn grow_volume(&self, meta: &VolumeMeta, range: CapacityRange) -> Result<u64> {
         range.validate()?;
         if range.admits(meta.capacity_bytes) {
-            return Ok((meta.capacity_bytes, fs_volume && meta.formatted));
+            return Ok(meta.capacity_bytes);
         }
         let size = range.resolve(meta.kind.minimum_size())?;
         if size < meta.capacity_bytes {
             return Err(Error::OutOfRange(format!(
-                "volume {id} has {} bytes; shrinking to {size} is not supported",
-                meta.capacity_bytes
+                "volume {} has {} bytes; shrinking to {size} is not supported",
+                meta.id, meta.capacity_bytes
             )));
         }
         let available = self.pool.usage()?.available_bytes;
@@ -129,7 +126,7 @@ impl NodeOps {
                 available,
             });
         }
-        let image = self.pool.layout().image(id);
+        let image = self.pool.layout().image(&meta.id);
         let allocation = match meta.provisioning {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
@@ -137,23 +134,30 @@ impl NodeOps {
         // File first, metadata second: a crash in between leaves a file larger than recorded,
         // which a retry makes consistent.
         files::grow_backing_file(&image, size, allocation)?;
-        let mut updated = (*meta).clone();
+        let mut updated = meta.clone();
         updated.capacity_bytes = size;
-        // Until NodeExpandVolume grows it, the file system is smaller than the volume; should
-        // the online grow be impossible, the next stage grows it (ext4 offline).
-        updated.pending_fs_grow = fs_volume && meta.formatted;
+        // Until it is grown, the file system is smaller than the volume; should the online grow
+        // be impossible, the next stage grows it (ext4 offline).
+        updated.pending_fs_grow = matches!(meta.kind, VolumeKind::Filesystem(_)) && meta.formatted;
         self.pool.update(updated)?;
         for dev in loopdev::devices_of(&image)? {
             dev.refresh_capacity()?;
         }
-        Ok((size, fs_volume && meta.formatted))
+        Ok(size)
     }
 
-    /// NodeExpandVolume: grows the file system mounted at `path` (staging or target) to the
-    /// device's size, online. Block volumes need nothing beyond the device's new capacity.
-    pub fn node_expand(&self, id: &VolumeId, path: &Path) -> Result<u64> {
+    /// NodeExpandVolume, all of the expansion, online: grows the backing file to `range` (when
+    /// given), the loop device, and the file system mounted at `path` (staging or target).
+    /// Expansion happens on the node because the volume lives there: in a node-local
+    /// deployment the cluster's one resizer cannot reach other nodes' pools.
+    pub fn node_expand(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+        range: Option<CapacityRange>,
+    ) -> Result<u64> {
         let _guard = self.pool.lock_volume(id)?;
-        let meta = self.pool.require(id)?;
+        let mut meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
         let observed = Observed::read(&image)?;
         let not_here = || Error::NotFound {
@@ -163,6 +167,10 @@ impl NodeOps {
         let dev = observed.device.ok_or_else(not_here)?;
         if !path.is_absolute() || !observed.live_at(meta.kind, path) {
             return Err(not_here());
+        }
+        if let Some(range) = range {
+            self.grow_volume(&meta, range)?;
+            meta = self.pool.require(id)?;
         }
         dev.refresh_capacity()?;
         match meta.kind {
