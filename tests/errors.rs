@@ -1246,7 +1246,9 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
             other => panic!("unexpected controller capability {other:?}"),
         })
         .collect();
-    assert_eq!(kinds.len(), 11, "{kinds:?}");
+    // EXPAND_VOLUME is the node's only: in a node-local deployment the cluster's one resizer
+    // could not reach other nodes' pools, so NodeExpandVolume does the whole expansion.
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
     assert_eq!(
         kinds.into_iter().collect::<HashSet<_>>(),
         HashSet::from([
@@ -1258,7 +1260,6 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
             Rpc::ListSnapshots as i32,
             Rpc::GetSnapshot as i32,
             Rpc::CloneVolume as i32,
-            Rpc::ExpandVolume as i32,
             Rpc::GetVolume as i32,
             Rpc::VolumeCondition as i32,
         ])
@@ -1298,6 +1299,43 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
         Code::Unimplemented,
         &["ControllerModifyVolume"],
     );
+    // ControllerExpandVolume whatever it is asked: of an unknown volume, without a range, or a
+    // well-formed request for a real one (which it must not grow).
+    let real = d
+        .create(create_req(
+            "not-expanded",
+            16 * MIB,
+            mount_cap("ext4", snw()),
+        ))
+        .await
+        .unwrap()
+        .volume_id;
+    for req in [
+        csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: range(GIB, 0),
+            ..Default::default()
+        },
+        csi::ControllerExpandVolumeRequest::default(),
+        csi::ControllerExpandVolumeRequest {
+            volume_id: real.clone(),
+            capacity_range: range(32 * MIB, 0),
+            volume_capability: Some(mount_cap("ext4", snw())),
+            ..Default::default()
+        },
+    ] {
+        assert_err(
+            d.controller.controller_expand_volume(req).await,
+            Code::Unimplemented,
+            &["ControllerExpandVolume"],
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(d.image_path(&real)).unwrap().len(),
+        16 << 20,
+        "ControllerExpandVolume grew nothing"
+    );
+    d.delete(&real).await.unwrap();
 
     // The advertised ones are served: an unknown id is NOT_FOUND (or OK where the spec says
     // so), never UNIMPLEMENTED.
@@ -1330,17 +1368,6 @@ async fn controller_capabilities_exact_and_unadvertised_rpcs_unimplemented() {
         d.controller
             .get_snapshot(csi::GetSnapshotRequest {
                 snapshot_id: id.clone(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        &[&id],
-    );
-    assert_err(
-        d.controller
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: id.clone(),
-                capacity_range: range(GIB, 0),
                 ..Default::default()
             })
             .await,

@@ -414,16 +414,22 @@ async fn hostile_volume_ids_name_no_volume() {
         );
         // The RPCs of optional capabilities: NOT_FOUND, or UNIMPLEMENTED when not advertised.
         let optional = &[Code::NotFound, Code::Unimplemented][..];
+        // EXPAND_VOLUME is advertised by the node service (NodeExpandVolume does the whole
+        // expansion), not by the controller.
         f.refused(
             &what("NodeExpandVolume"),
             d.node
                 .node_expand_volume(csi::NodeExpandVolumeRequest {
                     volume_id: id.clone(),
                     volume_path: staging.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 32 * MIB,
+                        limit_bytes: 0,
+                    }),
                     ..Default::default()
                 })
                 .await,
-            optional,
+            not_found,
             &[],
         );
         f.refused(
@@ -438,8 +444,8 @@ async fn hostile_volume_ids_name_no_volume() {
                     ..Default::default()
                 })
                 .await,
-            optional,
-            &[],
+            &[Code::Unimplemented],
+            &["ControllerExpandVolume"],
         );
         f.refused(
             &what("ControllerGetVolume"),
@@ -1613,13 +1619,22 @@ async fn hostile_volume_paths_for_stats_and_expansion_are_refused() {
                 .node_expand_volume(csi::NodeExpandVolumeRequest {
                     volume_id: vol.clone(),
                     volume_path: path.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 32 * MIB,
+                        limit_bytes: 0,
+                    }),
                     ..Default::default()
                 })
                 .await,
-            &[Code::InvalidArgument, Code::NotFound, Code::Unimplemented],
+            &[Code::InvalidArgument, Code::NotFound],
             &[],
         );
     }
+    // No hostile path grew the volume.
+    let len = std::fs::metadata(d.image_path(&vol)).map(|m| m.len()).ok();
+    f.check(len == Some(16 << 20), || {
+        format!("NodeExpandVolume at hostile paths left the backing file at {len:?} bytes")
+    });
     f.check(d.stats(&vol, &staging).await.is_ok(), || {
         "stats of the real staging path fail".into()
     });
@@ -1723,55 +1738,119 @@ async fn hostile_sizes_get_the_readme_codes() {
             &[needle],
         );
     }
-    // ControllerExpandVolume of the existing volume with the same hostile sizes.
-    for (required_bytes, limit_bytes, codes, needle) in [
-        (-1, 0, vec![Code::InvalidArgument], "required_bytes"),
-        (0, -1, vec![Code::InvalidArgument], "limit_bytes"),
+    // Expansion of the existing volume with the same hostile sizes. The controller does not
+    // expand (EXPAND_VOLUME is the node's): UNIMPLEMENTED whatever the sizes. NodeExpandVolume,
+    // which does the whole expansion, at the path where the volume is staged: the README's
+    // codes, never a panic (INTERNAL), never a grown volume.
+    let staging = d.staging("same");
+    d.stage(&same.volume_id, &staging, cap.clone())
+        .await
+        .unwrap();
+    for (required_bytes, limit_bytes, code, needle) in [
         (
-            i64::MIN,
-            i64::MIN,
-            vec![Code::InvalidArgument],
-            "capacity_range",
+            -1,
+            0,
+            Code::InvalidArgument,
+            "capacity_range.required_bytes",
         ),
-        (i64::MAX, 0, vec![Code::OutOfRange], "capacity_range"),
+        (0, -1, Code::InvalidArgument, "capacity_range.limit_bytes"),
         (
-            i64::MAX - 1,
+            i64::MIN,
+            0,
+            Code::InvalidArgument,
+            "capacity_range.required_bytes",
+        ),
+        (
+            0,
+            i64::MIN,
+            Code::InvalidArgument,
+            "capacity_range.limit_bytes",
+        ),
+        (i64::MIN, i64::MIN, Code::InvalidArgument, "capacity_range"),
+        (
+            -1,
             i64::MAX,
-            vec![Code::OutOfRange],
-            "capacity_range",
+            Code::InvalidArgument,
+            "capacity_range.required_bytes",
         ),
-        (largest + 1, 0, vec![Code::OutOfRange], "capacity_range"),
-        (largest, 0, vec![Code::ResourceExhausted], ""),
-        (mib, mib, vec![Code::OutOfRange], ""),
+        (i64::MAX, 0, Code::OutOfRange, "capacity_range"),
+        (i64::MAX - 1, 0, Code::OutOfRange, "capacity_range"),
+        (i64::MAX, i64::MAX, Code::OutOfRange, "capacity_range"),
+        (i64::MAX - 1, i64::MAX, Code::OutOfRange, "capacity_range"),
+        (i64::MAX, 1, Code::OutOfRange, "capacity_range"),
+        (largest + 1, 0, Code::OutOfRange, "capacity_range"),
+        (largest, 0, Code::ResourceExhausted, "requested"),
+        (largest - mib + 1, 0, Code::ResourceExhausted, "requested"),
+        (largest, i64::MAX, Code::ResourceExhausted, "requested"),
+        (mib, mib, Code::OutOfRange, "capacity_range"),
+        (1, 1, Code::OutOfRange, "capacity_range"),
+        (0, 1, Code::OutOfRange, "capacity_range"),
         (
             16 * mib + 1,
             16 * mib + 1,
-            vec![Code::OutOfRange],
+            Code::OutOfRange,
             "capacity_range",
         ),
     ] {
-        let result = d
-            .controller
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: same.volume_id.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes,
-                    limit_bytes,
-                }),
-                ..Default::default()
-            })
-            .await;
-        let mut codes = codes;
-        codes.push(Code::Unimplemented);
+        let range = Some(csi::CapacityRange {
+            required_bytes,
+            limit_bytes,
+        });
+        let sizes = format!("required_bytes={required_bytes}, limit_bytes={limit_bytes}");
         f.refused(
-            &format!(
-                "ControllerExpandVolume(required_bytes={required_bytes}, limit_bytes={limit_bytes})"
-            ),
-            result,
-            &codes,
+            &format!("ControllerExpandVolume({sizes})"),
+            d.controller
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: same.volume_id.clone(),
+                    capacity_range: range,
+                    ..Default::default()
+                })
+                .await,
+            &[Code::Unimplemented],
+            &["ControllerExpandVolume"],
+        );
+        f.refused(
+            &format!("NodeExpandVolume({sizes})"),
+            d.node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: same.volume_id.clone(),
+                    volume_path: s(&staging),
+                    capacity_range: range,
+                    ..Default::default()
+                })
+                .await,
+            &[code],
             &[needle],
         );
     }
+    // Ranges the volume is within, however large the limit: OK, nothing grown.
+    for (required_bytes, limit_bytes) in [(0, 0), (0, i64::MAX), (16 * mib, i64::MAX), (1, 0)] {
+        if let Some(reply) = f.ok(
+            &format!(
+                "NodeExpandVolume(required_bytes={required_bytes}, limit_bytes={limit_bytes})"
+            ),
+            d.node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: same.volume_id.clone(),
+                    volume_path: s(&staging),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes,
+                        limit_bytes,
+                    }),
+                    ..Default::default()
+                })
+                .await,
+        ) {
+            let size = reply.into_inner().capacity_bytes;
+            f.check(size == 16 * mib, || {
+                format!(
+                    "NodeExpandVolume(required_bytes={required_bytes}, limit_bytes={limit_bytes}): {size} bytes, expected {}",
+                    16 * mib
+                )
+            });
+        }
+    }
+    d.unstage(&same.volume_id, &staging).await.unwrap();
     let after = d.list_all().await;
     let size = after
         .iter()
@@ -1779,6 +1858,12 @@ async fn hostile_sizes_get_the_readme_codes() {
         .map(|v| v.capacity_bytes);
     f.check(size == Some(16 * mib), || {
         format!("hostile expansions changed the volume to {size:?} bytes")
+    });
+    let len = std::fs::metadata(d.image_path(&same.volume_id))
+        .map(|m| m.len())
+        .ok();
+    f.check(len == Some(16 << 20), || {
+        format!("hostile expansions left the backing file at {len:?} bytes")
     });
 
     // ListVolumes paging sizes.

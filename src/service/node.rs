@@ -228,13 +228,16 @@ impl Node for NodeService {
                         cap.check_against(meta.kind)
                             .map_err(|why| Error::invalid("volume_capability", why))?;
                     }
-                    let path = crate::service::volume_path(&id, &req.volume_path)?;
                     let range = req
                         .capacity_range
                         .map(|r| crate::volume::params::CapacityRange {
                             required_bytes: r.required_bytes,
                             limit_bytes: r.limit_bytes,
                         });
+                    if let Some(range) = &range {
+                        range.validate()?;
+                    }
+                    let path = crate::service::volume_path(&id, &req.volume_path)?;
                     let size = domain.node.node_expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),

@@ -73,6 +73,7 @@ impl NodeOps {
                     size_bytes: snap.size_bytes,
                     kind: snap.kind,
                     formatted: snap.formatted,
+                    pending_fs_grow: snap.pending_fs_grow,
                     content: *source,
                     holds: vec![Box::new(guard)],
                 })
@@ -84,6 +85,7 @@ impl NodeOps {
                     size_bytes: meta.capacity_bytes,
                     kind: meta.kind,
                     formatted: meta.formatted,
+                    pending_fs_grow: meta.pending_fs_grow,
                     content: *source,
                     holds,
                 })

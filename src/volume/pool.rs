@@ -130,6 +130,10 @@ pub struct SnapshotMeta {
     pub kind: VolumeKind,
     pub formatted: bool,
     pub created_unix_nanos: u128,
+    /// The source's file system had not been grown to the source's size yet: copies of this
+    /// snapshot grow it at their first stage.
+    #[serde(default)]
+    pub pending_fs_grow: bool,
 }
 
 impl Committed for SnapshotMeta {
@@ -152,6 +156,8 @@ pub struct SourceCopy {
     pub size_bytes: u64,
     pub kind: VolumeKind,
     pub formatted: bool,
+    /// The source's file system is smaller than the source (a grow is still pending there).
+    pub pending_fs_grow: bool,
     pub content: ContentSource,
     /// Held while copying: the source's operation guard, a freeze of its file system.
     pub holds: Vec<Hold>,
@@ -419,7 +425,9 @@ impl Pool {
             claim: req.claim,
             content_source: source.as_ref().map(|s| s.content),
             pending_fs_grow: source.as_ref().is_some_and(|s| {
-                s.formatted && size > s.size_bytes && matches!(req.kind, VolumeKind::Filesystem(_))
+                s.formatted
+                    && (size > s.size_bytes || s.pending_fs_grow)
+                    && matches!(req.kind, VolumeKind::Filesystem(_))
             }),
         };
         let image = self.layout.image(&id);
@@ -572,6 +580,7 @@ impl Pool {
             size_bytes: source.size_bytes,
             kind: source.kind,
             formatted: source.formatted,
+            pending_fs_grow: source.pending_fs_grow,
             created_unix_nanos: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos()),
