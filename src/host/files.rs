@@ -258,6 +258,17 @@ fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
         .map_err(|errno| Error::io("fallocate", path, errno.into()))
 }
 
+/// Whether `path` has any data extent (SEEK_DATA). A sparse file that was never written, or
+/// one that is fully allocated but unwritten, has none: it reads back as zeroes throughout.
+pub fn has_data(path: &Path) -> Result<bool> {
+    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    match nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(errno) => Err(Error::io("seek data", path, errno.into())),
+    }
+}
+
 /// Size of a file in bytes.
 pub fn file_size(path: &Path) -> Result<u64> {
     std::fs::metadata(path)
