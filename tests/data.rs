@@ -1823,6 +1823,52 @@ async fn truncated_or_missing_backing_file_is_abnormal() {
     d.assert_clean();
 }
 
+/// A backing file emptied behind the driver's back would give a loop device without capacity,
+/// which the kernel does not list in /proc/partitions (where the driver finds attached devices):
+/// stage refuses it with a message naming the file, and attaches nothing, also when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptied_backing_file_is_refused_at_stage_and_leaks_no_device() {
+    let mut d = TestDriver::start().await;
+    for cap in [mount_cap("ext4", snw()), block_cap(snw())] {
+        let name = format!(
+            "emptied-{}",
+            cap.access_type.as_ref().map_or(0, |t| match t {
+                csi::volume_capability::AccessType::Mount(_) => 1,
+                csi::volume_capability::AccessType::Block(_) => 2,
+            })
+        );
+        let id = d
+            .create(create_req(&name, 32 * MIB, cap.clone()))
+            .await
+            .unwrap()
+            .volume_id;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.image_path(&id))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let staging = d.staging(&name);
+        for _ in 0..2 {
+            assert_code(
+                d.stage(&id, &staging, cap.clone()).await,
+                tonic::Code::Internal,
+                "less than one 4096-byte block",
+            );
+            let image = d.image_path(&id);
+            assert!(
+                every_attached_loop_device()
+                    .iter()
+                    .all(|(_, file)| *file != image),
+                "no device may be left attached"
+            );
+        }
+        assert_abnormal(&condition(&mut d, &id).await, "truncated");
+        d.delete(&id).await.unwrap();
+    }
+    d.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staged_volume_whose_loop_device_is_gone_is_abnormal() {
     let mut d = TestDriver::start().await;

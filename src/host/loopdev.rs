@@ -145,25 +145,34 @@ fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Every attached loop device with its backing file, read from sysfs.
+/// Every attached loop device with its backing file, read from the kernel.
+///
+/// The candidates come from one read of `/proc/partitions`, which lists block devices of
+/// non-zero capacity only: a detached loop device has none, so the list holds the attached
+/// ones. Only those are then asked for their backing file in sysfs. Walking `/sys/block`
+/// instead costs a failed sysfs lookup per detached device (about 1 ms per call on a node with
+/// 200 loop devices, paid by every node RPC); this costs one read plus one per attached device.
+/// A device attached to an empty file has no capacity and is not listed; `attach` refuses such
+/// files, so no device of ours is ever missed.
 pub fn attached() -> Result<Vec<(LoopDevice, PathBuf)>> {
-    let sys = Path::new("/sys/block");
-    let entries = std::fs::read_dir(sys).map_err(|e| Error::io("read directory", sys, e))?;
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|n| n.strip_prefix("loop")) else {
-            continue;
-        };
-        let Ok(number) = number.parse::<u32>() else {
-            continue;
-        };
-        let dev = LoopDevice(number);
-        if let Some(file) = dev.backing_file() {
-            found.push((dev, file));
-        }
-    }
-    Ok(found)
+    let table = Path::new("/proc/partitions");
+    let text = std::fs::read_to_string(table).map_err(|e| Error::io("read", table, e))?;
+    Ok(loop_numbers_in_partitions(&text)
+        .into_iter()
+        .map(LoopDevice)
+        .filter_map(|dev| dev.backing_file().map(|file| (dev, file)))
+        .collect())
+}
+
+/// The numbers of the whole loop devices (`loopN`, not their partitions `loopNpM`) listed in
+/// the text of `/proc/partitions` ("major minor #blocks name" after a header).
+fn loop_numbers_in_partitions(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|name| name.strip_prefix("loop"))
+        .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|digits| digits.parse().ok())
+        .collect()
 }
 
 /// Every loop device attached to `file`. `file` must be the canonical path (the kernel reports
@@ -189,6 +198,19 @@ pub fn attach(file: &Path, opts: AttachOptions) -> Result<LoopDevice> {
         .write(!opts.read_only)
         .open(file)
         .map_err(|e| Error::io("open", file, e))?;
+    // A device over less than one logical block has no capacity: it would be useless, and
+    // invisible to `attached` (so a retry would attach another one).
+    let len = backing
+        .metadata()
+        .map_err(|e| Error::io("stat", file, e))?
+        .len();
+    if len < u64::from(LOGICAL_BLOCK_SIZE) {
+        return Err(Error::Corrupt(format!(
+            "backing file {} holds {len} bytes, less than one {LOGICAL_BLOCK_SIZE}-byte block; \
+             refusing to attach it",
+            file.display()
+        )));
+    }
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -293,6 +315,13 @@ mod tests {
         assert_eq!(parse_dev_numbers("7:12"), Some((7, 12)));
         assert_eq!(parse_dev_numbers("7"), None);
         assert_eq!(parse_dev_numbers("x:1"), None);
+    }
+
+    #[test]
+    fn partitions_list_whole_loop_devices_only() {
+        let text = "major minor  #blocks  name\n\n 254        0  268435456 vda\n 254        1  1000 vda1\n   7        0    1048576 loop0\n   7       12    1048576 loop12\n 259        0      1024 loop12p1\n   7        3       10 loopx\n";
+        assert_eq!(loop_numbers_in_partitions(text), vec![0, 12]);
+        assert_eq!(loop_numbers_in_partitions(""), Vec::<u32>::new());
     }
 
     #[test]

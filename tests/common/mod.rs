@@ -397,6 +397,22 @@ impl Drop for TestDriver {
     }
 }
 
+/// Every attached loop device with its backing file, by walking all of /sys/block. Slower than
+/// the driver's `loopdev::attached` (which lists only devices with capacity), and independent
+/// of it, so the tests also catch a device the driver could not see.
+pub fn every_attached_loop_device() -> Vec<(loopdev::LoopDevice, PathBuf)> {
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let number: u32 = name.to_str()?.strip_prefix("loop")?.parse().ok()?;
+            let dev = loopdev::LoopDevice(number);
+            dev.backing_file().map(|file| (dev, file))
+        })
+        .collect()
+}
+
 /// Mounts and loop devices under `root` (what a test made), described for assertion messages.
 pub fn leftovers_under(root: &Path) -> Vec<String> {
     let mut left: Vec<String> = mount::mounts()
@@ -406,8 +422,7 @@ pub fn leftovers_under(root: &Path) -> Vec<String> {
         .map(|m| format!("mount {}", m.mount_point.display()))
         .collect();
     left.extend(
-        loopdev::attached()
-            .unwrap()
+        every_attached_loop_device()
             .into_iter()
             .filter(|(_, file)| file.starts_with(root))
             .map(|(dev, file)| format!("{} -> {}", dev.path().display(), file.display())),
@@ -436,8 +451,7 @@ pub fn release_everything_under(root: &Path) {
             let _ = nix::mount::umount2(point, flags);
         }
         let table = mount::mounts().unwrap();
-        let devices: Vec<_> = loopdev::attached()
-            .unwrap()
+        let devices: Vec<_> = every_attached_loop_device()
             .into_iter()
             .filter(|(_, file)| file.starts_with(root))
             .collect();
