@@ -1541,6 +1541,55 @@ async fn node_stage_rejects_bad_staging_paths() {
     d.delete(&id).await.unwrap();
 }
 
+/// The stage record is written while the kernel work runs; a stage that fails must leave the
+/// record as it was, so that neither publish nor the reconciler acts on a stage that never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_stage_leaves_the_stage_record_as_it_was() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = new_volume(&mut d, "record", 16 * MIB, cap.clone()).await;
+    let record = d.state_dir().join("node").join(&id).join("staged.json");
+    let not_a_dir = d.root().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+
+    // Never staged: a failed stage leaves no record, and publish does not stage it from one.
+    assert!(d.stage(&id, &not_a_dir, cap.clone()).await.is_err());
+    assert!(!record.exists(), "a failed stage left a record");
+    let target = d.target("t");
+    assert_err(
+        d.node
+            .node_publish_volume(publish_req(
+                &id,
+                &s(&not_a_dir),
+                &s(&target),
+                Some(cap.clone()),
+            ))
+            .await,
+        Code::FailedPrecondition,
+        &["stag"],
+    );
+    d.assert_clean();
+
+    // Staged elsewhere before (and lost to a reboot): a failed stage keeps the earlier record.
+    let staging = d.staging("good");
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    let before = std::fs::read(&record).unwrap();
+    d.simulate_reboot();
+    assert!(d.stage(&id, &not_a_dir, cap.clone()).await.is_err());
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        before,
+        "the earlier record changed"
+    );
+    d.assert_clean();
+
+    // The earlier record still lets the volume be staged where it was.
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_stage_capability_mismatch_conflicts_and_mount_flags() {
     let mut d = TestDriver::start().await;

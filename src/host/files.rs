@@ -29,6 +29,20 @@ fn temp_path(path: &Path) -> PathBuf {
 /// Replaces `path` with `contents` so that a crash at any instant leaves either the old file or
 /// the new one, complete. The only good copy is never rewritten in place.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    write_atomic_with(path, contents, None)
+}
+
+/// `write_atomic`, also making `companion` durable before the rename: a file just created in
+/// the same directory that the new `path` commits (a volume's image and its metadata). The
+/// temp file is flushed first, so on a journaling file system one journal commit carries both
+/// new inodes and the companion's own fsync finds nothing left to do; the directory fsync after
+/// the rename then persists both names at once. A crash before it leaves the old state (the
+/// companion without the file that commits it, which recovery removes as half-made).
+pub fn write_atomic_with(
+    path: &Path,
+    contents: &[u8],
+    companion: Option<(&File, &Path)>,
+) -> Result<()> {
     let temp = temp_path(path);
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -41,6 +55,11 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         file.write_all(contents)
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io("write", &temp, e))?;
+        if let Some((companion, companion_path)) = companion {
+            companion
+                .sync_all()
+                .map_err(|e| Error::io("fsync", companion_path, e))?;
+        }
         crate::faults::crash_point("atomic.temp_written");
         std::fs::rename(&temp, path).map_err(|e| Error::io("rename", &temp, e))
     })();
@@ -73,9 +92,11 @@ pub enum Allocation {
     Full,
 }
 
-/// Creates a new backing file of `size` bytes (failing if it exists) and makes it durable.
-/// On failure nothing is left behind.
-pub fn create_backing_file(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
+/// Creates a new backing file of `size` bytes (failing if it exists). It is not durable yet:
+/// the caller makes it durable together with the metadata that commits it
+/// (`write_atomic_with`), which saves a create one journal commit. On failure nothing is left
+/// behind.
+pub fn create_backing_file(path: &Path, size: u64, allocation: Allocation) -> Result<File> {
     let result = (|| {
         let file = OpenOptions::new()
             .read(true)
@@ -90,8 +111,7 @@ pub fn create_backing_file(path: &Path, size: u64, allocation: Allocation) -> Re
                 .map_err(|e| Error::io("truncate", path, e))?,
             Allocation::Full => allocate(&file, path, 0, size)?,
         }
-        file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
-        fsync_dir(parent(path))
+        Ok(file)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(path);

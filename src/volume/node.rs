@@ -176,15 +176,43 @@ impl NodeOps {
                 )));
             }
         }
-        self.ensure_staged(&meta, staging, cap, observed)?;
         let wanted = StageRecord {
             path: staging.to_path_buf(),
             capability: cap.clone(),
         };
-        if record.staged.as_ref() != Some(&wanted) {
-            records::save_staged(&self.records_dir(id), &wanted)?;
+        if record.staged.as_ref() == Some(&wanted) {
+            return self.ensure_staged(&meta, staging, cap, observed).map(drop);
         }
-        Ok(())
+        // The record is intent and does not depend on the kernel work, so it is written (two
+        // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A
+        // crash in between leaves a record of a stage that did not finish: the state a reboot
+        // leaves, which publish and the reconciler already repair, and which the CO's retry of
+        // this call completes. A failed stage puts the previous record back.
+        let dir = self.records_dir(id);
+        let (staged, saved) = std::thread::scope(|scope| {
+            let saving = scope.spawn(|| records::save_staged(&dir, &wanted));
+            let staged = self.ensure_staged(&meta, staging, cap, observed);
+            let saved = saving.join().unwrap_or_else(|_| {
+                Err(Error::Internal(format!(
+                    "writing the stage record of volume {id} panicked"
+                )))
+            });
+            (staged, saved)
+        });
+        match (staged, saved) {
+            (Ok(_), saved) => saved,
+            (Err(err), saved) => {
+                let restored = match (&record.staged, saved) {
+                    (_, Err(_)) => Ok(()),
+                    (Some(previous), Ok(())) => records::save_staged(&dir, previous),
+                    (None, Ok(())) => records::remove_staged(&dir),
+                };
+                if let Err(restore) = restored {
+                    tracing::error!(volume.id = %id, error = %restore, "could not put the stage record back after a failed stage");
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
@@ -232,10 +260,13 @@ impl NodeOps {
             return Ok(dev);
         };
         let result = (|| {
-            self.format_if_blank(meta, &dev, fs)?;
-            self.grow_pending(meta, &dev.path(), None)?;
-            mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
-            self.grow_pending(meta, &dev.path(), Some(staging))?;
+            if self.format_if_blank(meta, &dev, fs)? {
+                self.mount_fresh(meta, &dev, staging, fs, &options)?;
+            } else {
+                self.grow_pending(meta, &dev.path(), None)?;
+                mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
+                self.grow_pending(meta, &dev.path(), Some(staging))?;
+            }
             crate::faults::crash_point("stage.mounted");
             Ok(())
         })();
@@ -271,14 +302,50 @@ impl NodeOps {
         Ok(dev)
     }
 
+    /// Mounts a file system mkfs just made, recording in the metadata that the driver formatted
+    /// the volume while the mount runs (two fsyncs on a disk pool, which would otherwise follow
+    /// mkfs one after the other with the mount). Nothing can be pending to grow: mkfs spanned the
+    /// whole device. The record is needed before the next stage, not before this mount: a crash
+    /// before it is durable leaves a file system that the next stage's probe finds and records.
+    fn mount_fresh(
+        &self,
+        meta: &VolumeMeta,
+        dev: &LoopDevice,
+        staging: &Path,
+        fs: crate::volume::params::FsType,
+        options: &MountOptions,
+    ) -> Result<()> {
+        let (mounted, marked) = std::thread::scope(|scope| {
+            let marking = scope.spawn(|| self.pool.mark_formatted(&meta.id));
+            let mounted = mount::mount_device(&dev.path(), staging, fs.name(), options);
+            let marked = marking.join().unwrap_or_else(|_| {
+                Err(Error::Internal(format!(
+                    "recording that volume {} was formatted panicked",
+                    meta.id
+                )))
+            });
+            (mounted, marked)
+        });
+        mounted?;
+        if let Err(err) = marked {
+            // Fail as a whole: the CO retries, and the retry's probe records the format.
+            if let Err(unmount) = mount::unmount(staging) {
+                tracing::error!(staging = %staging.display(), error = %unmount, "could not unmount after a failed stage");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
     /// Never formats a device that has any signature, or a volume the driver formatted before
-    /// (a blank probe then means damage, and formatting would hide it).
+    /// (a blank probe then means damage, and formatting would hide it). True when it ran mkfs
+    /// now; the caller then records the format (`mount_fresh`).
     fn format_if_blank(
         &self,
         meta: &VolumeMeta,
         dev: &LoopDevice,
         fs: crate::volume::params::FsType,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // A backing file with no data extents at all is blank to the last byte: no signature
         // can hide in it, so the (costly) blkid probe is skipped. Anything written, or a volume
         // the driver formatted before, is probed.
@@ -290,7 +357,9 @@ impl NodeOps {
         };
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
-            Probe::FileSystem(found) if found == fs.name() => self.pool.mark_formatted(&meta.id),
+            Probe::FileSystem(found) if found == fs.name() => {
+                self.pool.mark_formatted(&meta.id).map(|()| false)
+            }
             Probe::FileSystem(found) => Err(Error::FailedPrecondition(format!(
                 "volume {} holds a {found} file system, not {}; refusing to reformat it",
                 meta.id,
@@ -308,7 +377,7 @@ impl NodeOps {
             Probe::Blank => {
                 self.tools.mkfs(fs, &dev.path())?;
                 crate::faults::crash_point("stage.formatted");
-                self.pool.mark_formatted(&meta.id)
+                Ok(true)
             }
         }
     }

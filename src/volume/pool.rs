@@ -15,6 +15,7 @@
 //! stored here: it is read from sysfs and mountinfo when needed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -435,8 +436,9 @@ impl Pool {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
         };
+        // A fresh image is made durable with the metadata below; a copy is durable already.
         let filled = match &source {
-            None => files::create_backing_file(&image, size, allocation),
+            None => files::create_backing_file(&image, size, allocation).map(Some),
             Some(source) => files::copy_sparse(&source.image, &image, source.size_bytes, size)
                 .and_then(|stats| {
                     tracing::info!(
@@ -447,11 +449,12 @@ impl Pool {
                     files::grow_backing_file(&image, size, allocation).inspect_err(|_| {
                         let _ = files::remove_durably(&image);
                     })
-                }),
+                })
+                .map(|()| None),
         };
         // The copy is durable: release the source (thaw it) before the metadata commit.
         drop(source);
-        filled.map_err(|err| match err {
+        let fresh_image = filled.map_err(|err| match err {
             Error::Io { ref source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
                 Error::NoSpace {
                     requested: size,
@@ -461,7 +464,8 @@ impl Pool {
             other => other,
         })?;
         crate::faults::crash_point("create.image_written");
-        if let Err(err) = self.write_meta(&meta) {
+        let committed = self.write_meta_with(&meta, fresh_image.as_ref().map(|f| (f, &*image)));
+        if let Err(err) = committed {
             // Not committed: take the image back so nothing half-made stays.
             let _ = files::remove_durably(&image);
             return Err(err);
@@ -475,9 +479,15 @@ impl Pool {
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
+        self.write_meta_with(meta, None)
+    }
+
+    /// Writes the metadata (the commit point), making `image` (just created beside it) durable
+    /// in the same step.
+    fn write_meta_with(&self, meta: &VolumeMeta, image: Option<(&File, &Path)>) -> Result<()> {
         let json = serde_json::to_vec_pretty(meta)
             .map_err(|e| Error::Internal(format!("serialising metadata of {}: {e}", meta.id)))?;
-        files::write_atomic(&self.layout.meta(&meta.id), &json)
+        files::write_atomic_with(&self.layout.meta(&meta.id), &json, image)
     }
 
     /// Records that the driver formatted the volume (crash-safe metadata update).
