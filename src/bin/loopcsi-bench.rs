@@ -2037,6 +2037,18 @@ fn create_image(path: &Path, bytes: u64, thick: bool) -> Result<()> {
     fsync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
+/// Attaches `image` the way the driver does (one LOOP_CONFIGURE, direct I/O, 4096-byte blocks).
+fn attach_direct(image: &Path) -> Result<loopdev::LoopDevice> {
+    loopdev::attach(
+        image,
+        loopdev::AttachOptions {
+            direct_io: true,
+            read_only: false,
+        },
+    )
+    .map_err(|e| anyhow!("{e}"))
+}
+
 /// One volume's lifecycle done directly; the duration of every step (ms), in STEPS order.
 fn direct_one(tools: &Tools, spec: LifecycleSpec, dir: &Path, i: usize) -> Result<[f64; 10]> {
     let mut t = [0.0; 10];
@@ -2052,14 +2064,7 @@ fn direct_one(tools: &Tools, spec: LifecycleSpec, dir: &Path, i: usize) -> Resul
     create_image(&image, spec.bytes, spec.thick)?;
     t[0] = ms(clock.elapsed());
     let clock = Instant::now();
-    let dev = loopdev::attach(
-        &image,
-        loopdev::AttachOptions {
-            direct_io: true,
-            read_only: false,
-        },
-    )
-    .map_err(|e| anyhow!("{e}"))?;
+    let dev = attach_direct(&image)?;
     t[1] = ms(clock.elapsed());
     let none = mount::MountOptions::default();
     if spec.kind.is_fs() {
@@ -2179,14 +2184,7 @@ fn tool_step_costs(tools: &Tools, dir: &Path, samples: usize, bytes: u64) -> Res
         tools.losetup_detach(&dev)?;
         times[1].push(ms(clock.elapsed()));
         let clock = Instant::now();
-        let dev = loopdev::attach(
-            &image,
-            loopdev::AttachOptions {
-                direct_io: true,
-                read_only: false,
-            },
-        )
-        .map_err(|e| anyhow!("{e}"))?;
+        let dev = attach_direct(&image)?;
         times[2].push(ms(clock.elapsed()));
         let clock = Instant::now();
         tools.blkid_probe(&dev.path())?;
@@ -2329,14 +2327,7 @@ fn direct_first_stage(tools: &Tools, root: &Path, i: usize, bytes: u64) -> Resul
     std::fs::create_dir_all(&mount_point)?;
     create_image(&image, bytes, false)?;
     let clock = Instant::now();
-    let dev = loopdev::attach(
-        &image,
-        loopdev::AttachOptions {
-            direct_io: true,
-            read_only: false,
-        },
-    )
-    .map_err(|e| anyhow!("{e}"))?;
+    let dev = attach_direct(&image)?;
     let attach = ms(clock.elapsed());
     let clock = Instant::now();
     tools.mkfs(VolKind::Ext4, &dev.path())?;
