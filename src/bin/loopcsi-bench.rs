@@ -2947,6 +2947,16 @@ fn evaluate(report: &Report) -> Vec<TargetCheck> {
         }
     }
     if let Some(s) = &report.scale {
+        checks.push(TargetCheck {
+            target: "CreateVolume (thin) p50 ≤ 2 ms and p99 ≤ 10 ms with 8 in flight, creates \
+                     only (scale section, real binary)"
+                .into(),
+            measured: format!(
+                "p50 {:.2} ms, p99 {:.2} ms over {} creates",
+                s.create.p50, s.create.p99, s.create.n
+            ),
+            met: Some(s.create.p50 <= 2.0 && s.create.p99 <= 10.0),
+        });
         let rss = s.rss_loaded.vm_rss_mib.max(s.rss_after_restart.vm_rss_mib);
         checks.push(TargetCheck {
             target: format!(
