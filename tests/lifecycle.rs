@@ -437,3 +437,44 @@ async fn concurrent_create_with_one_name_makes_one_volume() {
     assert_eq!(images, 2, "one image and one metadata file");
     d.delete(&retry.volume_id).await.unwrap();
 }
+
+/// Node RPCs find a staged file system's loop device from the mount at the staging path (or a
+/// target) instead of scanning every attached device: the device numbers mountinfo shows must
+/// lead back to the very device the volume is attached to, and nothing else must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_device_numbers_lead_back_to_the_volumes_loop_device() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = d
+        .create(create_req("numbers", 32 << 20, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = d.staging("numbers");
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    let device = d.loop_device_of(&id).expect("staged volume has a device");
+    let table = loopcsi::host::mount::mounts().unwrap();
+    let entry = loopcsi::host::mount::mounted_at(&table, &staging).expect("staging is mounted");
+    assert_eq!(
+        loopcsi::host::loopdev::LoopDevice::from_dev_numbers(entry.major, entry.minor),
+        Some(device)
+    );
+    // Not a loop device: the file system the test dir lives on, and a made-up minor.
+    let root = table
+        .iter()
+        .find(|m| m.mount_point == std::path::Path::new("/"))
+        .unwrap();
+    if root.major != 7 {
+        assert_eq!(
+            loopcsi::host::loopdev::LoopDevice::from_dev_numbers(root.major, root.minor),
+            None
+        );
+    }
+    assert_eq!(
+        loopcsi::host::loopdev::LoopDevice::from_dev_numbers(7, u32::MAX >> 12),
+        None
+    );
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}

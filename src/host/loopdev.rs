@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 /// change for existing volumes.
 pub const LOGICAL_BLOCK_SIZE: u32 = 4096;
 
+/// The block major of loop devices (`LOOP_MAJOR` in the kernel).
+const LOOP_MAJOR: u32 = 7;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -79,6 +81,22 @@ pub struct AttachOptions {
 impl LoopDevice {
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/loop{}", self.0))
+    }
+
+    /// The loop device with these device numbers (as mountinfo shows them), if they name a
+    /// whole loop device. Resolved through sysfs, so it holds whatever the loop module's
+    /// `max_part` makes of minor numbers.
+    pub fn from_dev_numbers(major: u32, minor: u32) -> Option<Self> {
+        if major != LOOP_MAJOR {
+            return None;
+        }
+        let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+        let name = link.file_name()?.to_str()?;
+        let number = name.strip_prefix("loop")?;
+        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        number.parse().ok().map(LoopDevice)
     }
 
     fn sysfs(&self, leaf: &str) -> PathBuf {

@@ -49,6 +49,29 @@ pub(crate) struct Observed {
 
 impl Observed {
     pub(crate) fn read(image: &Path) -> Result<Self> {
+        Self::read_near(image, None)
+    }
+
+    /// `read`, looking first at the device mounted at `hint` (a staging path or target the
+    /// caller expects the volume's file system at): when sysfs confirms that device is attached
+    /// writable to `image`, the scan of every attached device is skipped. That scan reads one
+    /// sysfs file per attached device, ~2 ms per call on a node with 200 staged volumes. The
+    /// shortcut is only taken for a mounted file system, which never has the read-only devices
+    /// of read-only raw block publishes; anything else is scanned as before.
+    pub(crate) fn read_near(image: &Path, hint: Option<&Path>) -> Result<Self> {
+        let table = mount::mounts()?;
+        let hinted = hint
+            .and_then(|path| mount::mounted_at(&table, path))
+            .and_then(|m| loopdev::LoopDevice::from_dev_numbers(m.major, m.minor))
+            .filter(|dev| dev.backing_file().as_deref() == Some(image) && !dev.read_only());
+        if let Some(dev) = hinted {
+            return Ok(Observed {
+                device: Some(dev),
+                dev_numbers: Some(dev.dev_numbers()?),
+                read_only_devices: Vec::new(),
+                table,
+            });
+        }
         let mut device = None;
         let mut read_only_devices = Vec::new();
         for dev in loopdev::devices_of(image)? {
@@ -63,7 +86,7 @@ impl Observed {
             device,
             dev_numbers,
             read_only_devices,
-            table: mount::mounts()?,
+            table,
         })
     }
 
@@ -159,7 +182,10 @@ impl NodeOps {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, Some(cap))?;
         let record = self.load_record(id)?;
-        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let observed = Observed::read_near(
+            &self.pool.layout().image(id),
+            record.staged.as_ref().map(|s| s.path.as_path()),
+        )?;
         if let Some(staged) = &record.staged {
             let live = observed.device.is_some()
                 && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
@@ -394,7 +420,7 @@ impl NodeOps {
                 return Ok(());
             }
         }
-        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let observed = Observed::read_near(&self.pool.layout().image(id), Some(staging))?;
         let published: Vec<PathBuf> = record
             .published
             .iter()
@@ -448,7 +474,7 @@ impl NodeOps {
                 staging.display()
             )));
         };
-        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let observed = Observed::read_near(&self.pool.layout().image(id), Some(staging))?;
         let options = publish_options(cap, readonly, &meta)?;
         let wanted_ro = options.read_only();
         if observed.live_at(meta.kind, target) {
@@ -518,7 +544,7 @@ impl NodeOps {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, None)?;
         let record = self.load_record(id)?;
-        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let observed = Observed::read_near(&self.pool.layout().image(id), Some(target))?;
         if observed.live_at(meta.kind, target) {
             let read_only_device = observed.read_only_device_at(target);
             mount::unmount(target).map_err(busy_is_precondition)?;
@@ -549,7 +575,7 @@ impl NodeOps {
         if !path.is_absolute() {
             return Err(not_here());
         }
-        let observed = Observed::read(&self.pool.layout().image(id))?;
+        let observed = Observed::read_near(&self.pool.layout().image(id), Some(path))?;
         match meta.kind {
             VolumeKind::Filesystem(_) if observed.fs_mounted_at(path) => {
                 Ok(VolumeStats::Filesystem(files::usage(path)?))
