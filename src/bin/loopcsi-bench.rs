@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +33,7 @@ use loopcsi::csi;
 use loopcsi::csi::controller_client::ControllerClient;
 use loopcsi::csi::identity_client::IdentityClient;
 use loopcsi::csi::node_client::NodeClient;
-use loopcsi::host::{loopdev, mount};
+use loopcsi::host::{files, loopdev, mount};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
@@ -2010,31 +2010,23 @@ async fn driver_lifecycle(
     })
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync {}", dir.display()))
+/// A backing file made durable, as an admin would for a volume that must survive a crash:
+/// created and sized by the driver's own function (fallocate for thick), then fsynced with its
+/// directory.
+fn create_image(path: &Path, bytes: u64, thick: bool) -> Result<()> {
+    let allocation = if thick {
+        files::Allocation::Full
+    } else {
+        files::Allocation::Sparse
+    };
+    let file = files::create_backing_file(path, bytes, allocation).map_err(|e| anyhow!("{e}"))?;
+    file.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
+    fsync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
-/// A backing file made durable, as an admin would for a volume that must survive a crash:
-/// create, size (fallocate for thick), fsync, fsync the directory.
-fn create_image(path: &Path, bytes: u64, thick: bool) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    if thick {
-        let len = i64::try_from(bytes)?;
-        nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len)
-            .with_context(|| format!("fallocate {}", path.display()))?;
-    } else {
-        file.set_len(bytes)?;
-    }
-    file.sync_all()?;
-    fsync_dir(path.parent().unwrap_or(Path::new("/")))
+fn fsync_dir(dir: &Path) -> Result<()> {
+    files::fsync_dir(dir).map_err(|e| anyhow!("{e}"))
 }
 
 /// Attaches `image` the way the driver does (one LOOP_CONFIGURE, direct I/O, 4096-byte blocks).
