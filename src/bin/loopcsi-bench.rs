@@ -2245,7 +2245,15 @@ async fn first_stage_pairs(
                     }
                 }
             } else {
-                direct = Some(direct_first_stage(tools, &root, i, bytes)?);
+                // Blocking work (mkfs, mount): off the runtime the in-process driver serves on.
+                let (tools, root) = (tools.clone(), root.clone());
+                direct = Some(
+                    tokio::task::spawn_blocking(move || {
+                        direct_first_stage(&tools, &root, i, bytes)
+                    })
+                    .await
+                    .context("direct first-stage task")??,
+                );
             }
         }
         let (a, m, n) = direct.context("the direct half of a pair did not run")?;

@@ -161,7 +161,7 @@ impl NodeOps {
         let _guard = self.pool.lock_volume(id)?;
         let mut meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
-        let observed = Observed::read(&image)?;
+        let observed = Observed::read_near(&image, Some(path))?;
         let not_here = || Error::NotFound {
             what: "volume at path",
             id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
