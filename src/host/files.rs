@@ -32,37 +32,41 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     write_atomic_with(path, contents, None)
 }
 
-/// `write_atomic`, also making `companion` durable before the rename: a file just created in
-/// the same directory that the new `path` commits (a volume's image and its metadata). The
-/// temp file is flushed first, so on a journaling file system one journal commit carries both
-/// new inodes and the companion's own fsync finds nothing left to do; the directory fsync after
-/// the rename then persists both names at once. A crash before it leaves the old state (the
-/// companion without the file that commits it, which recovery removes as half-made).
+/// `write_atomic`, also making `companion` durable before the rename: a file just created
+/// beside `path` that the new `path` commits (a volume's image and its metadata), or the
+/// directory a new record directory was made in. The companion's fsync runs on a scoped thread
+/// while the temp file is written and flushed: two fsyncs issued together wait for one device
+/// cache flush (the block layer merges flushes that are pending at once; a journaling file
+/// system commits both inodes in one transaction), where one after the other costs two. Both
+/// are complete before the rename, so a crash before the directory fsync that follows leaves
+/// the old state (a companion without the file that commits it, which recovery removes as
+/// half-made).
 pub fn write_atomic_with(
     path: &Path,
     contents: &[u8],
     companion: Option<(&File, &Path)>,
 ) -> Result<()> {
     let temp = temp_path(path);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| Error::io("create", &temp, e))?;
-        file.write_all(contents)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io("write", &temp, e))?;
-        if let Some((companion, companion_path)) = companion {
-            companion
-                .sync_all()
-                .map_err(|e| Error::io("fsync", companion_path, e))?;
-        }
+    let result = std::thread::scope(|scope| {
+        let companion_synced = companion.map(|(file, file_path)| {
+            scope.spawn(move || {
+                file.sync_all()
+                    .map_err(|e| Error::io("fsync", file_path, e))
+            })
+        });
+        let written = write_temp(&temp, contents);
+        let synced = companion_synced.map_or(Ok(()), |handle| {
+            handle.join().unwrap_or_else(|_| {
+                Err(Error::Internal(format!(
+                    "the fsync beside {} panicked",
+                    temp.display()
+                )))
+            })
+        });
+        written.and(synced)?;
         crate::faults::crash_point("atomic.temp_written");
         std::fs::rename(&temp, path).map_err(|e| Error::io("rename", &temp, e))
-    })();
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
@@ -70,10 +74,36 @@ pub fn write_atomic_with(
     fsync_dir(parent(path))
 }
 
+/// Creates (or truncates) `temp` with `contents`, flushed to the device.
+fn write_temp(temp: &Path, contents: &[u8]) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(temp)
+        .map_err(|e| Error::io("create", temp, e))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io("write", temp, e))
+}
+
 /// Removes `path` durably; a file that is already gone is success.
 pub fn remove_durably(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => fsync_dir(parent(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Removes a file that nothing commits any more (an image whose metadata is already durably
+/// gone); a file that is already gone is success. No directory fsync: if a crash undoes the
+/// removal, startup recovery finds the file without its metadata and removes it again, so the
+/// fsync (a device cache flush) would buy nothing.
+pub fn remove_uncommitted(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("remove", path, e)),
     }
@@ -94,8 +124,7 @@ pub enum Allocation {
 
 /// Creates a new backing file of `size` bytes (failing if it exists). It is not durable yet:
 /// the caller makes it durable together with the metadata that commits it
-/// (`write_atomic_with`), which saves a create one journal commit. On failure nothing is left
-/// behind.
+/// (`write_atomic_with`), which flushes both at once. On failure nothing is left behind.
 pub fn create_backing_file(path: &Path, size: u64, allocation: Allocation) -> Result<File> {
     let result = (|| {
         let file = OpenOptions::new()
@@ -294,4 +323,48 @@ pub fn file_size(path: &Path) -> Result<u64> {
     std::fs::metadata(path)
         .map(|m| m.len())
         .map_err(|e| Error::io("stat", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_with_a_companion_commits_the_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("v.img");
+        let meta = dir.path().join("v.json");
+        let file = create_backing_file(&image, 1 << 20, Allocation::Sparse).unwrap();
+        write_atomic_with(&meta, b"{}", Some((&file, &image))).unwrap();
+        assert_eq!(std::fs::read(&meta).unwrap(), b"{}");
+        assert!(!temp_path(&meta).exists());
+        // A directory is a companion too (a record directory's parent).
+        let parent = File::open(dir.path()).unwrap();
+        write_atomic_with(&meta, b"[]", Some((&parent, dir.path()))).unwrap();
+        assert_eq!(std::fs::read(&meta).unwrap(), b"[]");
+    }
+
+    #[test]
+    fn a_companion_that_cannot_be_flushed_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("v.json");
+        write_atomic(&meta, b"old").unwrap();
+        // procfs files refuse fsync (EINVAL): the commit must not happen.
+        let unflushable = Path::new("/proc/self/stat");
+        let companion = File::open(unflushable).unwrap();
+        let err = write_atomic_with(&meta, b"new", Some((&companion, unflushable))).unwrap_err();
+        assert!(err.to_string().contains("/proc/self/stat"), "{err}");
+        assert_eq!(std::fs::read(&meta).unwrap(), b"old");
+        assert!(!temp_path(&meta).exists());
+    }
+
+    #[test]
+    fn removing_an_uncommitted_file_twice_is_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("v.img");
+        drop(create_backing_file(&image, 4096, Allocation::Sparse).unwrap());
+        remove_uncommitted(&image).unwrap();
+        remove_uncommitted(&image).unwrap();
+        assert!(!image.exists());
+    }
 }

@@ -625,7 +625,7 @@ impl Pool {
                 index.snapshots_by_name.remove(&meta.name);
             }
         }
-        files::remove_durably(&self.layout.snapshot_image(id))
+        files::remove_uncommitted(&self.layout.snapshot_image(id))
     }
 
     /// Replaces a volume's metadata (crash-safe) and its index entry. The caller holds the
@@ -667,8 +667,7 @@ impl Pool {
         }
         // Leftovers from here on are cleaned by startup recovery if this fails part-way.
         crate::volume::records::clear(&self.layout.node_record(id))?;
-        files::remove_durably(&image)?;
-        Ok(())
+        files::remove_uncommitted(&image)
     }
 }
 

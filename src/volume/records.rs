@@ -62,12 +62,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let json = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::Internal(format!("serialising {}: {e}", path.display())))?;
-    files::write_atomic(path, &json)
-}
-
 /// Reads a volume's records from `dir` (`node/<id>`); no directory means no records.
 pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
     let mut record = NodeRecord {
@@ -98,15 +92,16 @@ pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
 /// a first stage costs one commit fewer than flushing the directory first. Until it returns, a
 /// crash may lose the record, as it may lose any record not yet acknowledged.
 fn write_record<T: Serialize>(dir: &Path, file: &Path, value: &T) -> Result<()> {
-    let created = !dir.is_dir();
-    if created {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("serialising {}: {e}", file.display())))?;
+    if dir.is_dir() {
+        return files::write_atomic(file, &json);
     }
-    write_json(file, value)?;
-    if created {
-        files::fsync_dir(dir.parent().unwrap_or(Path::new("/")))?;
-    }
-    Ok(())
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    // The new directory's entry is flushed together with the record's temp file.
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let parent_dir = std::fs::File::open(parent).map_err(|e| Error::io("open", parent, e))?;
+    files::write_atomic_with(file, &json, Some((&parent_dir, parent)))
 }
 
 pub(crate) fn save_staged(dir: &Path, staged: &StageRecord) -> Result<()> {
@@ -130,6 +125,9 @@ pub(crate) fn remove_published(dir: &Path, target: &Path) -> Result<()> {
 /// Forgets everything about the volume on this node; only removes files. A directory with a
 /// mount inside (which a record directory never has) is refused, never walked into.
 pub(crate) fn clear(dir: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(());
+    }
     if let Some(m) = mount::mounts()?
         .iter()
         .find(|m| m.mount_point.starts_with(dir))
