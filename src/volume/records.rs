@@ -87,10 +87,11 @@ pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
 }
 
 /// Writes one record file into the volume's record directory `dir`, creating the directory
-/// when it is missing. The new directory's own entry is flushed last: its creation rides on the
-/// journal commit that flushes the record file, so that last fsync finds nothing left to do and
-/// a first stage costs one commit fewer than flushing the directory first. Until it returns, a
-/// crash may lose the record, as it may lose any record not yet acknowledged.
+/// when it is missing. The parent's fsync, which makes the new directory's entry durable, runs
+/// beside the record's temp file fsync (`files::write_atomic_with`), so a first stage waits for
+/// two rounds of flushes instead of three. Until it returns, a crash may lose the record (or
+/// leave an empty record directory, which means "no records"), as it may lose any record not
+/// yet acknowledged.
 fn write_record<T: Serialize>(dir: &Path, file: &Path, value: &T) -> Result<()> {
     let json = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Internal(format!("serialising {}: {e}", file.display())))?;
