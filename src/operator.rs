@@ -22,6 +22,9 @@ fn open_read_only(state_dir: &Path) -> Result<NodeOps> {
         ));
     }
     let layout = Layout::prepare(state_dir)?;
+    if let Some(warning) = layout.durability_warning() {
+        tracing::warn!("{warning}");
+    }
     let (pool, recovery) = Pool::open_read_only(layout)?;
     for path in &recovery.unreadable {
         tracing::warn!(path = %path.display(), "unreadable metadata (the volume is not listed)");

@@ -323,3 +323,41 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
     d.delete(&live).await.unwrap();
     d.assert_clean();
 }
+
+/// A pool on a file system that cannot keep the commit points consistent across a power loss
+/// (ext4 without a journal) is named, loudly, by `status` and at driver startup (the same
+/// check); a journaled pool draws no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_without_a_journal_is_warned_about() {
+    let journal_less =
+        TestDriver::start_on_small_pool_with("ext4", 64, &["-O", "^has_journal"]).await;
+    let state = journal_less.state_dir();
+    let (ok, _, stderr) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || loopcsi(&["status"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("has no journal"),
+        "status must warn about a journal-less pool:\n{stderr}"
+    );
+    assert!(stderr.contains(&state.display().to_string()), "{stderr}");
+    let layout = loopcsi::volume::pool::Layout::prepare(&state).unwrap();
+    assert!(layout.durability_warning().is_some());
+    journal_less.assert_clean();
+    drop(journal_less);
+
+    let journaled = TestDriver::start_on_small_pool("ext4", 64).await;
+    let layout = loopcsi::volume::pool::Layout::prepare(&journaled.state_dir()).unwrap();
+    assert_eq!(layout.durability_warning(), None);
+    let (ok, _, stderr) = tokio::task::spawn_blocking({
+        let state = journaled.state_dir();
+        move || loopcsi(&["status"], &state)
+    })
+    .await
+    .unwrap();
+    assert!(ok && !stderr.contains("journal"), "{stderr}");
+    journaled.assert_clean();
+}

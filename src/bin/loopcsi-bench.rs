@@ -1259,49 +1259,23 @@ fn filesystem_of(path: &Path) -> String {
     let Ok(table) = mount::mounts() else {
         return "unknown".into();
     };
-    table
-        .iter()
-        .filter(|m| path.starts_with(&m.mount_point))
-        .max_by_key(|m| m.mount_point.as_os_str().len())
-        .map_or("unknown".into(), |m| {
-            format!(
-                "{} on {} mounted at {} ({}; {}){}",
-                m.fs_type,
-                m.source,
-                m.mount_point.display(),
-                m.options,
-                m.super_options,
-                ext4_journal_note(m)
-            )
-        })
-}
-
-/// For ext4, whether it has a journal: without one every fsync is a device cache flush of its
-/// own (no group commit) and each new inode scans past recently deleted ones, which shows in
-/// the provisioning figures. jbd2 lists a journal as `<device>-<inode>` in /proc/fs/jbd2.
-fn ext4_journal_note(m: &mount::MountEntry) -> &'static str {
-    if m.fs_type != "ext4" {
-        return "";
-    }
-    let device = std::fs::read_link(format!("/sys/dev/block/{}:{}", m.major, m.minor))
-        .ok()
-        .and_then(|link| link.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let Some(device) = device else {
-        return "";
-    };
-    let journaled = std::fs::read_dir("/proc/fs/jbd2").is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix(device.as_str())
-                .is_some_and(|rest| rest.starts_with('-'))
-        })
-    });
-    if journaled {
-        ", with a journal"
-    } else {
-        ", **without a journal**"
-    }
+    mount::mount_holding(&table, &path).map_or("unknown".into(), |m| {
+        // Without a journal every fsync is a device cache flush of its own (no group commit)
+        // and each new inode scans past recently deleted ones: it shows in provisioning.
+        let journal = match mount::ext_journal(&m) {
+            Some(true) => ", with a journal",
+            Some(false) => ", **without a journal**",
+            None => "",
+        };
+        format!(
+            "{} on {} mounted at {} ({}; {}){journal}",
+            m.fs_type,
+            m.source,
+            m.mount_point.display(),
+            m.options,
+            m.super_options,
+        )
+    })
 }
 
 fn sysfs_of(device: &Path, leaf: &str) -> String {

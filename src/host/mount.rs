@@ -108,6 +108,38 @@ pub fn mounted_at(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
     table.iter().rev().find(|m| m.mount_point == path).cloned()
 }
 
+/// The mount that holds `path` (canonical): the topmost mount on the longest mount point that
+/// is an ancestor of `path`.
+pub fn mount_holding(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
+    // `max_by_key` keeps the last of equal keys: the topmost of mounts stacked on one point.
+    table
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .cloned()
+}
+
+/// For an ext2/ext3/ext4 mount, whether its file system keeps a journal: jbd2 lists each
+/// journal it runs as `/proc/fs/jbd2/<device>-<journal inode>`. `None` for other file systems
+/// or when the device has no name in sysfs.
+pub fn ext_journal(entry: &MountEntry) -> Option<bool> {
+    if !matches!(entry.fs_type.as_str(), "ext2" | "ext3" | "ext4") {
+        return None;
+    }
+    let link =
+        std::fs::read_link(format!("/sys/dev/block/{}:{}", entry.major, entry.minor)).ok()?;
+    let device = link.file_name()?.to_string_lossy().into_owned();
+    let journaled = std::fs::read_dir("/proc/fs/jbd2").is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix(device.as_str())
+                .is_some_and(|rest| rest.starts_with('-'))
+        })
+    });
+    Some(journaled)
+}
+
 /// Mount options from a CSI `mount_flags` list, split into the generic per-mount flags the
 /// kernel takes as bits and the file-system specific options it takes as a data string.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,6 +331,22 @@ pub fn unmount(target: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_holding_a_path_is_the_deepest_topmost_one() {
+        let text = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    2 1 0:30 / /var/tmp rw - tmpfs tmpfs rw\n\
+                    3 1 7:1 / /var/tmp rw - xfs /dev/loop1 rw\n\
+                    4 1 7:2 / /var/tmpx rw - xfs /dev/loop2 rw\n";
+        let table = parse_mountinfo(text);
+        let holding = |p: &str| mount_holding(&table, Path::new(p)).map(|m| m.source);
+        assert_eq!(holding("/var/tmp/pool").as_deref(), Some("/dev/loop1"));
+        assert_eq!(holding("/var/tmp").as_deref(), Some("/dev/loop1"));
+        assert_eq!(holding("/var/tmpy/pool").as_deref(), Some("/dev/sda1"));
+        assert_eq!(holding("/var/tmpx/a").as_deref(), Some("/dev/loop2"));
+        assert_eq!(mount_holding(&table[1..], Path::new("/etc")), None);
+        assert_eq!(ext_journal(&table[1]), None, "tmpfs has no say");
+    }
 
     #[test]
     fn parses_mountinfo_lines() {

@@ -67,6 +67,9 @@ fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
         duration_ms = started.elapsed().as_millis() as u64,
         "state recovered"
     );
+    if let Some(warning) = pool.layout().durability_warning() {
+        tracing::warn!("{warning}");
+    }
     let pool = Arc::new(pool);
     let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
     Ok(Domain { pool, node })

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{shown, Error, Result};
 use crate::host::files::{self, Allocation, Usage};
-use crate::host::loopdev;
+use crate::host::{loopdev, mount};
 use crate::volume::id::VolumeId;
 use crate::volume::locks::{LockKey, OperationGuard, OperationLocks};
 use crate::volume::params::{AccessMode, CapacityRange, ClaimRef, Provisioning, VolumeKind};
@@ -58,6 +58,37 @@ impl Layout {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Why the file system under the pool cannot keep the driver's crash-safety promises, if it
+    /// cannot: the commit points (temp file, fsync, rename, fsync the directory) need a file
+    /// system whose metadata survives a power loss consistent, and volumes need one that
+    /// survives a reboot at all. Read once at startup, for a loud warning; the driver still
+    /// serves (the operator chose the pool).
+    pub fn durability_warning(&self) -> Option<String> {
+        let table = mount::mounts().ok()?;
+        let fs = mount::mount_holding(&table, &self.root)?;
+        let what = format!(
+            "--state-dir {} is on {} ({} mounted at {})",
+            self.root.display(),
+            fs.fs_type,
+            fs.source,
+            fs.mount_point.display()
+        );
+        if mount::ext_journal(&fs) == Some(false) {
+            return Some(format!(
+                "{what}, which has no journal: after a power loss or kernel crash it needs \
+                 e2fsck, and a volume created, deleted or staged just before may come back \
+                 half-made; put the pool on a journaled file system (ext4 with its journal, \
+                 xfs, btrfs)"
+            ));
+        }
+        if matches!(fs.fs_type.as_str(), "tmpfs" | "ramfs") {
+            return Some(format!(
+                "{what}, which is memory: every volume and its data are gone after a reboot"
+            ));
+        }
+        None
     }
     pub fn volumes_dir(&self) -> PathBuf {
         self.root.join("volumes")

@@ -148,6 +148,11 @@ impl TestDriver {
     /// A driver whose state dir (the pool) is a small file system of its own: a `fs_type`
     /// file system of `mib` MiB made on a loop device in the test's dir, so tests can fill it.
     pub async fn start_on_small_pool(fs_type: &str, mib: u64) -> Self {
+        Self::start_on_small_pool_with(fs_type, mib, &[]).await
+    }
+
+    /// As `start_on_small_pool`, with extra mkfs arguments (e.g. `-O ^has_journal`).
+    pub async fn start_on_small_pool_with(fs_type: &str, mib: u64, mkfs_args: &[&str]) -> Self {
         let scratch = Scratch::new();
         let root = scratch.path().to_path_buf();
         let image = root.join("pool.img");
@@ -163,6 +168,7 @@ impl TestDriver {
         };
         let mkfs = std::process::Command::new(format!("mkfs.{fs_type}"))
             .args(args)
+            .args(mkfs_args)
             .arg(&image)
             .status()
             .unwrap();
