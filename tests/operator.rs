@@ -128,6 +128,14 @@ fn loopcsi(args: &[&str], state_dir: &Path) -> (bool, String, String) {
     )
 }
 
+/// `loopcsi(args)` on a blocking thread, so the in-process driver keeps serving meanwhile.
+async fn loopcsi_beside(args: &'static [&'static str], state_dir: &Path) -> (bool, String, String) {
+    let state_dir = state_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || loopcsi(args, &state_dir))
+        .await
+        .unwrap()
+}
+
 /// Every path under `dir` with its size and modification time.
 fn snapshot_tree(dir: &Path) -> Vec<(std::path::PathBuf, u64, SystemTime)> {
     let mut out = Vec::new();
@@ -167,12 +175,7 @@ async fn status_lists_volumes_beside_a_live_driver_and_changes_nothing() {
     let state = d.state_dir();
     let before = snapshot_tree(&state);
 
-    let (ok, table, stderr) = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || loopcsi(&["status"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, table, stderr) = loopcsi_beside(&["status"], &state).await;
     assert!(ok, "{stderr}");
     let header = table.lines().next().unwrap();
     for column in [
@@ -208,12 +211,7 @@ async fn status_lists_volumes_beside_a_live_driver_and_changes_nothing() {
         .lines()
         .any(|l| l.starts_with(&other) && l.contains("block")));
 
-    let (ok, json, stderr) = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || loopcsi(&["status", "--json"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, json, stderr) = loopcsi_beside(&["status", "--json"], &state).await;
     assert!(ok, "{stderr}");
     let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
     let volumes = parsed.as_array().unwrap();
@@ -272,12 +270,7 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
     let young_orphan = make(format!("{}.img", uuid::Uuid::new_v4()), false);
 
     let state = d.state_dir();
-    let (ok, listed, stderr) = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || loopcsi(&["gc", "--dry-run"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, listed, stderr) = loopcsi_beside(&["gc", "--dry-run"], &state).await;
     assert!(ok, "{stderr}");
     assert!(
         listed.contains(&*old_orphan.to_string_lossy())
@@ -294,12 +287,7 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
         "--dry-run removes nothing"
     );
 
-    let (ok, removed, stderr) = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || loopcsi(&["gc"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, removed, stderr) = loopcsi_beside(&["gc"], &state).await;
     assert!(ok, "{stderr}");
     assert_eq!(removed.lines().count(), 2, "{removed}");
     assert!(!old_orphan.exists() && !old_temp.exists());
@@ -310,10 +298,7 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
     );
     assert!(d.image_path(&live).exists());
 
-    let (ok, nothing, _) =
-        tokio::task::spawn_blocking(move || loopcsi(&["gc", "--min-age", "0"], &state))
-            .await
-            .unwrap();
+    let (ok, nothing, _) = loopcsi_beside(&["gc", "--min-age", "0"], &state).await;
     assert!(ok);
     assert!(
         nothing.contains(&*young_orphan.to_string_lossy()),
@@ -332,12 +317,7 @@ async fn a_pool_without_a_journal_is_warned_about() {
     let journal_less =
         TestDriver::start_on_small_pool_with("ext4", 64, &["-O", "^has_journal"]).await;
     let state = journal_less.state_dir();
-    let (ok, _, stderr) = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || loopcsi(&["status"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, _, stderr) = loopcsi_beside(&["status"], &state).await;
     assert!(ok, "{stderr}");
     assert!(
         stderr.contains("WARN") && stderr.contains("has no journal"),
@@ -352,12 +332,7 @@ async fn a_pool_without_a_journal_is_warned_about() {
     let journaled = TestDriver::start_on_small_pool("ext4", 64).await;
     let layout = loopcsi::volume::pool::Layout::prepare(&journaled.state_dir()).unwrap();
     assert_eq!(layout.durability_warning(), None);
-    let (ok, _, stderr) = tokio::task::spawn_blocking({
-        let state = journaled.state_dir();
-        move || loopcsi(&["status"], &state)
-    })
-    .await
-    .unwrap();
+    let (ok, _, stderr) = loopcsi_beside(&["status"], &journaled.state_dir()).await;
     assert!(ok && !stderr.contains("journal"), "{stderr}");
     journaled.assert_clean();
 }
