@@ -120,24 +120,24 @@ pub fn mount_holding(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
 }
 
 /// For an ext2/ext3/ext4 mount, whether its file system keeps a journal: jbd2 lists each
-/// journal it runs as `/proc/fs/jbd2/<device>-<journal inode>`. `None` for other file systems
-/// or when the device has no name in sysfs.
+/// journal it runs as `/proc/fs/jbd2/<device>-<journal inode>`. `None` for other file systems,
+/// or when the device has no name in sysfs or jbd2's list cannot be read (no guess either way).
 pub fn ext_journal(entry: &MountEntry) -> Option<bool> {
-    if !matches!(entry.fs_type.as_str(), "ext2" | "ext3" | "ext4") {
-        return None;
+    match entry.fs_type.as_str() {
+        "ext2" => return Some(false),
+        "ext3" | "ext4" => {}
+        _ => return None,
     }
     let link =
         std::fs::read_link(format!("/sys/dev/block/{}:{}", entry.major, entry.minor)).ok()?;
     let device = link.file_name()?.to_string_lossy().into_owned();
-    let journaled = std::fs::read_dir("/proc/fs/jbd2").is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix(device.as_str())
-                .is_some_and(|rest| rest.starts_with('-'))
-        })
-    });
-    Some(journaled)
+    let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
+    Some(journals.flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .strip_prefix(device.as_str())
+            .is_some_and(|rest| rest.starts_with('-'))
+    }))
 }
 
 /// Mount options from a CSI `mount_flags` list, split into the generic per-mount flags the
