@@ -47,26 +47,24 @@ pub fn write_atomic_with(
     companion: Option<(&File, &Path)>,
 ) -> Result<()> {
     let temp = temp_path(path);
-    let result = std::thread::scope(|scope| {
-        let companion_synced = companion.map(|(file, file_path)| {
-            scope.spawn(move || {
-                file.sync_all()
-                    .map_err(|e| Error::io("fsync", file_path, e))
-            })
-        });
-        let written = write_temp(&temp, contents);
-        let synced = companion_synced.map_or(Ok(()), |handle| {
-            handle.join().unwrap_or_else(|_| {
-                Err(Error::Internal(format!(
-                    "the fsync beside {} panicked",
-                    temp.display()
-                )))
-            })
-        });
-        written.and(synced)?;
+    let result = (|| {
+        match companion {
+            None => write_temp(&temp, contents)?,
+            Some((file, file_path)) => {
+                let (written, synced) = super::alongside(
+                    || {
+                        file.sync_all()
+                            .map_err(|e| Error::io("fsync", file_path, e))
+                    },
+                    || write_temp(&temp, contents),
+                    || format!("the fsync of {}", file_path.display()),
+                );
+                written.and(synced)?;
+            }
+        }
         crate::faults::crash_point("atomic.temp_written");
         std::fs::rename(&temp, path).map_err(|e| Error::io("rename", &temp, e))
-    });
+    })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }

@@ -90,8 +90,7 @@ impl LoopDevice {
         if major != LOOP_MAJOR {
             return None;
         }
-        let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
-        let name = link.file_name()?.to_str()?;
+        let name = super::block_device_name(major, minor)?;
         let number = name.strip_prefix("loop")?;
         if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
             return None;

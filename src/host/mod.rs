@@ -4,3 +4,30 @@ pub mod files;
 pub mod loopdev;
 pub mod mount;
 pub mod tools;
+
+use crate::error::{Error, Result};
+
+/// Runs `background` on a scoped thread while `foreground` runs on this one, and returns both
+/// results once both are done. Used to issue independent fsyncs (each a device cache flush)
+/// at the same time as other work instead of after it; `what` names the background work if it
+/// panics.
+pub fn alongside<A, B: Send>(
+    background: impl FnOnce() -> Result<B> + Send,
+    foreground: impl FnOnce() -> A,
+    what: impl FnOnce() -> String,
+) -> (A, Result<B>) {
+    std::thread::scope(|scope| {
+        let running = scope.spawn(background);
+        let done = foreground();
+        let background = running
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal(format!("{} panicked", what()))));
+        (done, background)
+    })
+}
+
+/// The kernel's name (`loop3`, `vda1`, `dm-0`) of the block device with these numbers.
+pub fn block_device_name(major: u32, minor: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    Some(link.file_name()?.to_str()?.to_string())
+}

@@ -128,9 +128,7 @@ pub fn ext_journal(entry: &MountEntry) -> Option<bool> {
         "ext3" | "ext4" => {}
         _ => return None,
     }
-    let link =
-        std::fs::read_link(format!("/sys/dev/block/{}:{}", entry.major, entry.minor)).ok()?;
-    let device = link.file_name()?.to_string_lossy().into_owned();
+    let device = super::block_device_name(entry.major, entry.minor)?;
     let journals = std::fs::read_dir("/proc/fs/jbd2").ok()?;
     Some(journals.flatten().any(|e| {
         e.file_name()

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::host;
 use crate::host::files::{self, Usage};
 use crate::host::loopdev::{self, AttachOptions, LoopDevice};
 use crate::host::mount::{self, MountEntry, MountOptions};
@@ -215,16 +216,11 @@ impl NodeOps {
         // leaves, which publish and the reconciler already repair, and which the CO's retry of
         // this call completes. A failed stage puts the previous record back.
         let dir = self.records_dir(id);
-        let (staged, saved) = std::thread::scope(|scope| {
-            let saving = scope.spawn(|| records::save_staged(&dir, &wanted));
-            let staged = self.ensure_staged(&meta, staging, cap, observed);
-            let saved = saving.join().unwrap_or_else(|_| {
-                Err(Error::Internal(format!(
-                    "writing the stage record of volume {id} panicked"
-                )))
-            });
-            (staged, saved)
-        });
+        let (staged, saved) = host::alongside(
+            || records::save_staged(&dir, &wanted),
+            || self.ensure_staged(&meta, staging, cap, observed),
+            || format!("writing the stage record of volume {id}"),
+        );
         match (staged, saved) {
             (Ok(_), saved) => saved,
             (Err(err), saved) => {
@@ -341,17 +337,11 @@ impl NodeOps {
         fs: crate::volume::params::FsType,
         options: &MountOptions,
     ) -> Result<()> {
-        let (mounted, marked) = std::thread::scope(|scope| {
-            let marking = scope.spawn(|| self.pool.mark_formatted(&meta.id));
-            let mounted = mount::mount_device(&dev.path(), staging, fs.name(), options);
-            let marked = marking.join().unwrap_or_else(|_| {
-                Err(Error::Internal(format!(
-                    "recording that volume {} was formatted panicked",
-                    meta.id
-                )))
-            });
-            (mounted, marked)
-        });
+        let (mounted, marked) = host::alongside(
+            || self.pool.mark_formatted(&meta.id),
+            || mount::mount_device(&dev.path(), staging, fs.name(), options),
+            || format!("recording that volume {} was formatted", meta.id),
+        );
         mounted?;
         if let Err(err) = marked {
             // Fail as a whole: the CO retries, and the retry's probe records the format.
