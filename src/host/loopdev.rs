@@ -6,15 +6,23 @@
 //! the pool's) and a 4096-byte logical block size; `/sys/block/loopN/loop/dio` tells whether the
 //! kernel honoured direct I/O, and we log loudly when it fell back to buffered I/O.
 //!
-//! Which device backs which file is never recorded by us: the kernel publishes it in
-//! `/sys/block/loopN/loop/backing_file`, and that is read whenever the question comes up.
+//! Which device backs which file is never recorded by us, and never judged by a path: the
+//! kernel keeps the backing file's identity (the device and inode numbers of the file, from
+//! `LOOP_GET_STATUS64`), and that is compared with a `stat` of the image whenever the question
+//! comes up. The path in `/sys/block/loopN/loop/backing_file` is only for people: the kernel
+//! renders it with d_path() from the *reader's* mount namespace, so the same device shows
+//! `/var/lib/loopcsi/volumes/<id>.img` to the driver that attached it and `/volumes/<id>.img` to
+//! its successor once the first container's bind of the pool is gone. A device whose backing
+//! file cannot be identified is "unknown", never "not ours".
 //! `AUTOCLEAR` is deliberately not set: a raw block volume is handed to the pod as a bind mount
 //! of the device node, which holds no open reference, so autoclear would detach it under the pod.
 
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -52,6 +60,26 @@ struct LoopInfo64 {
     lo_init: [u64; 2],
 }
 
+impl LoopInfo64 {
+    fn zeroed() -> Self {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; LO_KEY_SIZE],
+            lo_init: [0; 2],
+        }
+    }
+}
+
 /// `struct loop_config` from `<linux/loop.h>`.
 #[repr(C)]
 struct LoopConfig {
@@ -64,12 +92,88 @@ struct LoopConfig {
 // The loop ioctls predate the _IOW/_IOR encoding, hence the "bad" variants.
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
 nix::ioctl_none_bad!(loop_set_capacity, 0x4C07);
 nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
 
 /// One loop device, by number (`/dev/loopN`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LoopDevice(pub u32);
+
+/// The identity of a file: the device number of its file system and its inode number, as
+/// `stat` shows them (`st_dev` in the C library's encoding, `st_ino`). Two paths name the same
+/// file exactly when their identities are equal; while a loop device holds a file, no other
+/// file on that file system can take its inode number, even after the file is unlinked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (symbolic links followed, as the kernel's attach does).
+    pub fn of(path: &Path) -> std::io::Result<FileId> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// The identity of the file at `path`, `None` when there is no file there.
+    pub fn at(path: &Path) -> Result<Option<FileId>> {
+        match FileId::of(path) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
+    /// From the kernel's `lo_device`/`lo_inode`: `lo_device` is `huge_encode_dev()` (the
+    /// kernel's "new" encoding), which differs from the C library's `dev_t` for minors above
+    /// 255 and majors above 4095, so it is decoded to major:minor and encoded again.
+    fn from_kernel(lo_device: u64, lo_inode: u64) -> FileId {
+        let major = (lo_device & 0xfff00) >> 8;
+        let minor = (lo_device & 0xff) | ((lo_device >> 12) & 0xfff00);
+        FileId {
+            dev: nix::sys::stat::makedev(major, minor),
+            ino: lo_inode,
+        }
+    }
+}
+
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (major, minor) = (
+            nix::sys::stat::major(self.dev),
+            nix::sys::stat::minor(self.dev),
+        );
+        write!(f, "inode {} on device {major}:{minor}", self.ino)
+    }
+}
+
+/// What the kernel says of one attached loop device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub device: LoopDevice,
+    /// The backing file's identity; `None` when the device could not be asked (its node is
+    /// missing from /dev, or it detached meanwhile): such a device is unknown, not foreign.
+    pub backing: Option<FileId>,
+    /// The backing file's path as this process's mount namespace renders it (for messages and
+    /// for the pool-directory check of devices whose identity is unknown).
+    pub shown: PathBuf,
+    pub read_only: bool,
+}
+
+impl Attached {
+    /// Whether this device's backing file is `file` (by identity).
+    pub fn backs(&self, file: &FileId) -> bool {
+        self.backing.as_ref() == Some(file)
+    }
+}
+
+/// Per loop device number: the attachment's diskseq, its backing file, whether read-only.
+type Memo = HashMap<u32, (u64, FileId, bool)>;
 
 /// How to attach a backing file.
 #[derive(Clone, Copy, Debug)]
@@ -109,6 +213,80 @@ impl LoopDevice {
         (!trimmed.is_empty()).then(|| PathBuf::from(trimmed))
     }
 
+    /// The attachment's sequence number (`/sys/block/loopN/diskseq`): the kernel gives each
+    /// attach of a device a new one, so (number, diskseq) names one attachment for ever.
+    fn diskseq(&self) -> Option<u64> {
+        std::fs::read_to_string(self.sysfs("diskseq"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// `status`, remembered per attachment (see `diskseq`). Asking the kernel means opening the
+    /// device, and an open device turns a concurrent LOOP_CLR_FD into a deferred one; the
+    /// answer never changes while the attachment lives, so each attachment is asked once. The
+    /// memo holds one entry per loop device number (a newer attachment replaces the older).
+    pub fn status(&self) -> Result<Option<(FileId, bool)>> {
+        static KNOWN: std::sync::Mutex<Option<Memo>> = std::sync::Mutex::new(None);
+        let before = self.diskseq();
+        if let Some(seq) = before {
+            let known = KNOWN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, file, read_only)) = known
+                .as_ref()
+                .and_then(|m| m.get(&self.0))
+                .filter(|(known_seq, _, _)| *known_seq == seq)
+            {
+                return Ok(Some((*file, *read_only)));
+            }
+        }
+        let status = self.ask_status()?;
+        if let (Some(seq), Some((file, read_only))) = (before, status) {
+            // Only an answer about the same attachment from start to end is remembered.
+            if self.diskseq() == Some(seq) {
+                KNOWN
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert_with(HashMap::new)
+                    .insert(self.0, (seq, file, read_only));
+            }
+        }
+        Ok(status)
+    }
+
+    /// The identity of the backing file and whether the device is read-only, from
+    /// LOOP_GET_STATUS64; `None` when the device is not attached.
+    fn ask_status(&self) -> Result<Option<(FileId, bool)>> {
+        let dev = match OpenOptions::new().read(true).open(self.path()) {
+            Ok(dev) => dev,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
+                return Err(Error::Internal(format!(
+                    "{} is attached but its device node is missing; cannot tell its backing file",
+                    self.path().display()
+                )))
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => return Ok(None),
+            Err(e) => return Err(Error::io("open", self.path(), e)),
+        };
+        let mut info = LoopInfo64::zeroed();
+        // SAFETY: `dev` is an open loop device descriptor and `info` is a writable, fully
+        // initialised `struct loop_info64` that outlives the call.
+        match unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) } {
+            Ok(_) => Ok(Some((
+                FileId::from_kernel(info.lo_device, info.lo_inode),
+                info.lo_flags & LO_FLAGS_READ_ONLY != 0,
+            ))),
+            Err(Errno::ENXIO) => Ok(None),
+            Err(errno) => Err(Error::sys(
+                "LOOP_GET_STATUS64",
+                self.path().display(),
+                errno,
+            )),
+        }
+    }
+
     /// Whether the device was attached read-only (the kernel refuses every write to it).
     pub fn read_only(&self) -> bool {
         std::fs::read_to_string(self.sysfs("ro")).is_ok_and(|s| s.trim() == "1")
@@ -139,9 +317,31 @@ impl LoopDevice {
         // SAFETY: `dev` is an open loop device descriptor for the duration of the call, and
         // LOOP_CLR_FD takes no argument.
         match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
-            Ok(_) | Err(Errno::ENXIO) => Ok(()),
-            Err(errno) => Err(Error::sys("LOOP_CLR_FD", self.path().display(), errno)),
+            Ok(_) | Err(Errno::ENXIO) => {}
+            Err(errno) => return Err(Error::sys("LOOP_CLR_FD", self.path().display(), errno)),
         }
+        drop(dev);
+        self.wait_detached()
+    }
+
+    /// LOOP_CLR_FD on a device that someone else holds open (a reader that is just looking, or
+    /// a frozen file system's superblock) only marks it for detaching on the last close. The
+    /// detach is reported done only once the kernel shows it done: a short reader is waited
+    /// for (bounded); a holder that stays is an error the caller can retry, never a silent OK
+    /// with the device left behind.
+    fn wait_detached(&self) -> Result<()> {
+        const TRIES: u32 = 500;
+        for _ in 0..TRIES {
+            if self.backing_file().is_none() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{} is still open by another holder (a process, a mount, or a frozen file system); \
+             the kernel detaches it when the last holder lets go",
+            self.path().display()
+        )))
     }
 
     /// Tells the device to re-read its backing file's size (after the file was grown).
@@ -162,22 +362,55 @@ fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// Every attached loop device with its backing file, read from the kernel.
+/// Every attached loop device with the path of its backing file as this process sees it (for
+/// people: listings, benchmarks, tests). Decisions use [`attached_devices`], which identifies
+/// backing files by identity.
+pub fn attached() -> Result<Vec<(LoopDevice, PathBuf)>> {
+    Ok(attached_numbers()?
+        .into_iter()
+        .filter_map(|dev| dev.backing_file().map(|file| (dev, file)))
+        .collect())
+}
+
+/// Every attached loop device with its backing file's identity, read from the kernel.
 ///
 /// The candidates come from one read of `/proc/partitions`, which lists block devices of
 /// non-zero capacity only: a detached loop device has none, so the list holds the attached
-/// ones. Only those are then asked for their backing file in sysfs. Walking `/sys/block`
-/// instead costs a failed sysfs lookup per detached device (about 1 ms per call on a node with
-/// 200 loop devices, paid by every node RPC); this costs one read plus one per attached device.
-/// A device attached to an empty file has no capacity and is not listed; `attach` refuses such
-/// files, so no device of ours is ever missed.
-pub fn attached() -> Result<Vec<(LoopDevice, PathBuf)>> {
+/// ones. Only those are then asked. Walking `/sys/block` instead costs a failed sysfs lookup
+/// per detached device (about 1 ms per call on a node with 200 loop devices, paid by every node
+/// RPC). A device attached to an empty file has no capacity and is not listed; `attach`
+/// refuses such files, so no device of ours is ever missed.
+pub fn attached_devices() -> Result<Vec<Attached>> {
+    let mut out = Vec::new();
+    for device in attached_numbers()? {
+        // Detached between the listing and now: nothing to report.
+        let Some(shown) = device.backing_file() else {
+            continue;
+        };
+        let (backing, read_only) = match device.status() {
+            Ok(Some((id, read_only))) => (Some(id), read_only),
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::warn!(device = %device.path().display(), error = %err, "cannot identify the backing file of a loop device; treating it as unknown");
+                (None, device.read_only())
+            }
+        };
+        out.push(Attached {
+            device,
+            backing,
+            shown,
+            read_only,
+        });
+    }
+    Ok(out)
+}
+
+fn attached_numbers() -> Result<Vec<LoopDevice>> {
     let table = Path::new("/proc/partitions");
     let text = std::fs::read_to_string(table).map_err(|e| Error::io("read", table, e))?;
     Ok(loop_numbers_in_partitions(&text)
         .into_iter()
         .map(LoopDevice)
-        .filter_map(|dev| dev.backing_file().map(|file| (dev, file)))
         .collect())
 }
 
@@ -192,19 +425,35 @@ fn loop_numbers_in_partitions(text: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Every loop device attached to `file`. `file` must be the canonical path (the kernel reports
-/// the canonical path of the backing file).
-pub fn devices_of(file: &Path) -> Result<Vec<LoopDevice>> {
-    Ok(attached()?
+/// Every loop device whose backing file is `file` (by identity), read-only ones included.
+pub fn devices_backed_by(file: &FileId) -> Result<Vec<Attached>> {
+    Ok(attached_devices()?
         .into_iter()
-        .filter(|(_, backing)| backing == file)
-        .map(|(dev, _)| dev)
+        .filter(|a| a.backs(file))
         .collect())
 }
 
-/// The writable loop device attached to `file`, if any (read-only ones are left out).
-pub fn find_by_backing_file(file: &Path) -> Result<Option<LoopDevice>> {
-    Ok(devices_of(file)?.into_iter().find(|dev| !dev.read_only()))
+/// Every loop device attached to the file at `path` (by identity: whatever path the kernel
+/// renders for it). No file at `path` means no device can be found through it.
+pub fn devices_of(path: &Path) -> Result<Vec<LoopDevice>> {
+    let Some(file) = FileId::at(path)? else {
+        return Ok(Vec::new());
+    };
+    Ok(devices_backed_by(&file)?
+        .into_iter()
+        .map(|a| a.device)
+        .collect())
+}
+
+/// The writable loop device attached to the file at `path`, if any (read-only ones left out).
+pub fn find_by_backing_file(path: &Path) -> Result<Option<LoopDevice>> {
+    let Some(file) = FileId::at(path)? else {
+        return Ok(None);
+    };
+    Ok(devices_backed_by(&file)?
+        .into_iter()
+        .find(|a| !a.read_only)
+        .map(|a| a.device))
 }
 
 /// Attaches `file` to a free loop device with one LOOP_CONFIGURE. Nothing is left attached when
@@ -293,19 +542,8 @@ fn configure(node: &File, backing: &File, file: &Path, opts: AttachOptions) -> R
     }
     let fd = u32::try_from(backing.as_raw_fd()).map_err(|_| Errno::EBADF)?;
     let mut info = LoopInfo64 {
-        lo_device: 0,
-        lo_inode: 0,
-        lo_rdevice: 0,
-        lo_offset: 0,
-        lo_sizelimit: 0,
-        lo_number: 0,
-        lo_encrypt_type: 0,
-        lo_encrypt_key_size: 0,
         lo_flags: flags,
-        lo_file_name: [0; LO_NAME_SIZE],
-        lo_crypt_name: [0; LO_NAME_SIZE],
-        lo_encrypt_key: [0; LO_KEY_SIZE],
-        lo_init: [0; 2],
+        ..LoopInfo64::zeroed()
     };
     // The kernel shows this name in losetup's listing; the authoritative path is in sysfs.
     let name = file.as_os_str().as_encoded_bytes();
@@ -339,6 +577,18 @@ mod tests {
         let text = "major minor  #blocks  name\n\n 254        0  268435456 vda\n 254        1  1000 vda1\n   7        0    1048576 loop0\n   7       12    1048576 loop12\n 259        0      1024 loop12p1\n   7        3       10 loopx\n";
         assert_eq!(loop_numbers_in_partitions(text), vec![0, 12]);
         assert_eq!(loop_numbers_in_partitions(""), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn kernel_device_numbers_decode_like_the_c_library() {
+        // huge_encode_dev(MKDEV(259, 300)): minor low byte, major, minor high bits above.
+        let kernel = (300 & 0xff) | (259 << 8) | ((300 & !0xff) << 12);
+        let id = FileId::from_kernel(kernel, 42);
+        assert_eq!(nix::sys::stat::major(id.dev), 259);
+        assert_eq!(nix::sys::stat::minor(id.dev), 300);
+        assert_eq!(id.ino, 42);
+        let small = FileId::from_kernel((8 << 8) | 1, 7);
+        assert_eq!(small.dev, nix::sys::stat::makedev(8, 1));
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl NodeOps {
         }
         let record = self.load_record(id)?;
         if let Some(staged) = &record.staged {
-            let observed = Observed::read_near(&image, Some(&staged.path))?;
+            let observed = self.observe(id, &record, Some(&staged.path))?;
             match (observed.device, meta.kind) {
                 (None, _) => problems.push(format!(
                     "the volume is staged at {} but its loop device is gone",

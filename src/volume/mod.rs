@@ -3,10 +3,12 @@
 
 pub mod data;
 pub mod id;
+pub mod inuse;
 pub mod locks;
 pub mod node;
 pub mod params;
 pub mod pool;
 pub mod reconcile;
 pub(crate) mod records;
+pub mod rescue;
 pub mod status;

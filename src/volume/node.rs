@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::host;
 use crate::host::files::{self, Usage};
-use crate::host::loopdev::{self, AttachOptions, LoopDevice};
+use crate::host::loopdev::{self, AttachOptions, FileId, LoopDevice};
 use crate::host::mount::{self, MountEntry, MountOptions};
 use crate::host::tools::{Probe, Tools};
 use crate::volume::id::VolumeId;
@@ -46,39 +46,75 @@ pub(crate) struct Observed {
     /// Read-only loop devices of read-only raw block publishes, with their numbers.
     pub(crate) read_only_devices: Vec<(LoopDevice, (u32, u32))>,
     pub(crate) table: Vec<MountEntry>,
+    /// The image at the volume's path is the file that was staged (or, with no stage record,
+    /// there is a file there at all). False means the image was deleted or replaced behind the
+    /// driver's back: a device still attached holds the only copy of the staged data.
+    pub(crate) image_present: bool,
+    /// Attached loop devices whose backing file could not be identified: any of them might
+    /// hold this volume's image, so nothing is attached while one exists.
+    pub(crate) unidentified: Vec<LoopDevice>,
 }
 
 impl Observed {
     pub(crate) fn read(image: &Path) -> Result<Self> {
-        Self::read_near(image, None)
+        Self::read_for(image, None, None)
     }
 
-    /// `read`, looking first at the device mounted at `hint` (a staging path or target the
-    /// caller expects the volume's file system at): when sysfs confirms that device is attached
-    /// writable to `image`, the scan of every attached device is skipped. That scan reads one
-    /// sysfs file per attached device, ~2 ms per call on a node with 200 staged volumes. The
-    /// shortcut is only taken for a mounted file system, which never has the read-only devices
-    /// of read-only raw block publishes; anything else is scanned as before.
     pub(crate) fn read_near(image: &Path, hint: Option<&Path>) -> Result<Self> {
+        Self::read_for(image, None, hint)
+    }
+
+    /// The kernel's view of the volume whose image is at `image`. Loop devices are matched to
+    /// the image by the backing file's identity (device and inode numbers), never by the path
+    /// the kernel renders, which depends on the reader's mount namespace. `recorded` is the
+    /// image's identity when the volume was staged (from its stage record): a device still
+    /// holding that file is the volume's even when the image was deleted or replaced since.
+    ///
+    /// `hint` is a staging path or target the caller expects the volume's file system at: when
+    /// the device mounted there is attached writable to the image, the scan of every attached
+    /// device is skipped (~2 ms per call on a node with 200 staged volumes). The shortcut is
+    /// only taken for a mounted file system, which never has the read-only devices of
+    /// read-only raw block publishes; anything else is scanned.
+    pub(crate) fn read_for(
+        image: &Path,
+        recorded: Option<FileId>,
+        hint: Option<&Path>,
+    ) -> Result<Self> {
         let table = mount::mounts()?;
+        let current = FileId::at(image)?;
+        let ours = |file: &FileId| Some(*file) == current || Some(*file) == recorded;
         let hinted = hint
             .and_then(|path| mount::mounted_at(&table, path))
             .and_then(|m| loopdev::LoopDevice::from_dev_numbers(m.major, m.minor))
-            .filter(|dev| dev.backing_file().as_deref() == Some(image) && !dev.read_only());
+            .filter(|dev| {
+                matches!(dev.status(), Ok(Some((file, read_only))) if !read_only && ours(&file))
+            });
         if let Some(dev) = hinted {
             return Ok(Observed {
                 device: Some(dev),
                 dev_numbers: Some(dev.dev_numbers()?),
                 read_only_devices: Vec::new(),
                 table,
+                image_present: current.is_some() && current == recorded.or(current),
+                unidentified: Vec::new(),
             });
         }
         let mut device = None;
         let mut read_only_devices = Vec::new();
-        for dev in loopdev::devices_of(image)? {
-            if dev.read_only() {
+        let mut unidentified = Vec::new();
+        for attached in loopdev::attached_devices()? {
+            let Some(file) = attached.backing else {
+                unidentified.push(attached.device);
+                continue;
+            };
+            if !ours(&file) {
+                continue;
+            }
+            let dev = attached.device;
+            if attached.read_only {
                 read_only_devices.push((dev, dev.dev_numbers()?));
-            } else if device.is_none() {
+            } else if device.is_none() || Some(file) == recorded {
+                // The device of the recorded file wins: it holds what the CO staged.
                 device = Some(dev);
             }
         }
@@ -88,6 +124,8 @@ impl Observed {
             dev_numbers,
             read_only_devices,
             table,
+            image_present: current.is_some() && current == recorded.or(current),
+            unidentified,
         })
     }
 
@@ -162,6 +200,18 @@ impl NodeOps {
         records::load(&self.pool.layout().node_record(id))
     }
 
+    /// The kernel's view of volume `id` (see `Observed::read_for`), matching loop devices to
+    /// the image by identity, including the identity recorded when it was staged.
+    pub(crate) fn observe(
+        &self,
+        id: &VolumeId,
+        record: &NodeRecord,
+        hint: Option<&Path>,
+    ) -> Result<Observed> {
+        let recorded = record.staged.as_ref().and_then(|s| s.image);
+        Observed::read_for(&self.pool.layout().image(id), recorded, hint)
+    }
+
     fn records_dir(&self, id: &VolumeId) -> PathBuf {
         self.pool.layout().node_record(id)
     }
@@ -177,14 +227,48 @@ impl NodeOps {
         Ok(meta)
     }
 
+    /// The kind of volume to tear down: from the metadata, or, when the metadata is missing or
+    /// unreadable, from what the node records say the CO asked for. Teardown (unpublish,
+    /// unstage) must work without metadata, or mounts and devices would leak for ever.
+    /// NOT_FOUND only when nothing at all is known of the volume on this node.
+    fn teardown_kind(&self, id: &VolumeId, record: &NodeRecord, path: &Path) -> Result<VolumeKind> {
+        if let Some(meta) = self.pool.get(id) {
+            return Ok(meta.kind);
+        }
+        let from_records = record
+            .staged
+            .as_ref()
+            .map(|s| s.capability.volume_kind())
+            .or_else(|| record.published.first().map(|p| p.capability.volume_kind()));
+        if let Some(kind) = from_records {
+            return Ok(kind);
+        }
+        if record.exists() || self.pool.unreadable(id).is_some() {
+            // Nothing readable says which kind: the kernel does (a device node is bound for a
+            // raw block volume, a directory is mounted for a file system).
+            let node =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+            return Ok(if node {
+                VolumeKind::Block
+            } else {
+                VolumeKind::Filesystem(crate::volume::params::FsType::Ext4)
+            });
+        }
+        Err(Error::NotFound {
+            what: "volume",
+            id: id.to_string(),
+        })
+    }
+
     /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
     /// was never formatted, mount at `staging`. Block volumes are only attached.
     pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, Some(cap))?;
         let record = self.load_record(id)?;
-        let observed = Observed::read_near(
-            &self.pool.layout().image(id),
+        let observed = self.observe(
+            id,
+            &record,
             record.staged.as_ref().map(|s| s.path.as_path()),
         )?;
         if let Some(staged) = &record.staged {
@@ -203,9 +287,19 @@ impl NodeOps {
                 )));
             }
         }
+        // The identity of what is being staged. While a device still holds the recorded file,
+        // that file is the volume's, even if something else now sits at the image's path.
+        let recorded = record.staged.as_ref().and_then(|s| s.image);
+        let image = match recorded {
+            Some(recorded) if observed.device.is_some() && !observed.image_present => {
+                Some(recorded)
+            }
+            _ => FileId::at(&self.pool.layout().image(id))?.or(recorded),
+        };
         let wanted = StageRecord {
             path: staging.to_path_buf(),
             capability: cap.clone(),
+            image,
         };
         if record.staged.as_ref() == Some(&wanted) {
             return self.ensure_staged(&meta, staging, cap, observed).map(drop);
@@ -275,7 +369,18 @@ impl NodeOps {
         }
         let (dev, attached_here) = match observed.device {
             Some(dev) => (dev, false),
-            None => (self.attach(meta)?, true),
+            None => {
+                // Never a second writable device for one image: when a device's backing file
+                // cannot be identified, it might be this image's.
+                if let Some(unknown) = observed.unidentified.first() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "cannot tell whether {} already holds the image of volume {}; refusing to attach it a second time",
+                        unknown.path().display(),
+                        meta.id
+                    )));
+                }
+                (self.attach(meta)?, true)
+            }
         };
         crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
@@ -402,21 +507,21 @@ impl NodeOps {
     /// that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
-        let meta = self.checked(id, None)?;
         let record = self.load_record(id)?;
+        let kind = self.teardown_kind(id, &record, staging)?;
         if let Some(staged) = &record.staged {
             if staged.path != staging {
                 // Staged elsewhere (or never here): nothing to undo at this path.
                 return Ok(());
             }
         }
-        let observed = Observed::read_near(&self.pool.layout().image(id), Some(staging))?;
+        let observed = self.observe(id, &record, Some(staging))?;
         let published: Vec<PathBuf> = record
             .published
             .iter()
-            .filter(|p| observed.live_at(meta.kind, &p.target))
+            .filter(|p| observed.live_at(kind, &p.target))
             .map(|p| p.target.clone())
-            .chain(match meta.kind {
+            .chain(match kind {
                 VolumeKind::Filesystem(_) => observed.other_mounts(staging),
                 VolumeKind::Block => Vec::new(),
             })
@@ -425,6 +530,15 @@ impl NodeOps {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still published at {}; NodeUnpublishVolume it first",
                 target.display()
+            )));
+        }
+        if let (Some(dev), false) = (observed.device, observed.image_present) {
+            // Detaching would destroy the only copy of the data.
+            return Err(Error::FailedPrecondition(format!(
+                "the backing file of volume {id} was deleted or replaced while it was staged; {} \
+                 holds the only copy of its data: run `loopcsi rescue --volume {id}` on this node \
+                 to copy it into a new image, then retry",
+                dev.path().display()
             )));
         }
         if let Some(dev) = observed.device {
@@ -439,7 +553,7 @@ impl NodeOps {
             }
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
-        if record.staged.is_some() || !record.published.is_empty() {
+        if record.exists() {
             records::clear(&self.records_dir(id))?;
         }
         Ok(())
@@ -457,14 +571,19 @@ impl NodeOps {
     ) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
         let meta = self.checked(id, Some(cap))?;
-        let record = self.load_record(id)?;
+        let mut record = self.load_record(id)?;
+        if record.staged.is_none() && record.staged_damaged(&self.records_dir(id)) {
+            // The stage record is unreadable: the kernel tells whether the volume is staged at
+            // the path the CO names, and the record is written anew from this call.
+            record.staged = self.adopt_staging(id, &record, staging, cap)?;
+        }
         let Some(staged) = record.staged.clone().filter(|s| s.path == staging) else {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is not staged at staging_target_path {}; call NodeStageVolume first",
                 staging.display()
             )));
         };
-        let observed = Observed::read_near(&self.pool.layout().image(id), Some(staging))?;
+        let observed = self.observe(id, &record, Some(staging))?;
         let options = publish_options(cap, readonly, &meta)?;
         let wanted_ro = options.read_only();
         if observed.live_at(meta.kind, target) {
@@ -514,7 +633,14 @@ impl NodeOps {
             )));
         }
         let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
-        bind_target(meta.kind, &dev, staging, target, &options)?;
+        bind_target(
+            meta.kind,
+            &dev,
+            &self.pool.layout().image(id),
+            staging,
+            target,
+            &options,
+        )?;
         crate::faults::crash_point("publish.bound");
         let published = PublishRecord {
             target: target.to_path_buf(),
@@ -528,14 +654,40 @@ impl NodeOps {
         Ok(())
     }
 
+    /// A stage record rebuilt from the kernel when the one on disk cannot be read: the volume's
+    /// device is live at `staging` (its file system mounted there, or for a raw block volume,
+    /// attached). Written crash-safely over the damaged file.
+    fn adopt_staging(
+        &self,
+        id: &VolumeId,
+        record: &NodeRecord,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<Option<StageRecord>> {
+        let observed = self.observe(id, record, Some(staging))?;
+        let live = observed.device.is_some()
+            && (cap.volume_kind() == VolumeKind::Block || observed.fs_mounted_at(staging));
+        if !live {
+            return Ok(None);
+        }
+        let adopted = StageRecord {
+            path: staging.to_path_buf(),
+            capability: cap.clone(),
+            image: FileId::at(&self.pool.layout().image(id))?,
+        };
+        records::save_staged(&self.records_dir(id), &adopted)?;
+        tracing::warn!(volume.id = %id, staging = %staging.display(), "rewrote an unreadable stage record from the kernel's view");
+        Ok(Some(adopted))
+    }
+
     /// NodeUnpublishVolume: unmount `target` and delete the file or directory publish created.
     /// A target that is not mounted (or does not exist) is success.
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         let _guard = self.pool.lock_volume(id)?;
-        let meta = self.checked(id, None)?;
         let record = self.load_record(id)?;
-        let observed = Observed::read_near(&self.pool.layout().image(id), Some(target))?;
-        if observed.live_at(meta.kind, target) {
+        let kind = self.teardown_kind(id, &record, target)?;
+        let observed = self.observe(id, &record, Some(target))?;
+        if observed.live_at(kind, target) {
             let read_only_device = observed.read_only_device_at(target);
             mount::unmount(target).map_err(busy_is_precondition)?;
             if let Some(dev) = read_only_device {
@@ -548,8 +700,10 @@ impl NodeOps {
                 other.source
             )));
         }
-        remove_target(target, meta.kind)?;
-        if record.published.iter().any(|p| p.target == target) {
+        remove_target(target, kind)?;
+        if record.published.iter().any(|p| p.target == target)
+            || record.target_damaged(&self.records_dir(id), target)
+        {
             records::remove_published(&self.records_dir(id), target)?;
         }
         Ok(())
@@ -565,14 +719,14 @@ impl NodeOps {
         if !path.is_absolute() {
             return Err(not_here());
         }
-        let observed = Observed::read_near(&self.pool.layout().image(id), Some(path))?;
+        let record = self.load_record(id)?;
+        let observed = self.observe(id, &record, Some(path))?;
         match meta.kind {
             VolumeKind::Filesystem(_) if observed.fs_mounted_at(path) => {
                 Ok(VolumeStats::Filesystem(files::usage(path)?))
             }
             VolumeKind::Block => {
-                let staged_here = self
-                    .load_record(id)?
+                let staged_here = record
                     .staged
                     .is_some_and(|s| s.path == path && observed.device.is_some());
                 if staged_here || observed.device_bound_at(path) {
@@ -593,6 +747,7 @@ impl NodeOps {
 pub(crate) fn bind_target(
     kind: VolumeKind,
     dev: &LoopDevice,
+    image: &Path,
     staging: &Path,
     target: &Path,
     options: &MountOptions,
@@ -602,14 +757,21 @@ pub(crate) fn bind_target(
             // A read-only bind does not stop writes to a device node: give the target a
             // device the kernel itself keeps read-only.
             ensure_file(target)?;
-            let image = dev.backing_file().ok_or_else(|| {
-                Error::Internal(format!("{} lost its backing file", dev.path().display()))
-            })?;
+            // The read-only device must hold the very file the writable one does: checked by
+            // identity, as the path the kernel shows for `dev` depends on who reads it.
+            let held = dev.status()?.map(|(file, _)| file);
+            if held.is_none() || FileId::at(image)? != held {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} no longer holds the file at {}; refusing a read-only publish of another file",
+                    dev.path().display(),
+                    image.display()
+                )));
+            }
             let options_ro = AttachOptions {
                 direct_io: dev.direct_io(),
                 read_only: true,
             };
-            let read_only = loopdev::attach(&image, options_ro)?;
+            let read_only = loopdev::attach(image, options_ro)?;
             mount::bind(&read_only.path(), target, options).inspect_err(|_| {
                 let _ = read_only.detach();
             })

@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{shown, Error, Result};
 use crate::host::files::{self, Allocation, Usage};
-use crate::host::{loopdev, mount};
+use crate::host::mount;
 use crate::volume::id::VolumeId;
+use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, OperationGuard, OperationLocks};
 use crate::volume::params::{AccessMode, CapacityRange, ClaimRef, Provisioning, VolumeKind};
 
@@ -221,6 +222,20 @@ struct Index {
     by_name: HashMap<String, VolumeId>,
     snapshots: BTreeMap<VolumeId, Arc<SnapshotMeta>>,
     snapshots_by_name: HashMap<String, VolumeId>,
+    /// Volumes and snapshots whose metadata exists but cannot be read, by id.
+    unreadable: BTreeMap<VolumeId, Unreadable>,
+}
+
+/// Metadata that exists but cannot be read (torn, emptied, of an unknown version). Its object
+/// is not served, but it is never taken for absent: its files and node records are kept, and
+/// its name, when it can be salvaged, stays taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub why: String,
+    /// The `name` field, when the file still parses as JSON (e.g. an unknown version).
+    pub name: Option<String>,
 }
 
 /// What startup recovery did.
@@ -257,16 +272,24 @@ impl Pool {
     fn open_with(layout: Layout, clean: bool) -> Result<(Self, Recovery)> {
         let mut recovery = Recovery::default();
         let mut index = Index::default();
-        let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
-        for meta in
-            recover_dir::<VolumeMeta>(&layout.volumes_dir(), &attached, &mut recovery, clean)?
-        {
+        let view = KernelView::read()?;
+        for meta in recover_dir::<VolumeMeta>(
+            &layout.volumes_dir(),
+            &view,
+            &mut recovery,
+            &mut index,
+            clean,
+        )? {
             index.by_name.insert(meta.name.clone(), meta.id);
             index.by_id.insert(meta.id, Arc::new(meta));
         }
-        for snap in
-            recover_dir::<SnapshotMeta>(&layout.snapshots_dir(), &attached, &mut recovery, clean)?
-        {
+        for snap in recover_dir::<SnapshotMeta>(
+            &layout.snapshots_dir(),
+            &view,
+            &mut recovery,
+            &mut index,
+            clean,
+        )? {
             index.snapshots_by_name.insert(snap.name.clone(), snap.id);
             index.snapshots.insert(snap.id, Arc::new(snap));
         }
@@ -275,7 +298,15 @@ impl Pool {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(VolumeId::parse)
-                .is_some_and(|id| index.by_id.contains_key(&id));
+                // Records of a volume whose metadata cannot be read are kept: they say where it
+                // is staged and published, which teardown needs.
+                .is_some_and(|id| {
+                    index.by_id.contains_key(&id)
+                        || index.unreadable.contains_key(&id)
+                        // The image is still attached or mounted: its records say where.
+                        || inuse::image_uses(&view, &layout.image(&id))
+                            .map_or(true, |uses| !uses.is_empty())
+                });
             if known && path.is_dir() {
                 // A crash-safe record write that did not finish.
                 for temp in list_dir(&path)? {
@@ -408,6 +439,7 @@ impl Pool {
             check_compatible(&existing, &req)?;
             return Ok((existing, Created::AlreadyExisted));
         }
+        self.refuse_unknown_names(VolumeMeta::WHAT, &req.name)?;
         let source = req.source.as_ref().map(prepare_source).transpose()?;
         let mut minimum = req.kind.minimum_size();
         if let Some(source) = &source {
@@ -607,6 +639,7 @@ impl Pool {
             }
             return Ok((existing, Created::AlreadyExisted));
         }
+        self.refuse_unknown_names(SnapshotMeta::WHAT, name)?;
         let source = prepare_source()?;
         let id = VolumeId::new_random();
         let _id_guard = self.lock_snapshot(&id)?;
@@ -646,6 +679,17 @@ impl Pool {
     pub fn delete_snapshot(&self, id: &VolumeId) -> Result<()> {
         let _guard = self.lock_snapshot(id)?;
         let Some(meta) = self.snapshot(id) else {
+            // Unreadable metadata: the CO names the id, so these files are what it deletes.
+            if let Some(unreadable) = self.unreadable(id).filter(|u| u.what == SnapshotMeta::WHAT) {
+                tracing::warn!(snapshot.id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a snapshot whose metadata is unreadable, as the CO asked");
+                files::remove_durably(&unreadable.path)?;
+                self.index
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .unreadable
+                    .remove(id);
+                return files::remove_uncommitted(&self.layout.snapshot_image(id));
+            }
             return Ok(());
         };
         files::remove_durably(&self.layout.snapshot_meta(id))?;
@@ -676,16 +720,13 @@ impl Pool {
     /// device (staged on this node) is FAILED_PRECONDITION: its data is in use.
     /// The caller holds the volume's operation guard.
     pub fn delete(&self, id: &VolumeId) -> Result<()> {
-        let Some(meta) = self.get(id) else {
-            return Ok(());
-        };
         let image = self.layout.image(id);
-        if let Some(dev) = loopdev::devices_of(&image)?.first() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is in use: attached to {} (staged on this node); NodeUnstageVolume it first",
-                dev.path().display()
-            )));
-        }
+        let meta = match (self.get(id), self.unreadable(id)) {
+            (Some(meta), _) => meta,
+            (None, Some(unreadable)) => return self.delete_unreadable(id, &unreadable),
+            (None, None) => return Ok(()),
+        };
+        self.refuse_in_use(id, &image)?;
         // Commit point: once the metadata is gone the volume is gone.
         files::remove_durably(&self.layout.meta(id))?;
         crate::faults::crash_point("delete.meta_removed");
@@ -699,6 +740,86 @@ impl Pool {
         // Leftovers from here on are cleaned by startup recovery if this fails part-way.
         crate::volume::records::clear(&self.layout.node_record(id))?;
         files::remove_uncommitted(&image)
+    }
+}
+
+impl Pool {
+    /// FAILED_PRECONDITION naming every use when the volume is in use on this node (see
+    /// `inuse`): staged or published by its records, attached, or mounted.
+    fn refuse_in_use(&self, id: &VolumeId, image: &Path) -> Result<()> {
+        let uses = inuse::volume_uses(&KernelView::read()?, image, &self.layout.node_record(id))?;
+        if uses.is_empty() {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "volume {id} is in use on this node: {}; NodeUnpublishVolume and NodeUnstageVolume it first",
+            uses.join("; ")
+        )))
+    }
+
+    /// The metadata of `id` exists but cannot be read, if so.
+    pub fn unreadable(&self, id: &VolumeId) -> Option<Unreadable> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unreadable
+            .get(id)
+            .cloned()
+    }
+
+    /// Every volume and snapshot whose metadata cannot be read, in id order.
+    pub fn unreadable_all(&self) -> Vec<(VolumeId, Unreadable)> {
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        index
+            .unreadable
+            .iter()
+            .map(|(id, u)| (*id, u.clone()))
+            .collect()
+    }
+
+    /// DeleteVolume of a volume whose metadata cannot be read: the CO names the id, so the
+    /// files are what it asks to delete — once nothing on this node uses them.
+    fn delete_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
+        if unreadable.what != "volume" {
+            return Ok(());
+        }
+        let image = self.layout.image(id);
+        self.refuse_in_use(id, &image)?;
+        tracing::warn!(volume.id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a volume whose metadata is unreadable, as the CO asked");
+        files::remove_durably(&unreadable.path)?;
+        self.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unreadable
+            .remove(id);
+        crate::volume::records::clear(&self.layout.node_record(id))?;
+        files::remove_uncommitted(&image)
+    }
+
+    /// A create under `name` could duplicate an object whose metadata cannot be read: refused
+    /// while such metadata carries this name, or carries no name that can be read at all.
+    fn refuse_unknown_names(&self, what: &'static str, name: &str) -> Result<()> {
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        let blocking = index.unreadable.values().find(|u| {
+            u.what == what
+                && u.name
+                    .as_deref()
+                    .is_none_or(|unreadable| unreadable == name)
+        });
+        match blocking {
+            None => Ok(()),
+            Some(u) => Err(Error::FailedPrecondition(format!(
+                "cannot tell whether {what} {} already exists: the metadata {} cannot be read ({}){}; \
+                 repair or remove that file (see docs/kubernetes.md, \"unreadable metadata\")",
+                shown(name),
+                u.path.display(),
+                u.why,
+                match &u.name {
+                    Some(n) => format!(" and names {}", shown(n)),
+                    None => " and its name is unknown".to_string(),
+                }
+            ))),
+        }
     }
 }
 
@@ -752,8 +873,9 @@ fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
 /// and left untouched with its image.
 fn recover_dir<M: Committed>(
     dir: &Path,
-    attached: &[PathBuf],
+    view: &KernelView,
     recovery: &mut Recovery,
+    index: &mut Index,
     clean: bool,
 ) -> Result<Vec<M>> {
     let remove = |path: &Path| {
@@ -775,8 +897,19 @@ fn recover_dir<M: Committed>(
             match load_meta::<M>(&path, stem) {
                 Ok(meta) => metas.push(meta),
                 Err(err) => {
-                    tracing::error!(path = %path.display(), error = %err, "unreadable {} metadata; not served, files left untouched", M::WHAT);
+                    tracing::error!(path = %path.display(), error = %err, "unreadable {} metadata; not served, files and node records left untouched", M::WHAT);
                     unreadable_stems.push(stem.to_string());
+                    if let Some(id) = VolumeId::parse(stem) {
+                        index.unreadable.insert(
+                            id,
+                            Unreadable {
+                                what: M::WHAT,
+                                path: path.clone(),
+                                why: err.to_string(),
+                                name: salvage_name(&path),
+                            },
+                        );
+                    }
                     recovery.unreadable.push(path);
                 }
             }
@@ -790,8 +923,9 @@ fn recover_dir<M: Committed>(
         if committed {
             continue;
         }
-        if attached.contains(&path) {
-            tracing::warn!(path = %path.display(), "image without metadata is attached to a loop device; left in place");
+        let uses = inuse::image_uses(view, &path)?;
+        if !uses.is_empty() {
+            tracing::warn!(path = %path.display(), uses = %uses.join("; "), "image without metadata is in use; left in place");
             continue;
         }
         tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
@@ -799,6 +933,14 @@ fn recover_dir<M: Committed>(
         recovery.removed_partial_images.push(path);
     }
     Ok(metas)
+}
+
+/// The `name` of metadata that no longer deserialises as this build's format but still parses
+/// as JSON (e.g. written by a newer version).
+fn salvage_name(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("name")?.as_str().map(str::to_string)
 }
 
 /// Same name, compatible arguments → the existing volume; otherwise ALREADY_EXISTS saying why.

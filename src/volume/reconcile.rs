@@ -20,12 +20,14 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::files;
-use crate::host::loopdev;
+use crate::host::loopdev::FileId;
 use crate::host::mount;
 use crate::volume::id::VolumeId;
-use crate::volume::node::{bind_target, publish_options, NodeOps, Observed};
+use crate::volume::inuse::{self, KernelView};
+use crate::volume::node::{bind_target, publish_options, NodeOps};
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::VolumeMeta;
+use crate::volume::records;
 
 /// What one reconciliation round did and found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -113,6 +115,8 @@ impl NodeOps {
         self.collect_orphan_files(policy, report)
     }
 
+    /// Whether the volume exists: its metadata file (the commit point) is on disk, readable
+    /// or not.
     fn committed(&self, id: &VolumeId) -> bool {
         self.pool.layout().meta(id).exists()
     }
@@ -120,11 +124,26 @@ impl NodeOps {
     fn reconcile_volume(&self, meta: &VolumeMeta, report: &mut ReconcileReport) -> Result<()> {
         let id = meta.id;
         let record = self.load_record(&id)?;
+        for (path, why) in &record.damaged {
+            report.unrepairable(format!(
+                "volume {id}: node record {} is unreadable ({why}); the CO's next stage, publish, \
+                 unpublish or unstage of the volume rewrites or removes it",
+                path.display()
+            ));
+        }
         let Some(staged) = record.staged.clone() else {
             return Ok(());
         };
         let image = self.pool.layout().image(&id);
-        let observed = Observed::read(&image)?;
+        let observed = self.observe(&id, &record, Some(&staged.path))?;
+        if let (Some(dev), false) = (observed.device, observed.image_present) {
+            report.unrepairable(format!(
+                "volume {id}: its image was deleted or replaced behind the driver's back; {} \
+                 holds the only copy of its data: stop its pods, then run `loopcsi rescue --volume {id}`",
+                dev.path().display()
+            ));
+            return Ok(());
+        }
         let staging_live = match meta.kind {
             VolumeKind::Block => observed.device.is_some(),
             VolumeKind::Filesystem(_) => observed.fs_mounted_at(&staged.path),
@@ -157,7 +176,7 @@ impl NodeOps {
                 staged.path.display()
             ));
         }
-        let observed = Observed::read(&image)?;
+        let observed = self.observe(&id, &record, Some(&staged.path))?;
         let Some(dev) = observed.device else {
             return Ok(());
         };
@@ -182,26 +201,77 @@ impl NodeOps {
                 continue;
             }
             let options = publish_options(&published.capability, published.readonly, meta)?;
-            bind_target(meta.kind, &dev, &staged.path, target, &options)?;
+            bind_target(meta.kind, &dev, &image, &staged.path, target, &options)?;
             report.repaired(format!("volume {id}: re-bound target {}", target.display()));
         }
         Ok(())
     }
 
-    /// Loop devices backed by a file in the pool directory that is no live volume's image.
+    /// Loop devices holding a file of the pool directory that is no committed volume's image
+    /// (an image without metadata), or a file deleted from the pool directory that no volume
+    /// recorded as staged. Files are matched by identity; a device whose backing file cannot be
+    /// identified, or that only a path rendered in another mount namespace could tie to the
+    /// pool, is unknown and left alone. A device still mounted or bound is never detached.
     fn collect_orphan_devices(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
-        let volumes_dir = self.pool.layout().volumes_dir();
-        let table = mount::mounts()?;
-        for (dev, backing) in loopdev::attached()? {
-            let text = backing.to_string_lossy();
-            let (file, deleted) = match text.strip_suffix(" (deleted)") {
-                Some(stripped) => (PathBuf::from(stripped), true),
-                None => (backing.clone(), false),
-            };
-            if file.parent() != Some(volumes_dir.as_path()) {
-                continue; // not ours: never touched
+        let layout = self.pool.layout();
+        let volumes_dir = layout.volumes_dir();
+        let view = KernelView::read()?;
+        let mut pool_files = std::collections::HashMap::new();
+        for path in list(&volumes_dir)? {
+            if let Some(file) = FileId::at(&path)? {
+                pool_files.insert(file, path);
             }
-            let id = id_prefix(&file);
+        }
+        let mut recorded = std::collections::HashMap::new();
+        for dir in list(&layout.node_dir())? {
+            if let (Some(id), Ok(record)) = (id_prefix(&dir), records::load(&dir)) {
+                if let Some(file) = record.staged.and_then(|s| s.image) {
+                    recorded.insert(file, id);
+                }
+            }
+        }
+        let pool_dev = FileId::at(&volumes_dir)?.map(|f| f.dev);
+        for attached in &view.attached {
+            let dev = attached.device;
+            let Some(file) = attached.backing else {
+                continue; // unknown: never touched
+            };
+            if let Some(id) = recorded
+                .get(&file)
+                .filter(|_| !pool_files.contains_key(&file))
+            {
+                if self.committed(id) {
+                    report.unrepairable(format!(
+                        "the image of volume {id} was deleted or replaced behind the driver's back; {} holds the only copy of its data (run `loopcsi rescue --volume {id}`)",
+                        dev.path().display()
+                    ));
+                }
+                continue;
+            }
+            let deleted_here = attached
+                .shown
+                .to_str()
+                .and_then(|s| s.strip_suffix(" (deleted)"))
+                .map(PathBuf::from)
+                .filter(|p| {
+                    p.parent() == Some(volumes_dir.as_path()) && Some(file.dev) == pool_dev
+                });
+            let (path, deleted) = match (pool_files.get(&file), deleted_here) {
+                (Some(path), _) => (path.clone(), false),
+                (None, Some(path)) => (path, true),
+                (None, None) => continue, // not ours, or not provably ours
+            };
+            let id = id_prefix(&path);
+            if id.is_some_and(|id| self.committed(&id) && layout.image(&id) == path) {
+                if deleted {
+                    report.unrepairable(format!(
+                        "the image of volume {} was deleted behind the driver's back; {} holds the only copy of its data",
+                        id.map(|i| i.to_string()).unwrap_or_default(),
+                        dev.path().display()
+                    ));
+                }
+                continue;
+            }
             let _guard = match id {
                 Some(id) => match self.pool.lock_volume(&id) {
                     Ok(guard) => Some(guard),
@@ -209,35 +279,22 @@ impl NodeOps {
                 },
                 None => None,
             };
-            let is_volume_image =
-                id.is_some_and(|id| self.committed(&id) && self.pool.layout().image(&id) == file);
-            if is_volume_image && deleted {
-                // The device now holds the only copy of a live volume's data: never detach it.
-                report.unrepairable(format!(
-                    "the image of volume {} was deleted behind the driver's back; {} holds the only copy of its data",
-                    id.map(|i| i.to_string()).unwrap_or_default(),
-                    dev.path().display()
-                ));
-                continue;
-            }
-            if is_volume_image {
-                continue;
-            }
-            let numbers = dev.dev_numbers()?;
-            if let Some(m) = table.iter().find(|m| (m.major, m.minor) == numbers) {
-                report.unrepairable(format!(
-                    "orphan loop device {} (backed by {}) is still mounted at {}",
-                    dev.path().display(),
-                    backing.display(),
-                    m.mount_point.display()
-                ));
-                continue;
+            let mut uses = view.mounts_of(&dev);
+            if let Some(id) = id {
+                let record = records::load(&layout.node_record(&id))?;
+                if record.exists() {
+                    uses.push(format!("node records of volume {id} exist"));
+                }
             }
             let what = format!(
-                "orphan loop device {} (backed by {})",
+                "orphan loop device {} (backed by {}, {file})",
                 dev.path().display(),
-                backing.display()
+                attached.shown.display()
             );
+            if !uses.is_empty() {
+                report.unrepairable(format!("{what} is still in use: {}", uses.join("; ")));
+                continue;
+            }
             if policy.dry_run {
                 report.collected(format!("would detach {what}"));
             } else {
@@ -251,7 +308,7 @@ impl NodeOps {
     /// Images without metadata, stale temp files and node records of unknown volumes.
     fn collect_orphan_files(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
         let layout = self.pool.layout().clone();
-        let attached: Vec<PathBuf> = loopdev::attached()?.into_iter().map(|(_, f)| f).collect();
+        let view = KernelView::read()?;
         for dir in [
             layout.volumes_dir(),
             layout.snapshots_dir(),
@@ -272,12 +329,17 @@ impl NodeOps {
                     && !layout.snapshot_meta(&id).exists()
                 {
                     "snapshot image without metadata"
-                } else if dir == layout.node_dir() && !self.committed(&id) {
+                } else if dir == layout.node_dir()
+                    && !self.committed(&id)
+                    && inuse::image_uses(&view, &layout.image(&id))?.is_empty()
+                {
                     "node record of an unknown volume"
                 } else {
                     continue;
                 };
-                if attached.contains(&path) || !older_than(&path, policy.min_age) {
+                let in_use =
+                    dir != layout.node_dir() && !inuse::image_uses(&view, &path)?.is_empty();
+                if in_use || !older_than(&path, policy.min_age) {
                     continue;
                 }
                 let guard = if dir == layout.snapshots_dir() {

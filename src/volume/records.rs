@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::host::loopdev::FileId;
 use crate::host::{files, mount};
 use crate::volume::params::Capability;
 
@@ -22,6 +23,11 @@ const TARGET_PREFIX: &str = "target-";
 pub(crate) struct StageRecord {
     pub(crate) path: PathBuf,
     pub(crate) capability: Capability,
+    /// The identity of the image that was staged: the loop device holding this file is the
+    /// volume's, whatever path the kernel renders for it and even if the image is deleted or
+    /// replaced behind the driver's back. Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) image: Option<FileId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +43,29 @@ pub(crate) struct NodeRecord {
     pub(crate) staged: Option<StageRecord>,
     /// Sorted by target path.
     pub(crate) published: Vec<PublishRecord>,
+    /// Record files that exist but cannot be read (torn, emptied, foreign), with why. They are
+    /// never taken for "no record": teardown works from the CO's paths and the kernel, the next
+    /// write of the same fact replaces them, and until then the volume counts as in use.
+    pub(crate) damaged: Vec<(PathBuf, String)>,
+}
+
+impl NodeRecord {
+    /// Whether any record file exists for the volume (readable or not).
+    pub(crate) fn exists(&self) -> bool {
+        self.staged.is_some() || !self.published.is_empty() || !self.damaged.is_empty()
+    }
+
+    /// The stage record could not be read.
+    pub(crate) fn staged_damaged(&self, dir: &Path) -> bool {
+        let file = dir.join(STAGED);
+        self.damaged.iter().any(|(p, _)| *p == file)
+    }
+
+    /// The record of `target` could not be read.
+    pub(crate) fn target_damaged(&self, dir: &Path, target: &Path) -> bool {
+        let file = target_file(dir, target);
+        self.damaged.iter().any(|(p, _)| *p == file)
+    }
 }
 
 /// FNV-1a of the target path: a stable, dependency-free file name for it (the file content
@@ -62,12 +91,28 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// Reads a volume's records from `dir` (`node/<id>`); no directory means no records.
+/// `read_json`, listing a file that cannot be parsed in `record.damaged` instead of failing.
+fn readable<T: serde::de::DeserializeOwned>(
+    path: PathBuf,
+    record: &mut NodeRecord,
+) -> Result<Option<T>> {
+    match read_json(&path) {
+        Ok(value) => Ok(value),
+        Err(Error::Corrupt(why)) => {
+            tracing::warn!(path = %path.display(), "{why}");
+            record.damaged.push((path, why));
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Reads a volume's records from `dir` (`node/<id>`); no directory means no records. A file
+/// that cannot be parsed is listed in `damaged`, never an error: one damaged file must not make
+/// every RPC on the volume fail for ever.
 pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
-    let mut record = NodeRecord {
-        staged: read_json(&dir.join(STAGED))?,
-        published: Vec::new(),
-    };
+    let mut record = NodeRecord::default();
+    record.staged = readable(dir.join(STAGED), &mut record)?;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
@@ -77,7 +122,7 @@ pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with(TARGET_PREFIX) && name.ends_with(".json") {
-            if let Some(published) = read_json::<PublishRecord>(&entry.path())? {
+            if let Some(published) = readable(entry.path(), &mut record)? {
                 record.published.push(published);
             }
         }
@@ -163,6 +208,7 @@ mod tests {
         let staged = StageRecord {
             path: "/s".into(),
             capability: cap.clone(),
+            image: Some(FileId { dev: 1, ino: 2 }),
         };
         save_staged(&dir, &staged).unwrap();
         for target in ["/b", "/a"] {

@@ -31,7 +31,16 @@ impl ChildDriver {
     /// Starts `loopcsi serve` on `root/csi.sock` with state in `root/state`. With `crash_at`,
     /// the (test-built) binary kills itself at that crash point.
     pub async fn spawn(root: &Path, crash_at: Option<&str>) -> Self {
-        let socket = root.join("csi.sock");
+        let mut command = Self::command(&root.join("csi.sock"), &root.join("state"));
+        if let Some(point) = crash_at {
+            command.env("LOOPCSI_CRASH_AT", point);
+        }
+        Self::spawn_command(command, root.join("csi.sock")).await
+    }
+
+    /// The `loopcsi serve` command line on `socket` with state in `state_dir`, for callers that
+    /// adjust it (environment, a private mount namespace) before `spawn_command`.
+    pub fn command(socket: &Path, state_dir: &Path) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_loopcsi"));
         command
             .arg("serve")
@@ -40,15 +49,17 @@ impl ChildDriver {
             .arg("--node-id")
             .arg(super::NODE)
             .arg("--state-dir")
-            .arg(root.join("state"))
+            .arg(state_dir)
             .env("RUST_LOG", "info")
             .env_remove("LOOPCSI_CRASH_AT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(point) = crash_at {
-            command.env("LOOPCSI_CRASH_AT", point);
-        }
+        command
+    }
+
+    /// Starts `command` (see `command`), waits for it to listen on `socket` and connects.
+    pub async fn spawn_command(mut command: Command, socket: PathBuf) -> Self {
         let mut child = command.spawn().expect("spawn loopcsi");
         let stderr = child.stderr.take().expect("piped stderr");
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -1,0 +1,166 @@
+//! One definition of "in use", shared by DeleteVolume, the reconciler, `loopcsi gc` and startup
+//! recovery, so that none of them can detach or delete what another would have kept.
+//!
+//! A volume's image is in use when any of these holds:
+//! - its node records say it is staged or published on this node (or cannot be read: then
+//!   nobody can tell, and unknown is never "free");
+//! - a loop device holds the image, matched by the backing file's identity (device and inode
+//!   numbers), never by the path the kernel renders, which depends on the reader's mount
+//!   namespace; the identity recorded at stage counts too, for an image deleted or replaced
+//!   behind the driver's back;
+//! - any mount uses such a device: a file system mounted from it (mountinfo's major:minor) or a
+//!   bind of its device node, as a raw block publish is (mountinfo shows the numbers of the file
+//!   system holding the node, e.g. devtmpfs, so the bound node's `st_rdev` is compared).
+//!
+//! A loop device whose backing file cannot be identified is unknown: it is never taken for
+//! "not this volume's" (see `host::loopdev::Attached::backing`).
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::host::loopdev::{self, Attached, FileId, LoopDevice};
+use crate::host::mount::{self, MountEntry};
+use crate::volume::records::{self, NodeRecord};
+
+/// File systems whose mount points are never stat-ed while looking for bound device nodes: a
+/// dead server would hang the call, and no device node of ours is ever bound from one.
+const REMOTE: &[&str] = &[
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "ceph",
+    "9p",
+    "glusterfs",
+    "lustre",
+];
+
+/// The kernel's view needed to judge use, read once: attached loop devices with the identity
+/// of their backing files, and the mount table.
+pub struct KernelView {
+    pub attached: Vec<Attached>,
+    pub table: Vec<MountEntry>,
+    /// Device nodes bound somewhere (a mount whose root is a single file that is a block
+    /// device): their `st_rdev` and mount point. Read once, lazily, as it needs a stat each.
+    bound_nodes: std::cell::OnceCell<Vec<(u64, PathBuf)>>,
+}
+
+impl KernelView {
+    pub fn read() -> Result<Self> {
+        Ok(KernelView {
+            attached: loopdev::attached_devices()?,
+            table: mount::mounts()?,
+            bound_nodes: std::cell::OnceCell::new(),
+        })
+    }
+
+    fn bound_nodes(&self) -> &[(u64, PathBuf)] {
+        self.bound_nodes.get_or_init(|| {
+            self.table
+                .iter()
+                // A whole file system is mounted at "/"; a bind of one file has its path.
+                .filter(|m| m.root != "/" && !REMOTE.contains(&m.fs_type.as_str()))
+                .filter(|m| !m.fs_type.starts_with("fuse"))
+                .filter_map(|m| {
+                    let meta = std::fs::symlink_metadata(&m.mount_point).ok()?;
+                    meta.file_type()
+                        .is_block_device()
+                        .then(|| (meta.rdev(), m.mount_point.clone()))
+                })
+                .collect()
+        })
+    }
+
+    /// The devices holding `file` (by identity).
+    pub fn devices_holding(&self, file: &FileId) -> Vec<&Attached> {
+        self.attached.iter().filter(|a| a.backs(file)).collect()
+    }
+
+    /// Every use of `dev` by a mount: "mounted at X" or "device node bound at Y".
+    pub fn mounts_of(&self, dev: &LoopDevice) -> Vec<String> {
+        let Ok((major, minor)) = dev.dev_numbers() else {
+            return vec![format!(
+                "{} (its numbers cannot be read)",
+                dev.path().display()
+            )];
+        };
+        let rdev = nix::sys::stat::makedev(major.into(), minor.into());
+        let mut uses: Vec<String> = self
+            .table
+            .iter()
+            .filter(|m| (m.major, m.minor) == (major, minor))
+            .map(|m| {
+                format!(
+                    "{} mounted at {}",
+                    dev.path().display(),
+                    m.mount_point.display()
+                )
+            })
+            .collect();
+        uses.extend(
+            self.bound_nodes()
+                .iter()
+                .filter(|(bound, _)| *bound == rdev)
+                .map(|(_, at)| format!("{} bound at {}", dev.path().display(), at.display())),
+        );
+        uses
+    }
+
+    /// Every use of the file with identity `file`: the devices holding it, and their mounts.
+    pub fn uses_of_file(&self, file: &FileId) -> Vec<String> {
+        let mut uses = Vec::new();
+        for held in self.devices_holding(file) {
+            uses.push(format!("attached to {}", held.device.path().display()));
+            uses.extend(self.mounts_of(&held.device));
+        }
+        uses
+    }
+}
+
+/// Every use of the file at `image` by the kernel (devices holding it and their mounts);
+/// nothing when there is no file there.
+pub fn image_uses(view: &KernelView, image: &Path) -> Result<Vec<String>> {
+    Ok(FileId::at(image)?
+        .map(|file| view.uses_of_file(&file))
+        .unwrap_or_default())
+}
+
+/// Why the volume whose image is at `image` and whose node records are in `records_dir` is in
+/// use, or nothing when it is provably unused on this node.
+pub fn volume_uses(view: &KernelView, image: &Path, records_dir: &Path) -> Result<Vec<String>> {
+    let mut uses = Vec::new();
+    let record = records::load(records_dir)?;
+    uses.extend(record_uses(&record));
+    let mut files: Vec<FileId> = FileId::at(image)?.into_iter().collect();
+    if let Some(recorded) = record.staged.as_ref().and_then(|s| s.image) {
+        if !files.contains(&recorded) {
+            files.push(recorded);
+        }
+    }
+    for file in &files {
+        uses.extend(view.uses_of_file(file));
+    }
+    Ok(uses)
+}
+
+/// What the node records say is in use.
+fn record_uses(record: &NodeRecord) -> Vec<String> {
+    let mut uses = Vec::new();
+    if let Some(staged) = &record.staged {
+        uses.push(format!("staged at {} (node record)", staged.path.display()));
+    }
+    for published in &record.published {
+        uses.push(format!(
+            "published at {} (node record)",
+            published.target.display()
+        ));
+    }
+    for (path, why) in &record.damaged {
+        uses.push(format!(
+            "node record {} is unreadable ({why}); it may say staged or published",
+            path.display()
+        ));
+    }
+    uses
+}
