@@ -8,6 +8,7 @@
 //! - [`host`]: the only door to the operating system (loop ioctls, mounts, mkfs/blkid, files).
 
 pub mod authority;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -328,3 +328,28 @@ async fn a_path_or_missing_authority_is_served() {
     }
     served.stop().await;
 }
+
+// ---- item 11: a request that is not a valid message ----
+
+/// A string field that is not UTF-8 fails in decoding, before any handler: INVALID_ARGUMENT
+/// naming the field (tonic-prost alone says INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_string_field_is_an_invalid_argument() {
+    let scratch = Scratch::new();
+    let socket = scratch.path().join("csi.sock");
+    let served = Served::start(&socket, scratch.path().join("state"));
+    // NodePublishVolumeRequest { volume_id (1): "v", target_path (4): 0xff 0xfe }.
+    let message = [0x0a, 1, b'v', 0x22, 2, 0xff, 0xfe];
+    let reply = raw_call(
+        &socket,
+        Some(b"localhost"),
+        b"/csi.v1.Node/NodePublishVolume",
+        &message,
+    )
+    .await
+    .unwrap_or_else(|code| panic!("RST_STREAM code {code}"));
+    assert_eq!(field(&reply, "grpc-status"), Some("3"), "{reply:?}");
+    let message = field(&reply, "grpc-message").unwrap_or_default();
+    assert!(message.contains("target_path"), "{message}");
+    served.stop().await;
+}
