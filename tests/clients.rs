@@ -42,15 +42,7 @@ impl Served {
     /// Binds (the socket exists when this returns: no waiting for readiness) and serves.
     fn start(socket: &Path, state_dir: PathBuf) -> Self {
         let server = loopcsi::server::bind(&config(socket, state_dir)).expect("bind");
-        let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .serve(async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("serve");
-        });
+        let (shutdown, task) = common::serve_in_background(server);
         Served {
             shutdown: Some(shutdown),
             task: Some(task),
