@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // A request that is not a valid message (e.g. a string field that is not UTF-8) is the
+        // client's fault: INVALID_ARGUMENT, not prost's INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::CsiCodec")
         .compile_protos(&["proto/csi.proto"], &["proto"])?;
     Ok(())
 }

@@ -134,7 +134,14 @@ impl Error {
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::NoSpace { .. } | Error::Topology(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::NotReady => Code::Unavailable,
+            // mount(2)'s EBUSY is transient (another holder has the device open exclusively,
+            // e.g. a blkid or fsck in flight): UNAVAILABLE tells the CO to retry.
+            Error::NotReady
+            | Error::Sys {
+                op: "mount",
+                errno: nix::errno::Errno::EBUSY,
+                ..
+            } => Code::Unavailable,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Tool { .. }
             | Error::Io { .. }
@@ -176,4 +183,19 @@ pub fn shown(value: &str) -> String {
         end -= 1;
     }
     format!("{:?}… ({} bytes)", &value[..end], value.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_mount_is_retryable_and_other_mount_failures_are_internal() {
+        let busy = Error::sys("mount", "/t", nix::errno::Errno::EBUSY);
+        assert_eq!(busy.code(), tonic::Code::Unavailable);
+        let other = Error::sys("mount", "/t", nix::errno::Errno::EINVAL);
+        assert_eq!(other.code(), tonic::Code::Internal);
+        let busy_umount = Error::sys("umount", "/t", nix::errno::Errno::EBUSY);
+        assert_eq!(busy_umount.code(), tonic::Code::Internal);
+    }
 }

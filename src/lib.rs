@@ -7,6 +7,8 @@
 //!   metadata, node staging and publishing, per-volume operation guards;
 //! - [`host`]: the only door to the operating system (loop ioctls, mounts, mkfs/blkid, files).
 
+pub mod authority;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod faults;

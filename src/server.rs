@@ -2,12 +2,16 @@
 //! services, and graceful shutdown (stop accepting, let in-flight RPCs finish, remove the socket).
 
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
+
+use crate::authority::AuthorityFix;
 
 use crate::config::Config;
 use crate::csi::{
@@ -33,6 +37,7 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
     config.validate()?;
     let tools = Tools::discover()?;
     let socket = config.socket_path()?;
+    check_socket_path_length(&socket)?;
     remove_stale_socket(&socket)?;
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
@@ -59,6 +64,26 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
     })
 }
 
+/// The longest socket path the kernel binds or connects to: `sun_path` is 108 bytes with its
+/// terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A socket path no client could connect to is refused up front, naming the flag.
+fn check_socket_path_length(socket: &Path) -> Result<()> {
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::invalid(
+            "--endpoint",
+            format!(
+                "{} is {len} bytes; a unix socket path can be at most {MAX_SOCKET_PATH} bytes \
+                 (the kernel's sun_path)",
+                socket.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Binds the socket inside a fresh 0700 directory beside it, sets its mode to 0660, and renames
 /// it into place: at no instant can anyone else connect to a socket with looser permissions,
 /// whatever the process umask.
@@ -69,8 +94,13 @@ fn bind_private(socket: &Path) -> Result<UnixListener> {
         .mode(0o700)
         .create(&private)
         .map_err(|e| Error::io("create directory", &private, e))?;
-    let staged = private.join("csi.sock");
     let result = (|| {
+        // The private dir's own path is ~60 bytes longer than the endpoint's and would overflow
+        // sun_path for any endpoint longer than ~47 bytes (MicroK8s's plugin dir is 61), so the
+        // socket is bound through the dir's descriptor: /proc/self/fd/N/csi.sock is short
+        // whatever the dir's path, and names the very dir created above.
+        let dir = std::fs::File::open(&private).map_err(|e| Error::io("open", &private, e))?;
+        let staged = PathBuf::from(format!("/proc/self/fd/{}/csi.sock", dir.as_raw_fd()));
         let listener = UnixListener::bind(&staged).map_err(|e| Error::io("bind", &staged, e))?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
             .map_err(|e| Error::io("chmod", &staged, e))?;
@@ -143,7 +173,10 @@ impl BoundServer {
                 &driver,
             ))))
             .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
+                shutdown,
+            )
             .await;
         driver.stop_background();
         if let Some(task) = metrics_task {

@@ -2248,3 +2248,108 @@ async fn node_capabilities_and_info() {
     assert_eq!(vol.accessible_topology, vec![topology(NODE)]);
     d.delete(&vol.volume_id).await.unwrap();
 }
+
+// ---- issue 12 item 11: paths and flags that used to reach the kernel ----
+
+/// Targets and staging paths under /proc, /sys and /dev (also through a symlink), and a path
+/// with a component over NAME_MAX, are INVALID_ARGUMENT naming the field, as are the mount
+/// flags that would panic the node (`errors=panic`) or skip the journal replay (`noload`,
+/// `norecovery`). The paths are ones the kernel cannot create, so even a driver without the
+/// checks makes nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_trees_long_components_and_unsafe_flags_are_invalid_arguments() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = new_volume(&mut d, "kernel-trees", 16 * MIB, cap.clone()).await;
+    let staging = d.staging("s");
+    let link = d.root().join("proc-link");
+    std::os::unix::fs::symlink("/proc/self", &link).unwrap();
+    let long = d.root().join("x".repeat(300)).join("t");
+    for (path, why) in [
+        ("/proc/self/loopcsi-target".to_string(), "/proc"),
+        ("/sys/loopcsi-target".to_string(), "/sys"),
+        ("/dev/null/loopcsi-target".to_string(), "/dev"),
+        (s(&link.join("loopcsi-target")), "/proc"),
+        (s(&long), "300-byte component"),
+    ] {
+        assert_err(
+            d.node
+                .node_stage_volume(stage_req(&id, &path, Some(cap.clone())))
+                .await,
+            Code::InvalidArgument,
+            &["staging_target_path", why],
+        );
+        assert_err(
+            d.node
+                .node_publish_volume(publish_req(&id, &s(&staging), &path, Some(cap.clone())))
+                .await,
+            Code::InvalidArgument,
+            &["target_path", why],
+        );
+    }
+    for flag in ["errors=panic", "noload", "norecovery"] {
+        let flagged = mount_cap_flags("ext4", snw(), &[flag]);
+        assert_err(
+            d.create(create_req("unsafe-flags", 16 * MIB, flagged.clone()))
+                .await,
+            Code::InvalidArgument,
+            &["mount_flags", flag],
+        );
+        assert_err(
+            d.stage(&id, &staging, flagged).await,
+            Code::InvalidArgument,
+            &["mount_flags", flag],
+        );
+    }
+    // `errors=` with a safe value is still a valid ext4 option.
+    d.stage(
+        &id,
+        &staging,
+        mount_cap_flags("ext4", snw(), &["errors=remount-ro"]),
+    )
+    .await
+    .unwrap();
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}
+
+/// NodePublish onto an existing directory with entries the driver did not create is refused
+/// (FAILED_PRECONDITION), leaving the entries visible; an empty existing directory (what the
+/// kubelet and csi-sanity pass) and a repeated publish still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_over_a_non_empty_host_directory_is_refused() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = new_volume(&mut d, "non-empty-target", 16 * MIB, cap.clone()).await;
+    let staging = d.staging("s");
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    let target = d.target("t");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("host-data"), b"keep me").unwrap();
+    assert_err(
+        d.publish(&id, &staging, &target, cap.clone(), false).await,
+        Code::FailedPrecondition,
+        &["target_path", "entries"],
+    );
+    assert_eq!(
+        mounts_at(&target),
+        0,
+        "nothing mounted over the host's data"
+    );
+    assert_eq!(std::fs::read(target.join("host-data")).unwrap(), b"keep me");
+
+    std::fs::remove_file(target.join("host-data")).unwrap();
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    std::fs::write(target.join("pod-data"), b"the volume's own").unwrap();
+    // A repeat publish sees the volume's own entries through the mount: still idempotent.
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    d.unpublish(&id, &target).await.unwrap();
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}

@@ -201,6 +201,26 @@ const FORBIDDEN: &[&str] = &[
     "group",
 ];
 
+/// File-system options that trade the node's or the data's safety away; never taken from a
+/// request: `errors=panic` panics the node's kernel on the first file-system error (one bad
+/// volume would take every pod on the node down), and `noload`/`norecovery` mount without
+/// replaying the journal, so a volume that was not unmounted cleanly shows stale or
+/// inconsistent data.
+const UNSAFE: &[(&str, &str)] = &[
+    (
+        "errors=panic",
+        "would panic the node's kernel on the first file-system error",
+    ),
+    (
+        "noload",
+        "skips the journal replay and can show inconsistent data",
+    ),
+    (
+        "norecovery",
+        "skips the journal replay and can show inconsistent data",
+    ),
+];
+
 /// SELinux context options, which the kubelet passes (quoted, with commas inside the quotes)
 /// when the CSIDriver has seLinuxMount enabled.
 const SELINUX_CONTEXTS: &[&str] = &["context", "fscontext", "defcontext", "rootcontext"];
@@ -221,6 +241,9 @@ impl MountOptions {
             if let Some((_, bit, set)) = GENERIC.iter().find(|(name, _, _)| *name == flag) {
                 opts.flags.set(*bit, *set);
                 continue;
+            }
+            if let Some((_, why)) = UNSAFE.iter().find(|(name, _)| *name == flag) {
+                return Err(format!("{shown} is not allowed: it {why}"));
             }
             let key = flag.split_once('=').map_or(flag.as_str(), |(k, _)| k);
             if FORBIDDEN.contains(&key) || key.starts_with("x-") {
@@ -387,6 +410,9 @@ mod tests {
             "opt with space",
             "a\0b",
             "journal_path=/dev/sda",
+            "errors=panic",
+            "noload",
+            "norecovery",
         ] {
             assert!(
                 MountOptions::parse(&flags(&[bad])).is_err(),

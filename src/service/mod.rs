@@ -341,8 +341,16 @@ fn object_id(field: &'static str, value: &str, what: &'static str) -> Result<Vol
     })
 }
 
+/// The longest name of one path component (Linux NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// Trees of kernel and device file systems: mounting a volume over any of them would shadow
+/// the host's view of processes, sysfs or device nodes, and no CO puts a target there.
+const KERNEL_TREES: &[&str] = &["/proc", "/sys", "/dev"];
+
 /// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), not
-/// a symlink itself, and outside the driver's state dir. Returned with the symlinks of its
+/// a symlink itself, no component over NAME_MAX, not under /proc, /sys or /dev, and outside the
+/// driver's state dir. Returned with the symlinks of its
 /// ancestors resolved (see `resolve_existing_prefix`).
 pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<PathBuf> {
     required(field, value)?;
@@ -380,9 +388,34 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
             format!("{} is the root directory", shown(value)),
         ));
     }
+    if let Some(long) = path
+        .components()
+        .map(|c| c.as_os_str().len())
+        .find(|&len| len > NAME_MAX)
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} has a {long}-byte component; the limit is {NAME_MAX} bytes (NAME_MAX)",
+                shown(value)
+            ),
+        ));
+    }
     // Symlinks in the ancestors are followed, as the kernel does when mounting: the mount and
     // mountinfo show the resolved path, so every later comparison uses it too.
     let resolved = resolve_existing_prefix(path);
+    if let Some(kernel) = KERNEL_TREES
+        .iter()
+        .find(|tree| path.starts_with(tree) || resolved.starts_with(tree))
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} is under {kernel}, which belongs to the kernel; a volume is never mounted there",
+                shown(value)
+            ),
+        ));
+    }
     if resolved.starts_with(state_dir) || state_dir.starts_with(&resolved) {
         return Err(Error::invalid(
             field,
@@ -403,6 +436,35 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
         ));
     }
     Ok(resolved)
+}
+
+/// A NodePublish target that already exists as a plain directory must be empty: the kubelet
+/// creates at most an empty target dir (csi-sanity does the same), so a directory with entries
+/// is someone else's data, which a mount would hide. A mount point (its device differs from
+/// its parent's) is left to the domain, which observes what is mounted there (a repeated
+/// publish is idempotent); a missing target is created by the domain; a file is a block target.
+pub fn unclaimed_target(field: &'static str, target: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(target) else {
+        return Ok(());
+    };
+    let parent_dev = target
+        .parent()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.dev());
+    if !meta.is_dir() || parent_dev != Some(meta.dev()) {
+        return Ok(());
+    }
+    let mut entries =
+        std::fs::read_dir(target).map_err(|e| Error::io("read directory", target, e))?;
+    if entries.next().is_some() {
+        return Err(Error::FailedPrecondition(format!(
+            "{field} {} is a directory with entries that loopcsi did not create; refusing to \
+             mount over them (the CO passes a missing or empty directory)",
+            shown(&target.to_string_lossy())
+        )));
+    }
+    Ok(())
 }
 
 /// The `volume_path` of NodeGetVolumeStats / NodeExpandVolume: required; anything that cannot

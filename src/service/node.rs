@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::csi::{self, node_server::Node};
 use crate::error::{Error, Result};
 use crate::rpc_span;
-use crate::service::{co_path, required, required_capability, volume_id, Driver};
+use crate::service::{co_path, required, required_capability, unclaimed_target, volume_id, Driver};
 use crate::volume::node::VolumeStats;
 
 pub struct NodeService {
@@ -116,6 +116,7 @@ impl Node for NodeService {
                     return Err(Error::invalid("target_path", "must differ from staging_target_path"));
                 }
                 let id = volume_id("volume_id", &req.volume_id)?;
+                unclaimed_target("target_path", &target)?;
                 domain.node.publish(&id, &staging, &target, &cap, req.readonly)?;
                 Ok(csi::NodePublishVolumeResponse {})
             })

@@ -104,12 +104,13 @@ pub async fn connect(socket: PathBuf) -> Channel {
         .expect("connect to the driver socket")
 }
 
-/// Binds and serves a driver on `root`; the socket exists when this returns, so connecting
-/// cannot race the server (no sleeps, no polling).
-async fn launch(root: &Path) -> (Running, Channel) {
-    let server = loopcsi::server::bind(&config(root)).expect("bind the driver socket");
-    let socket = server.socket().to_path_buf();
-    let metrics = server.metrics_address();
+/// Serves a bound driver on the runtime until the returned sender fires (or is dropped).
+pub fn serve_in_background(
+    server: loopcsi::server::BoundServer,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         server
@@ -119,6 +120,16 @@ async fn launch(root: &Path) -> (Running, Channel) {
             .await
             .expect("driver serve");
     });
+    (shutdown, task)
+}
+
+/// Binds and serves a driver on `root`; the socket exists when this returns, so connecting
+/// cannot race the server (no sleeps, no polling).
+async fn launch(root: &Path) -> (Running, Channel) {
+    let server = loopcsi::server::bind(&config(root)).expect("bind the driver socket");
+    let socket = server.socket().to_path_buf();
+    let metrics = server.metrics_address();
+    let (shutdown, task) = serve_in_background(server);
     (
         Running {
             shutdown,
