@@ -9,4 +9,5 @@ pub mod params;
 pub mod pool;
 pub mod reconcile;
 pub(crate) mod records;
+pub mod statedir;
 pub mod status;
