@@ -725,7 +725,7 @@ impl Committed for VolumeMeta {
     }
 }
 
-fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
+pub(crate) fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
     let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
     let meta: M = serde_json::from_slice(&text)
         .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
