@@ -444,9 +444,12 @@ async fn gc_prints_each_line_once() {
     let orphan = state
         .join("volumes")
         .join(format!("{}.img", uuid::Uuid::new_v4()));
-    std::fs::write(&orphan, b"").unwrap();
+    std::fs::File::create(&orphan)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
     let path = orphan.to_string_lossy().into_owned();
-    for args in [&["gc", "--dry-run", "--min-age", "0"][..], &["gc", "--min-age", "0"]] {
+    for args in [&["gc", "--dry-run"][..], &["gc"]] {
         let (ok, out, err) = tokio::task::spawn_blocking({
             let state = state.clone();
             move || loopcsi_logging(args, &state, "info")

@@ -794,7 +794,10 @@ fn recover_dir<M: Committed>(
             tracing::warn!(path = %path.display(), "image without metadata is attached to a loop device; left in place");
             continue;
         }
-        tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
+        if clean {
+            // Read-only (the operator CLI) removes nothing, so it says nothing here either.
+            tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
+        }
         remove(&path)?;
         recovery.removed_partial_images.push(path);
     }
