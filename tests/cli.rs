@@ -838,7 +838,11 @@ async fn startup_logs_version_node_state_dir_driver_name_and_direct_io() {
         ("driver.name", "loopcsi.dev"),
         ("direct_io.requested", "false"),
     ] {
-        assert_eq!(field(&line, name).as_deref(), Some(value), "{name} in {line}");
+        assert_eq!(
+            field(&line, name).as_deref(),
+            Some(value),
+            "{name} in {line}"
+        );
     }
     child.wait_listening().await;
     child.signal(Signal::SIGTERM);
@@ -872,7 +876,12 @@ async fn a_cli_error_is_one_line_without_a_backtrace() {
             .lines()
             .filter(|l| l.starts_with("error: "))
             .collect();
-        assert_eq!(errors.len(), 1, "{args:?}: one error line:\n{}", done.stderr);
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: one error line:\n{}",
+            done.stderr
+        );
         assert!(
             errors[0].contains(&dir.state_dir().display().to_string()),
             "{args:?}: the error names the path: {}",
@@ -928,7 +937,8 @@ fn shell_words(line: &str) -> Vec<String> {
 
 /// Quick start command 1 of README.md: the `cargo run ...` part of its first command line.
 fn readme_command_1() -> (String, String) {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let section = readme
         .split("\n## Quick start")
         .nth(1)
@@ -956,7 +966,13 @@ fn readme_command_1() -> (String, String) {
 /// `cargo metadata` of this package (no build, no network): what `cargo run` would pick.
 fn cargo_package_metadata() -> serde_json::Value {
     let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .args(["metadata", "--no-deps", "--offline", "--format-version", "1"])
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
         .arg("--manifest-path")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
         .output()
@@ -992,8 +1008,14 @@ fn spawn_in_private_mounts(cmd: Command, run_dir: PathBuf) -> Child {
         mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
             .expect("make / private");
         for dir in ["/var/lib", "/run"] {
-            mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-                .unwrap_or_else(|e| panic!("tmpfs on {dir}: {e}"));
+            mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0755"),
+            )
+            .unwrap_or_else(|e| panic!("tmpfs on {dir}: {e}"));
         }
         std::fs::create_dir("/run/loopcsi").unwrap();
         mount(Some(&run_dir), "/run/loopcsi", none, MsFlags::MS_BIND, none)
@@ -1031,7 +1053,11 @@ async fn readme_quick_start_command_1_serves_as_written() {
         "{cargo_run}"
     );
     let args = &words[4..];
-    assert_eq!(args.first().map(String::as_str), Some("serve"), "{cargo_run}");
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("serve"),
+        "{cargo_run}"
+    );
     let endpoint = args
         .iter()
         .position(|a| a == "--endpoint")
@@ -1076,7 +1102,11 @@ async fn readme_quick_start_command_1_serves_as_written() {
         }
     })
     .await;
-    assert!(ready.is_ok(), "not ready within {LIMIT:?}:\n{}", child.log());
+    assert!(
+        ready.is_ok(),
+        "not ready within {LIMIT:?}:\n{}",
+        child.log()
+    );
 
     child.signal(Signal::SIGTERM);
     let done = child.finish().await;

@@ -300,7 +300,10 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
         !ok && refused.contains(&format!("PID {}", std::process::id())),
         "{refused}"
     );
-    assert!(old_orphan.exists() && old_temp.exists(), "a refused gc removes nothing");
+    assert!(
+        old_orphan.exists() && old_temp.exists(),
+        "a refused gc removes nothing"
+    );
 
     d.stop().await;
     let (ok, removed, stderr) = loopcsi_beside(&["gc"], &state).await;
@@ -386,7 +389,10 @@ async fn status_lists_unreadable_metadata_and_what_the_driver_formatted() {
 
     let (ok, table, stderr) = loopcsi_beside(&["status"], &state).await;
     assert!(ok, "{stderr}");
-    assert!(table.lines().next().unwrap().contains("FORMATTED"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("FORMATTED"),
+        "{table}"
+    );
     let row = |id: &str| {
         table
             .lines()
@@ -400,9 +406,12 @@ async fn status_lists_unreadable_metadata_and_what_the_driver_formatted() {
     assert_eq!(row(&staged)[7], "yes", "{table}");
     assert_eq!(row(&fresh)[7], "no", "{table}");
     assert_eq!(row(&block)[7], "-", "{table}");
-    let broken_row = table.lines().find(|l| l.starts_with(&broken)).unwrap_or_else(|| {
-        panic!("the unreadable volume is listed:\n{table}");
-    });
+    let broken_row = table
+        .lines()
+        .find(|l| l.starts_with(&broken))
+        .unwrap_or_else(|| {
+            panic!("the unreadable volume is listed:\n{table}");
+        });
     assert!(
         broken_row.contains("UNREADABLE")
             && broken_row.contains(&*broken_meta.to_string_lossy())

@@ -36,8 +36,7 @@ pub fn claim_for_driver(
     node_id: &str,
     allow_node_id_change: bool,
 ) -> Result<LockFile> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| Error::io("create directory", state_dir, e))?;
+    std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
     let lock = lock(state_dir, "loopcsi serve", |holder| {
         format!(
             "is in use by {holder}; one driver per state dir: stop that process, or give this \
@@ -121,7 +120,9 @@ mod tests {
             "n1\n"
         );
         drop(claim_for_driver(&state, "n1", false).unwrap());
-        let err = claim_for_driver(&state, "n2", false).unwrap_err().to_string();
+        let err = claim_for_driver(&state, "n2", false)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("\"n1\"") && err.contains("\"n2\"") && err.contains("--allow"),
             "{err}"
