@@ -103,6 +103,12 @@ pub struct Config {
     /// warning, when the pool's file system cannot do direct I/O.
     #[arg(long)]
     pub buffered_io: bool,
+
+    /// Serve a state dir first served under another --node-id. Every volume's topology names
+    /// the node id, so a changed id is refused at startup unless this says the node really was
+    /// renamed; the new id is then recorded. Leave it off afterwards.
+    #[arg(long, env = "ALLOW_NODE_ID_CHANGE")]
+    pub allow_node_id_change: bool,
 }
 
 impl Config {
@@ -193,6 +199,7 @@ mod tests {
             reconcile_interval: 60,
             metrics_address: None,
             buffered_io: false,
+            allow_node_id_change: false,
         }
     }
 

@@ -1,35 +1,95 @@
 //! The operator commands `loopcsi status` and `loopcsi gc`. Neither needs the driver to be
-//! running, and both are safe beside a live one: status only reads, and gc only removes
-//! orphans old enough not to belong to an operation in flight.
+//! running. `status` only reads, so it is safe beside a live driver; so is `gc --dry-run`.
+//! `gc` removes files, so it takes the state dir's lock (`volume::statedir`) and is refused
+//! while a driver serves the state dir: that driver's own reconciliation rounds collect the
+//! same orphans without racing its operations in flight.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::host::tools::Tools;
 use crate::volume::node::NodeOps;
 use crate::volume::params::VolumeKind;
-use crate::volume::pool::{Layout, Pool};
+use crate::volume::pool::{self, Layout, Pool, SnapshotMeta, VolumeMeta};
 use crate::volume::reconcile::{GcPolicy, ReconcileReport};
+use crate::volume::statedir;
 use crate::volume::status::VolumeStatus;
 
-fn open_read_only(state_dir: &Path) -> Result<NodeOps> {
-    if !state_dir.join("volumes").is_dir() {
-        return Err(Error::invalid(
+fn require_pool(state_dir: &Path) -> Result<()> {
+    if state_dir.join("volumes").is_dir() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
             "--state-dir",
             format!("{} holds no loopcsi pool", state_dir.display()),
-        ));
+        ))
     }
+}
+
+/// The pool opened without changing anything, with the metadata files it could not read.
+fn open_read_only(state_dir: &Path) -> Result<(NodeOps, Vec<PathBuf>)> {
+    require_pool(state_dir)?;
     let layout = Layout::prepare(state_dir)?;
     if let Some(warning) = layout.durability_warning() {
         tracing::warn!("{warning}");
     }
     let (pool, recovery) = Pool::open_read_only(layout)?;
-    for path in &recovery.unreadable {
-        tracing::warn!(path = %path.display(), "unreadable metadata (the volume is not listed)");
+    let node = NodeOps::new(Arc::new(pool), Tools::discover()?, true);
+    Ok((node, recovery.unreadable))
+}
+
+/// A metadata file `status` could not read. It is listed (never silently left out), unhealthy,
+/// with the path and the reason.
+#[derive(Clone, Debug, Serialize)]
+struct Unreadable {
+    id: String,
+    path: PathBuf,
+    unreadable: bool,
+    reason: String,
+    healthy: bool,
+    health: String,
+}
+
+impl Unreadable {
+    fn new(path: PathBuf) -> Self {
+        let id = path
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        // Read it again for the reason (recovery logs it but keeps only the path).
+        let loaded = if path.parent().and_then(Path::file_name) == Some("snapshots".as_ref()) {
+            pool::load_meta::<SnapshotMeta>(&path, &id).map(drop)
+        } else {
+            pool::load_meta::<VolumeMeta>(&path, &id).map(drop)
+        };
+        let prefix = format!("{}: ", path.display());
+        let reason = match loaded {
+            Ok(()) => "unreadable when the pool was opened; readable now".to_string(),
+            Err(Error::Io { op, source, .. }) => format!("{op}: {source}"),
+            Err(Error::Corrupt(why)) => why.strip_prefix(&prefix).unwrap_or(&why).to_string(),
+            Err(other) => other.to_string(),
+        };
+        let health = format!("UNREADABLE {}: {reason}", path.display());
+        Unreadable {
+            id,
+            path,
+            unreadable: true,
+            reason,
+            healthy: false,
+            health,
+        }
     }
-    Ok(NodeOps::new(Arc::new(pool), Tools::discover()?, true))
+}
+
+/// One line of `status`: a volume, or metadata that could not be read.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Entry {
+    Volume(VolumeStatus),
+    Unreadable(Unreadable),
 }
 
 fn human(bytes: u64) -> String {
@@ -47,45 +107,29 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn table(volumes: &[VolumeStatus]) -> String {
+fn table(entries: &[Entry]) -> String {
     let header = [
         "ID",
         "NAME",
         "SIZE",
         "ALLOCATED",
         "FS",
+        "FORMATTED",
         "DEVICE",
         "STAGED",
         "PUBLISHED",
         "HEALTH",
     ];
-    let rows: Vec<[String; 9]> = volumes
+    let rows: Vec<[String; 10]> = entries
         .iter()
-        .map(|v| {
-            [
-                v.id.clone(),
-                v.name.escape_debug().to_string(),
-                human(v.capacity_bytes),
-                human(v.allocated_bytes),
-                match v.kind {
-                    VolumeKind::Filesystem(fs) => fs.name().to_string(),
-                    VolumeKind::Block => "block".to_string(),
-                },
-                v.loop_device.clone().unwrap_or_else(|| "-".into()),
-                v.staged_at
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-                if v.published_at.is_empty() {
-                    "-".into()
-                } else {
-                    v.published_at
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                },
-                v.health.clone(),
-            ]
+        .map(|entry| match entry {
+            Entry::Volume(v) => volume_row(v),
+            Entry::Unreadable(u) => {
+                let mut row: [String; 10] = std::array::from_fn(|_| "?".to_string());
+                row[0] = u.id.clone();
+                row[9] = u.health.clone();
+                row
+            }
         })
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -112,22 +156,72 @@ fn table(volumes: &[VolumeStatus]) -> String {
     out.join("\n") + "\n"
 }
 
-/// `loopcsi status`: this node's volumes as a table or JSON.
+fn volume_row(v: &VolumeStatus) -> [String; 10] {
+    [
+        v.id.clone(),
+        v.name.escape_debug().to_string(),
+        human(v.capacity_bytes),
+        human(v.allocated_bytes),
+        match v.kind {
+            VolumeKind::Filesystem(fs) => fs.name().to_string(),
+            VolumeKind::Block => "block".to_string(),
+        },
+        match (v.kind, v.formatted) {
+            (VolumeKind::Block, _) => "-".to_string(),
+            (_, true) => "yes".to_string(),
+            (_, false) => "no".to_string(),
+        },
+        v.loop_device.clone().unwrap_or_else(|| "-".into()),
+        v.staged_at
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
+        if v.published_at.is_empty() {
+            "-".into()
+        } else {
+            v.published_at
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+        v.health.clone(),
+    ]
+}
+
+/// `loopcsi status`: this node's volumes as a table or JSON, then the metadata files that
+/// could not be read (marked unreadable, with the path and the reason).
 pub fn status(state_dir: &Path, json: bool) -> Result<String> {
-    let node = open_read_only(state_dir)?;
-    let volumes = node.volume_statuses()?;
+    let (node, mut unreadable) = open_read_only(state_dir)?;
+    unreadable.sort();
+    let entries: Vec<Entry> = node
+        .volume_statuses()?
+        .into_iter()
+        .map(Entry::Volume)
+        .chain(
+            unreadable
+                .into_iter()
+                .map(|p| Entry::Unreadable(Unreadable::new(p))),
+        )
+        .collect();
     if json {
-        serde_json::to_string_pretty(&volumes)
+        serde_json::to_string_pretty(&entries)
             .map(|s| s + "\n")
             .map_err(|e| Error::Internal(format!("encoding JSON: {e}")))
     } else {
-        Ok(table(&volumes))
+        Ok(table(&entries))
     }
 }
 
-/// `loopcsi gc`: collects (or, with `dry_run`, lists) orphans older than `min_age`.
+/// `loopcsi gc`: collects (or, with `dry_run`, lists) orphans older than `min_age`. Collecting
+/// holds the state dir's lock, so it is refused while a driver serves the state dir.
 pub fn gc(state_dir: &Path, dry_run: bool, min_age: Duration) -> Result<ReconcileReport> {
-    let node = open_read_only(state_dir)?;
+    require_pool(state_dir)?;
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(statedir::lock_for_gc(state_dir)?)
+    };
+    let (node, _) = open_read_only(state_dir)?;
     let mut report = ReconcileReport::default();
     node.collect_orphans(GcPolicy { min_age, dry_run }, &mut report)?;
     Ok(report)

@@ -35,6 +35,11 @@ pub struct BoundServer {
 /// socket and starts state recovery.
 pub fn bind(config: &Config) -> Result<BoundServer> {
     config.validate()?;
+    let state_dir_lock = crate::volume::statedir::claim_for_driver(
+        &config.state_dir,
+        &config.node_id,
+        config.allow_node_id_change,
+    )?;
     let tools = Tools::discover()?;
     let socket = config.socket_path()?;
     check_socket_path_length(&socket)?;
@@ -55,7 +60,7 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
             listener
         })
         .transpose()?;
-    let driver = Driver::start(config, tools);
+    let driver = Driver::start(config, tools, state_dir_lock);
     Ok(BoundServer {
         listener,
         socket,

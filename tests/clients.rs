@@ -29,6 +29,7 @@ fn config(endpoint: &Path, state_dir: PathBuf) -> Config {
         reconcile_interval: 0,
         metrics_address: None,
         buffered_io: false,
+        allow_node_id_change: false,
     }
 }
 

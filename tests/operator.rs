@@ -114,11 +114,17 @@ async fn metrics_report_rpcs_volumes_pool_and_devices() {
 }
 
 fn loopcsi(args: &[&str], state_dir: &Path) -> (bool, String, String) {
+    loopcsi_logging(args, state_dir, "warn")
+}
+
+/// `loopcsi args --state-dir state_dir` with `RUST_LOG=log`: (success, stdout, stderr).
+fn loopcsi_logging(args: &[&str], state_dir: &Path, log: &str) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loopcsi"))
         .args(args)
         .arg("--state-dir")
         .arg(state_dir)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
+        .env_remove("RUST_BACKTRACE")
         .output()
         .unwrap();
     (
@@ -287,6 +293,19 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
         "--dry-run removes nothing"
     );
 
+    // Removing is refused while the driver serves the state dir (its reconciler collects the
+    // same orphans without racing its own operations); the message names the driver's PID.
+    let (ok, _, refused) = loopcsi_beside(&["gc"], &state).await;
+    assert!(
+        !ok && refused.contains(&format!("PID {}", std::process::id())),
+        "{refused}"
+    );
+    assert!(
+        old_orphan.exists() && old_temp.exists(),
+        "a refused gc removes nothing"
+    );
+
+    d.stop().await;
     let (ok, removed, stderr) = loopcsi_beside(&["gc"], &state).await;
     assert!(ok, "{stderr}");
     assert_eq!(removed.lines().count(), 2, "{removed}");
@@ -304,6 +323,7 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
         nothing.contains(&*young_orphan.to_string_lossy()),
         "{nothing}"
     );
+    d.restart().await;
     d.unstage(&live, &staging).await.unwrap();
     d.delete(&live).await.unwrap();
     d.assert_clean();
@@ -335,4 +355,144 @@ async fn a_pool_without_a_journal_is_warned_about() {
     let (ok, _, stderr) = loopcsi_beside(&["status"], &journaled.state_dir()).await;
     assert!(ok && !stderr.contains("journal"), "{stderr}");
     journaled.assert_clean();
+}
+
+/// Metadata that cannot be read is listed by `status`, marked unreadable with its path and the
+/// reason (in the table and in --json), never silently left out; and each volume shows whether
+/// the driver formatted its file system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_unreadable_metadata_and_what_the_driver_formatted() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let staged = d
+        .create(create_req("staged", 16 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let fresh = d
+        .create(create_req("fresh", 16 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let block = d
+        .create(create_req("raw", 8 * MIB, block_cap(snw())))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = d.staging("s");
+    d.stage(&staged, &staging, cap.clone()).await.unwrap();
+    // Another volume's metadata, damaged behind the driver's back.
+    let broken = uuid::Uuid::new_v4().to_string();
+    let broken_meta = d.state_dir().join("volumes").join(format!("{broken}.json"));
+    std::fs::write(&broken_meta, b"{ not json").unwrap();
+    let state = d.state_dir();
+
+    let (ok, table, stderr) = loopcsi_beside(&["status"], &state).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        table.lines().next().unwrap().contains("FORMATTED"),
+        "{table}"
+    );
+    let row = |id: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} is listed:\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // ID NAME SIZE(2 words) ALLOCATED(2 words) FS FORMATTED ...
+    assert_eq!(row(&staged)[7], "yes", "{table}");
+    assert_eq!(row(&fresh)[7], "no", "{table}");
+    assert_eq!(row(&block)[7], "-", "{table}");
+    let broken_row = table
+        .lines()
+        .find(|l| l.starts_with(&broken))
+        .unwrap_or_else(|| {
+            panic!("the unreadable volume is listed:\n{table}");
+        });
+    assert!(
+        broken_row.contains("UNREADABLE")
+            && broken_row.contains(&*broken_meta.to_string_lossy())
+            && broken_row.contains("line 1"),
+        "marked, with the path and serde's reason: {broken_row}"
+    );
+
+    let (ok, json, stderr) = loopcsi_beside(&["status", "--json"], &state).await;
+    assert!(ok, "{stderr}");
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let entries = parsed.as_array().unwrap();
+    assert_eq!(entries.len(), 4, "{json}");
+    let entry = |id: &str| entries.iter().find(|v| v["id"] == id).unwrap();
+    assert_eq!(entry(&staged)["formatted"], true);
+    assert_eq!(entry(&fresh)["formatted"], false);
+    let unreadable = entry(&broken);
+    assert_eq!(unreadable["unreadable"], true, "{json}");
+    assert_eq!(unreadable["healthy"], false, "{json}");
+    assert_eq!(unreadable["path"], broken_meta.to_string_lossy().as_ref());
+    assert!(
+        unreadable["reason"].as_str().unwrap().contains("line 1"),
+        "{json}"
+    );
+
+    std::fs::remove_file(&broken_meta).unwrap();
+    d.unstage(&staged, &staging).await.unwrap();
+    for id in [&staged, &fresh, &block] {
+        d.delete(id).await.unwrap();
+    }
+    d.assert_clean();
+}
+
+/// `gc` prints each orphan once: on stdout, not also as a log line on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_prints_each_line_once() {
+    let mut d = TestDriver::start().await;
+    let state = d.state_dir();
+    d.stop().await;
+    let orphan = state
+        .join("volumes")
+        .join(format!("{}.img", uuid::Uuid::new_v4()));
+    std::fs::File::create(&orphan)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    let path = orphan.to_string_lossy().into_owned();
+    for args in [&["gc", "--dry-run"][..], &["gc"]] {
+        let (ok, out, err) = tokio::task::spawn_blocking({
+            let state = state.clone();
+            move || loopcsi_logging(args, &state, "info")
+        })
+        .await
+        .unwrap();
+        assert!(ok, "{err}");
+        let printed = out.matches(&path).count() + err.matches(&path).count();
+        assert_eq!(printed, 1, "{args:?} stdout:\n{out}\nstderr:\n{err}");
+    }
+    assert!(!orphan.exists());
+}
+
+/// Two in-process drivers on one state dir: the second `bind` is refused, naming the PID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_in_process_driver_on_the_same_state_dir_is_refused() {
+    let d = TestDriver::start().await;
+    let config = loopcsi::config::Config {
+        endpoint: format!("unix://{}", d.root().join("second.sock").display()),
+        node_id: NODE.into(),
+        state_dir: d.state_dir(),
+        driver_name: "loopcsi.dev".into(),
+        max_volumes_per_node: 0,
+        reconcile_interval: 0,
+        metrics_address: None,
+        buffered_io: false,
+        allow_node_id_change: false,
+    };
+    let err = loopcsi::server::bind(&config).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains(&format!("PID {}", std::process::id())),
+        "{err}"
+    );
+    assert!(!d.root().join("second.sock").exists(), "it bound nothing");
+    d.assert_clean();
 }

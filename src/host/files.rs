@@ -32,6 +32,13 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     write_atomic_with(path, contents, None)
 }
 
+/// `write_atomic` for a file written at startup, before the driver serves (the node id): the
+/// same steps without the `atomic.temp_written` crash point, which the crash tests use to kill
+/// a driver that already serves, in the middle of a pool write.
+pub fn write_atomic_at_startup(path: &Path, contents: &[u8]) -> Result<()> {
+    replace(path, contents, None, false)
+}
+
 /// `write_atomic`, also making `companion` durable before the rename: a file just created
 /// beside `path` that the new `path` commits (a volume's image and its metadata), or the
 /// directory a new record directory was made in. The companion's fsync runs on a scoped thread
@@ -45,6 +52,15 @@ pub fn write_atomic_with(
     path: &Path,
     contents: &[u8],
     companion: Option<(&File, &Path)>,
+) -> Result<()> {
+    replace(path, contents, companion, true)
+}
+
+fn replace(
+    path: &Path,
+    contents: &[u8],
+    companion: Option<(&File, &Path)>,
+    crash_point: bool,
 ) -> Result<()> {
     let temp = temp_path(path);
     let result = (|| {
@@ -62,7 +78,9 @@ pub fn write_atomic_with(
                 written.and(synced)?;
             }
         }
-        crate::faults::crash_point("atomic.temp_written");
+        if crash_point {
+            crate::faults::crash_point("atomic.temp_written");
+        }
         std::fs::rename(&temp, path).map_err(|e| Error::io("rename", &temp, e))
     })();
     if result.is_err() {

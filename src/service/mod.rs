@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::config::{Config, TOPOLOGY_KEY};
 use crate::csi;
 use crate::error::{shown, Error, Result};
+use crate::host::lockfile::LockFile;
 use crate::host::tools::Tools;
 use crate::volume::id::VolumeId;
 use crate::volume::node::NodeOps;
@@ -47,6 +48,9 @@ pub struct Driver {
     /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
     token_key: std::collections::hash_map::RandomState,
     background: tokio::task::AbortHandle,
+    /// The state dir's lock (`volume::statedir`), held while this driver serves; released by
+    /// `stop_background`, so that a driver restarted in the same process can take it at once.
+    state_dir_lock: std::sync::Mutex<Option<LockFile>>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -108,7 +112,7 @@ impl Driver {
     /// Starts the driver: state recovery runs in the background (Probe answers not-ready until
     /// it is done, and other RPCs wait for it), then reconciliation rounds every
     /// `--reconcile-interval` seconds.
-    pub fn start(config: &Config, tools: Tools) -> Arc<Self> {
+    pub fn start(config: &Config, tools: Tools, state_dir_lock: LockFile) -> Arc<Self> {
         let metrics = crate::metrics::Metrics::new();
         let round_metrics = Arc::clone(&metrics);
         let (tx, rx) = watch::channel(Readiness::Starting);
@@ -139,13 +143,21 @@ impl Driver {
             readiness: rx,
             token_key: std::collections::hash_map::RandomState::new(),
             background: background.abort_handle(),
+            state_dir_lock: std::sync::Mutex::new(Some(state_dir_lock)),
             metrics,
         })
     }
 
-    /// Stops the background work (recovery, reconciliation) at server shutdown.
+    /// Stops the background work (recovery, reconciliation) at server shutdown, and releases
+    /// the state dir's lock.
     pub fn stop_background(&self) {
         self.background.abort();
+        drop(
+            self.state_dir_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
     }
 
     /// `Some(true)` ready, `Some(false)` still recovering, `None` recovery failed (with why).

@@ -11,4 +11,5 @@ pub mod pool;
 pub mod reconcile;
 pub(crate) mod records;
 pub mod rescue;
+pub mod statedir;
 pub mod status;

@@ -846,7 +846,7 @@ impl Committed for VolumeMeta {
     }
 }
 
-fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
+pub(crate) fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
     let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
     let meta: M = serde_json::from_slice(&text)
         .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
@@ -928,7 +928,10 @@ fn recover_dir<M: Committed>(
             tracing::warn!(path = %path.display(), uses = %uses.join("; "), "image without metadata is in use; left in place");
             continue;
         }
-        tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
+        if clean {
+            // Read-only (the operator CLI) removes nothing, so it says nothing here either.
+            tracing::info!(path = %path.display(), "removing the image of an interrupted {} create or delete", M::WHAT);
+        }
         remove(&path)?;
         recovery.removed_partial_images.push(path);
     }

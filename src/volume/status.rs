@@ -21,6 +21,9 @@ pub struct VolumeStatus {
     pub allocated_bytes: u64,
     pub kind: VolumeKind,
     pub provisioning: Provisioning,
+    /// The driver made the file system (false for a block volume, and for a file system
+    /// volume not staged yet).
+    pub formatted: bool,
     pub loop_device: Option<String>,
     pub direct_io: Option<bool>,
     pub staged_at: Option<PathBuf>,
@@ -45,6 +48,7 @@ impl NodeOps {
                 allocated_bytes: files::allocated_bytes(&image).unwrap_or(0),
                 kind: meta.kind,
                 provisioning: meta.provisioning,
+                formatted: meta.formatted,
                 loop_device: device.map(|d| d.path().display().to_string()),
                 direct_io: device.map(|d| d.direct_io()),
                 staged_at: record.staged.map(|s| s.path),

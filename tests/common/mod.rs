@@ -86,6 +86,7 @@ fn config(root: &Path) -> Config {
         // An ephemeral loopback port: no fixed ports in tests.
         metrics_address: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         buffered_io: false,
+        allow_node_id_change: false,
     }
 }
 
@@ -408,7 +409,19 @@ impl Drop for TestDriver {
     fn drop(&mut self) {
         if let Some(running) = self.running.take() {
             let _ = running.shutdown.send(());
-            running.task.abort();
+            // The driver holds <state-dir>/lock open until it stops, and an open file keeps a
+            // small pool's file system busy: wait (bounded) for the graceful stop, so that
+            // `scratch` can unmount it. Abort only if the stop does not come.
+            let mut task = running.task;
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                tokio::task::block_in_place(|| {
+                    let _ = handle.block_on(tokio::time::timeout(
+                        std::time::Duration::from_secs(30),
+                        &mut task,
+                    ));
+                });
+            }
+            task.abort();
         }
         // `scratch` is dropped next: it releases and checks everything under the dir.
     }
