@@ -33,6 +33,22 @@ pub enum Command {
     /// metadata, stale temp files and records. Safe beside a live driver: only files older
     /// than --min-age are touched, and existence is judged by the metadata on disk.
     Gc(GcArgs),
+    /// Copy the data of a staged volume whose image was deleted or replaced behind the
+    /// driver's back from its still-attached loop device into a new image, then detach the
+    /// device. Run it on the volume's node (in the plugin container) after the volume's pods
+    /// have stopped; NodeUnstageVolume then succeeds. Safe beside a live driver.
+    Rescue(RescueArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RescueArgs {
+    /// The driver's state directory.
+    #[arg(long, default_value = "/var/lib/loopcsi")]
+    pub state_dir: PathBuf,
+
+    /// The id of the volume to rescue.
+    #[arg(long)]
+    pub volume: String,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -54,6 +54,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => {
             print!("{}", loopcsi::operator::status(&args.state_dir, args.json)?);
         }
+        Command::Rescue(args) => {
+            println!(
+                "{}",
+                loopcsi::operator::rescue(&args.state_dir, &args.volume)?
+            );
+        }
         Command::Gc(args) => {
             let min_age = std::time::Duration::from_secs(args.min_age);
             let report = loopcsi::operator::gc(&args.state_dir, args.dry_run, min_age)?;

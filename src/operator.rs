@@ -226,3 +226,18 @@ pub fn gc(state_dir: &Path, dry_run: bool, min_age: Duration) -> Result<Reconcil
     node.collect_orphans(GcPolicy { min_age, dry_run }, &mut report)?;
     Ok(report)
 }
+
+/// `loopcsi rescue`: copies a staged volume whose image is gone from its loop device into a
+/// new image (see `volume::rescue`). It opens the pool without changing anything else, so it is
+/// safe beside a live driver, whose NodeUnstageVolume refuses to detach that device meanwhile
+/// and whose reconciler only reports it.
+pub fn rescue(state_dir: &Path, volume: &str) -> Result<String> {
+    let id = crate::volume::id::VolumeId::parse(volume).ok_or_else(|| {
+        Error::invalid(
+            "--volume",
+            format!("{} is not a loopcsi volume id", crate::error::shown(volume)),
+        )
+    })?;
+    let (node, _) = open_read_only(state_dir)?;
+    node.rescue(&id)
+}

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use common::*;
 use loopcsi::host::tools::Tools;
-use loopcsi::volume::id::VolumeId;
 use loopcsi::volume::node::NodeOps;
 use loopcsi::volume::pool::{Layout, Pool};
 
@@ -195,10 +194,23 @@ async fn an_image_deleted_under_a_live_volume_is_reported_and_rescued() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("rescue"), "{err:?}");
 
-    d.stop().await;
-    let volume = VolumeId::parse(&id).unwrap();
-    node_view(&d).rescue(&volume).unwrap();
-    d.restart().await;
+    // The operator's command, beside the live driver.
+    let rescue = std::process::Command::new(env!("CARGO_BIN_EXE_loopcsi"))
+        .args(["rescue", "--volume", &id, "--state-dir"])
+        .arg(d.state_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&rescue.stdout);
+    assert!(
+        rescue.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&rescue.stderr)
+    );
+    assert!(said.contains("rescued volume"), "{said}");
+    assert!(
+        device.backing_file().is_none(),
+        "the old device is released"
+    );
     d.unstage(&id, &staging).await.unwrap();
     d.stage(&id, &staging, cap.clone()).await.unwrap();
     d.publish(&id, &staging, &target, cap.clone(), false)
