@@ -16,10 +16,10 @@ use crate::host::files::{self, Allocation};
 use crate::host::loopdev;
 use crate::host::mount;
 use crate::host::tools::FsType;
+use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::node::{NodeOps, Observed};
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
-use crate::volume::freeze::FreezeTarget;
 use crate::volume::pool::{
     ContentSource, Created, Freeze, Hold, SnapshotMeta, SourceCopy, VolumeMeta,
 };

@@ -88,7 +88,10 @@ fn open_fs(path: &Path, numbers: (u32, u32)) -> Result<File> {
         .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
-    let dev = dir.metadata().map_err(|e| Error::io("stat", path, e))?.dev();
+    let dev = dir
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .dev();
     if dev != nix::sys::stat::makedev(numbers.0.into(), numbers.1.into()) {
         return Err(Error::FailedPrecondition(format!(
             "{} is no longer on the file system of device {}:{}",
@@ -247,18 +250,13 @@ fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
             .map_err(|e| Error::io("create directory", &scratch, e))?;
         let options = MountOptions::parse(&["nosuid".into(), "nodev".into(), "noexec".into()])
             .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
-        let mounted = mount::mount_device(
-            &dev.path(),
-            &scratch,
-            intent.fs_type.name(),
-            &options,
-        )
-        .or_else(|_| {
-            // A file system frozen while read-only only mounts read-only again.
-            let ro = MountOptions::parse(&["ro".into(), "nosuid".into(), "nodev".into()])
-                .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
-            mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
-        });
+        let mounted = mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &options)
+            .or_else(|_| {
+                // A file system frozen while read-only only mounts read-only again.
+                let ro = MountOptions::parse(&["ro".into(), "nosuid".into(), "nodev".into()])
+                    .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
+                mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
+            });
         mounted?;
         let thawed = thaw_at(&scratch, numbers);
         mount::unmount(&scratch)?;
@@ -326,7 +324,9 @@ impl NodeOps {
             };
             match read_intent(&path).and_then(|intent| thaw_recorded(layout, &intent)) {
                 Ok(done) => {
-                    let what = format!("volume {id}: a snapshot that did not finish had frozen it; {done}");
+                    let what = format!(
+                        "volume {id}: a snapshot that did not finish had frozen it; {done}"
+                    );
                     tracing::info!(action = "thaw", "{what}");
                     outcome.thawed.push(what);
                 }
