@@ -50,16 +50,19 @@ impl SourceCopy {
         crate::faults::crash_point("copy.precopied");
         let patched = (|| {
             let frozen = freeze()?;
+            let started = std::time::Instant::now();
             let rewritten = files::patch_to_match(&self.image, dst, len);
             drop(frozen); // thaw before the flush
+            let frozen_ms = started.elapsed().as_millis() as u64;
             let rewritten = rewritten?;
             files::sync_file(dst)?;
-            Ok(rewritten)
+            Ok((rewritten, frozen_ms))
         })();
         match patched {
-            Ok(rewritten) => {
+            Ok((rewritten, frozen_ms)) => {
                 tracing::info!(
                     rewritten_bytes = rewritten,
+                    frozen_ms,
                     "copied a live file system: the blocks written during the copy were \
                      copied again while it was frozen"
                 );
