@@ -93,19 +93,30 @@ struct Run {
 const DATA: &[u8] = b"written before the crash, read after it";
 
 impl Run {
+    /// A run under `root` with a `fs` volume of `size` bytes; makes the CO's directories.
+    fn new(root: &Path, fs: &str, size: i64) -> Self {
+        let run = Run {
+            root: root.to_path_buf(),
+            id: String::new(),
+            snapshot: String::new(),
+            copies: Vec::new(),
+            size,
+            fs_bytes: None,
+            cap: mount_cap(fs, snw()),
+            staging: root.join("staging"),
+            target: root.join("pod").join("volume"),
+        };
+        std::fs::create_dir_all(&run.staging).unwrap();
+        std::fs::create_dir_all(run.target.parent().unwrap()).unwrap();
+        run
+    }
+
     async fn step(&mut self, d: &mut ChildDriver, step: Step) -> Result<(), tonic::Status> {
         let id = self.id.clone();
         match step {
             Step::Create => {
                 let req = create_req("pvc-crash", self.size, self.cap.clone());
-                let volume = d
-                    .controller
-                    .create_volume(req)
-                    .await?
-                    .into_inner()
-                    .volume
-                    .unwrap();
-                self.id = volume.volume_id;
+                self.id = create_volume(d, req).await?;
             }
             Step::Stage => {
                 d.node
@@ -282,17 +293,20 @@ impl Run {
         req.volume_content_source = Some(csi::VolumeContentSource {
             r#type: Some(source),
         });
-        let volume = d
-            .controller
-            .create_volume(req)
-            .await?
-            .into_inner()
-            .volume
-            .unwrap();
+        let id = create_volume(d, req).await?;
         self.copies.retain(|(n, _)| *n != name);
-        self.copies.push((name, volume.volume_id));
+        self.copies.push((name, id));
         Ok(())
     }
+}
+
+/// CreateVolume; the new (or existing) volume's id.
+async fn create_volume(
+    d: &mut ChildDriver,
+    req: csi::CreateVolumeRequest,
+) -> Result<String, tonic::Status> {
+    let reply = d.controller.create_volume(req).await?.into_inner();
+    Ok(reply.volume.unwrap().volume_id)
 }
 
 /// Fails if the file system mounted at `path` is frozen. FITHAW answers EINVAL for a file system
@@ -322,6 +336,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 /// Runs the scenario with the driver set to die at `point`; returns after asserting the end
 /// state. Panics if the point was never reached (the test would prove nothing).
+///
 /// The data scenario runs on xfs: this machine's driver lacks CAP_SYS_RESOURCE, without which a
 /// mounted ext4 cannot grow (tests/data.rs), and xfs grows online without it.
 async fn crash_and_recover(point: &str, scenario: &[Step]) {
@@ -332,19 +347,7 @@ async fn crash_and_recover(point: &str, scenario: &[Step]) {
     };
     let scratch = Scratch::new();
     let root = scratch.path().to_path_buf();
-    let mut run = Run {
-        root: root.clone(),
-        id: String::new(),
-        snapshot: String::new(),
-        copies: Vec::new(),
-        size,
-        fs_bytes: None,
-        cap: mount_cap(fs, snw()),
-        staging: root.join("staging"),
-        target: root.join("pod").join("volume"),
-    };
-    std::fs::create_dir_all(&run.staging).unwrap();
-    std::fs::create_dir_all(run.target.parent().unwrap()).unwrap();
+    let mut run = Run::new(&root, fs, size);
 
     let mut driver = ChildDriver::spawn(&root, Some(point)).await;
     let mut crashed = false;
@@ -515,19 +518,7 @@ async fn crash_mid_gc() {
 async fn a_frozen_file_system_unmounted_while_the_driver_was_dead_is_thawed_at_start() {
     let scratch = Scratch::new();
     let root = scratch.path().to_path_buf();
-    let mut run = Run {
-        root: root.clone(),
-        id: String::new(),
-        snapshot: String::new(),
-        copies: Vec::new(),
-        size: 32 * MIB,
-        fs_bytes: None,
-        cap: mount_cap("ext4", snw()),
-        staging: root.join("staging"),
-        target: root.join("pod").join("volume"),
-    };
-    std::fs::create_dir_all(&run.staging).unwrap();
-    std::fs::create_dir_all(run.target.parent().unwrap()).unwrap();
+    let mut run = Run::new(&root, "ext4", 32 * MIB);
     let mut driver = ChildDriver::spawn(&root, Some("freeze.frozen")).await;
     for step in [Step::Create, Step::Stage, Step::Publish, Step::WriteData] {
         run.step(&mut driver, step).await.unwrap();
