@@ -525,10 +525,19 @@ async fn a_frozen_file_system_unmounted_while_the_driver_was_dead_is_thawed_at_s
     }
     assert!(run.step(&mut driver, Step::Snapshot).await.is_err());
     assert_eq!(driver.wait().signal(), Some(9), "died while frozen");
+    let device = {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(&run.staging).unwrap().dev();
+        PathBuf::from(format!("/dev/loop{}", nix::sys::stat::minor(dev)))
+    };
     // Unmounting a frozen file system succeeds; its superblock stays frozen.
     for path in [&run.target, &run.staging] {
         nix::mount::umount(path.as_path()).unwrap();
     }
+    let _thaw = ThawIfFailing {
+        device,
+        dir: root.join("test-thaw"),
+    };
     let mut driver = ChildDriver::spawn(&root, None).await;
     for step in [
         Step::Snapshot,
@@ -546,6 +555,37 @@ async fn a_frozen_file_system_unmounted_while_the_driver_was_dead_is_thawed_at_s
         files_in(&root.join("state").join("frozen")),
         Vec::<String>::new()
     );
+}
+
+/// Should the test fail with the file system still frozen and unmounted, its superblock would
+/// keep the loop device attached for ever (the fixture cannot detach it): thaw it the way an
+/// operator would, by mounting the device again. Dropped before the fixture's cleanup.
+struct ThawIfFailing {
+    device: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for ThawIfFailing {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || std::fs::create_dir_all(&self.dir).is_err() {
+            return;
+        }
+        let flags = nix::mount::MsFlags::empty();
+        if nix::mount::mount(
+            Some(&self.device),
+            &self.dir,
+            Some("ext4"),
+            flags,
+            None::<&str>,
+        )
+        .is_ok()
+        {
+            if let Ok(fs) = std::fs::File::open(&self.dir) {
+                let _ = loopcsi::host::loopdev::thaw_fs(&fs);
+            }
+            let _ = nix::mount::umount(&self.dir);
+        }
+    }
 }
 
 /// Freezes the file system at `staging` as the driver does, and writes the record the driver
