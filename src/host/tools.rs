@@ -64,7 +64,6 @@ pub struct Tools {
     e2fsck: Option<PathBuf>,
     resize2fs: Option<PathBuf>,
     xfs_growfs: Option<PathBuf>,
-    fsfreeze: Option<PathBuf>,
 }
 
 /// Where tools live on Debian-like systems, also when PATH lacks the sbin directories.
@@ -96,7 +95,6 @@ impl Tools {
             e2fsck: find("e2fsck"),
             resize2fs: find("resize2fs"),
             xfs_growfs: find("xfs_growfs"),
-            fsfreeze: find("fsfreeze"),
         })
     }
 
@@ -147,20 +145,6 @@ impl Tools {
     pub fn grow_xfs(&self, mount_point: &Path) -> Result<()> {
         let tool = Self::optional(&self.xfs_growfs, "xfs_growfs")?;
         self.run(tool, &["-d".as_ref(), mount_point.as_os_str()], &[])
-            .map(drop)
-    }
-
-    /// Freezes the file system mounted at `mount_point` (flushes it and blocks new writes).
-    pub fn freeze(&self, mount_point: &Path) -> Result<()> {
-        let tool = Self::optional(&self.fsfreeze, "fsfreeze")?;
-        self.run(tool, &["--freeze".as_ref(), mount_point.as_os_str()], &[])
-            .map(drop)
-    }
-
-    /// Thaws a file system frozen by `freeze`.
-    pub fn thaw(&self, mount_point: &Path) -> Result<()> {
-        let tool = Self::optional(&self.fsfreeze, "fsfreeze")?;
-        self.run(tool, &["--unfreeze".as_ref(), mount_point.as_os_str()], &[])
             .map(drop)
     }
 

@@ -76,6 +76,8 @@ fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
     }
     let pool = Arc::new(pool);
     let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
+    // Before any RPC: a file system a killed driver left frozen blocks its application.
+    node.thaw_abandoned();
     Ok(Domain { pool, node })
 }
 

@@ -3,33 +3,75 @@
 //!
 //! A copy source is made stable before it is read: a snapshot is immutable; a volume's guard is
 //! held (no stage, unstage or delete meanwhile) and, when its file system is mounted, the file
-//! system is frozen (flushed, new writes blocked) for the length of the copy and always thawed.
-//! The copy itself shares extents (reflink) where the pool file system can, and copies only
-//! data extents elsewhere (see `host::files::copy_sparse`).
+//! system is frozen (flushed, new writes blocked) for the last pass of the copy only, and always
+//! thawed (`SourceCopy::copy_to`; the freeze is recorded so that a driver killed meanwhile is
+//! undone, see `freeze.rs`). The copy itself shares extents (reflink) where the pool file system
+//! can, and copies only data extents elsewhere (see `host::files::copy_sparse`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host::files::{self, Allocation};
 use crate::host::loopdev;
 use crate::host::mount;
-use crate::host::tools::{FsType, Tools};
+use crate::host::tools::FsType;
+use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::node::{NodeOps, Observed};
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
-use crate::volume::pool::{ContentSource, Created, Hold, SnapshotMeta, SourceCopy, VolumeMeta};
+use crate::volume::pool::{
+    ContentSource, Created, Freeze, Hold, SnapshotMeta, SourceCopy, VolumeMeta,
+};
 
-/// Thaws a frozen file system when dropped, also on every error path.
-struct Frozen {
-    tools: Tools,
-    mount_point: PathBuf,
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if let Err(err) = self.tools.thaw(&self.mount_point) {
-            tracing::error!(mount_point = %self.mount_point.display(), error = %err, "could not thaw the file system");
+impl SourceCopy {
+    /// Copies the source into `dst` (new), sized `size`. A source that is not live (a snapshot,
+    /// an unstaged volume) is copied as it is: its guard keeps it unchanged. A mounted file
+    /// system keeps taking writes until it is frozen, and a frozen one blocks its application,
+    /// so the freeze is kept short:
+    /// - on a pool that shares extents (reflink: btrfs, xfs), it is frozen and copied, which
+    ///   takes milliseconds whatever the size;
+    /// - elsewhere the data is copied while the application writes on, then the file system is
+    ///   frozen (everything it wrote is then in the image, and nothing more is written) and a
+    ///   second pass rewrites the blocks of the copy that differ from the image
+    ///   (`files::patch_to_match`): afterwards the copy reads back exactly as the frozen image,
+    ///   which is the point-in-time copy. Only that comparison runs frozen; the flush of the
+    ///   copy runs after the thaw.
+    pub fn copy_to(&self, dst: &Path, size: u64) -> Result<files::CopyStats> {
+        let len = self.size_bytes;
+        let Some(freeze) = &self.freeze else {
+            return files::copy_sparse(&self.image, dst, len, size);
+        };
+        if files::reflinks(dst.parent().unwrap_or(Path::new("/"))) {
+            let _frozen = freeze()?;
+            return files::copy_sparse(&self.image, dst, len, size);
+        }
+        let stats = files::copy_sparse(&self.image, dst, len, size)?;
+        crate::faults::crash_point("copy.precopied");
+        let patched = (|| {
+            let frozen = freeze()?;
+            let started = std::time::Instant::now();
+            let rewritten = files::patch_to_match(&self.image, dst, len);
+            drop(frozen); // thaw before the flush
+            let frozen_ms = started.elapsed().as_millis() as u64;
+            let rewritten = rewritten?;
+            files::sync_file(dst)?;
+            Ok((rewritten, frozen_ms))
+        })();
+        match patched {
+            Ok((rewritten, frozen_ms)) => {
+                tracing::info!(
+                    rewritten_bytes = rewritten,
+                    frozen_ms,
+                    "copied a live file system: the blocks written during the copy were \
+                     copied again while it was frozen"
+                );
+                Ok(stats)
+            }
+            Err(err) => {
+                let _ = files::remove_durably(dst);
+                Err(err)
+            }
         }
     }
 }
@@ -42,24 +84,32 @@ pub struct Condition {
 }
 
 impl NodeOps {
-    /// Makes a volume's image stable for copying: holds its guard and freezes its file system
-    /// when mounted. The returned holds release (thaw) when dropped.
-    fn stable_volume(&self, id: &VolumeId) -> Result<(Arc<VolumeMeta>, Vec<Hold>)> {
+    /// Makes a volume's image stable for copying: holds its guard (no stage, unstage, expand
+    /// or delete meanwhile) and, when its file system is mounted, says how to freeze it (see
+    /// `SourceCopy::copy_to`). The guard is released when the holds drop.
+    fn stable_volume(
+        &self,
+        id: &VolumeId,
+    ) -> Result<(Arc<VolumeMeta>, Vec<Hold>, Option<FreezeTarget>)> {
         let guard = self.pool.lock_volume(id)?;
         let meta = self.pool.require(id)?;
-        let mut holds: Vec<Hold> = vec![Box::new(guard)];
-        if let VolumeKind::Filesystem(_) = meta.kind {
+        let holds: Vec<Hold> = vec![Box::new(guard)];
+        let mut freeze = None;
+        if let VolumeKind::Filesystem(fs) = meta.kind {
             let record = self.load_record(id)?;
             let observed = Observed::read(&self.pool.layout().image(id))?;
-            if let Some(staged) = record.staged.filter(|s| observed.fs_mounted_at(&s.path)) {
-                self.tools().freeze(&staged.path)?;
-                holds.push(Box::new(Frozen {
-                    tools: self.tools().clone(),
-                    mount_point: staged.path,
-                }));
+            let staged = record.staged.filter(|s| observed.fs_mounted_at(&s.path));
+            if let (Some(staged), Some(numbers)) = (staged, observed.dev_numbers) {
+                freeze = Some(FreezeTarget::new(
+                    self.pool.layout().clone(),
+                    *id,
+                    staged.path,
+                    numbers,
+                    fs,
+                ));
             }
         }
-        Ok((meta, holds))
+        Ok((meta, holds, freeze))
     }
 
     /// The source of a restore or clone, made stable for the copy.
@@ -76,10 +126,11 @@ impl NodeOps {
                     pending_fs_grow: snap.pending_fs_grow,
                     content: *source,
                     holds: vec![Box::new(guard)],
+                    freeze: None,
                 })
             }
             ContentSource::Volume(id) => {
-                let (meta, holds) = self.stable_volume(id)?;
+                let (meta, holds, freeze) = self.stable_volume(id)?;
                 Ok(SourceCopy {
                     image: self.pool.layout().image(id),
                     size_bytes: meta.capacity_bytes,
@@ -88,12 +139,16 @@ impl NodeOps {
                     pending_fs_grow: meta.pending_fs_grow,
                     content: *source,
                     holds,
+                    freeze: freeze.map(|target| {
+                        Box::new(move || target.freeze().map(|frozen| Box::new(frozen) as Hold))
+                            as Freeze
+                    }),
                 })
             }
         }
     }
 
-    /// CreateSnapshot of `source`: a consistent point-in-time copy (frozen while copied).
+    /// CreateSnapshot of `source`: a consistent point-in-time copy (see `SourceCopy::copy_to`).
     pub fn create_snapshot(
         &self,
         name: &str,
@@ -136,6 +191,7 @@ impl NodeOps {
         // File first, metadata second: a crash in between leaves a file larger than recorded,
         // which a retry makes consistent.
         files::grow_backing_file(&image, size, allocation)?;
+        crate::faults::crash_point("expand.file_grown");
         let mut updated = meta.clone();
         updated.capacity_bytes = size;
         // Until it is grown, the file system is smaller than the volume; should the online grow
@@ -236,6 +292,9 @@ impl NodeOps {
                 meta.capacity_bytes
             )),
             Ok(_) => {}
+        }
+        if let Some(frozen) = self.abandoned_freeze(id) {
+            problems.push(frozen);
         }
         let record = self.load_record(id)?;
         if let Some(staged) = &record.staged {

@@ -2,6 +2,7 @@
 //! node staging and publishing, and per-volume operation guards. No gRPC types here.
 
 pub mod data;
+pub mod freeze;
 pub mod id;
 pub mod inuse;
 pub mod locks;

@@ -182,6 +182,9 @@ impl Committed for SnapshotMeta {
 /// Something held for the length of a copy and released when dropped (a guard, a freeze).
 pub type Hold = Box<dyn std::any::Any + Send>;
 
+/// Freezes a live source for the last pass of its copy; the freeze lasts as long as the hold.
+pub type Freeze = Box<dyn Fn() -> Result<Hold> + Send>;
+
 /// A copy source prepared by the caller: its image is stable (frozen or unused) for as long
 /// as the caller holds the guards inside.
 pub struct SourceCopy {
@@ -192,8 +195,11 @@ pub struct SourceCopy {
     /// The source's file system is smaller than the source (a grow is still pending there).
     pub pending_fs_grow: bool,
     pub content: ContentSource,
-    /// Held while copying: the source's operation guard, a freeze of its file system.
+    /// Held while copying: the source's operation guard.
     pub holds: Vec<Hold>,
+    /// `Some` when the source is a mounted file system that takes writes until frozen (see
+    /// `SourceCopy::copy_to`).
+    pub freeze: Option<Freeze>,
 }
 
 /// What CreateVolume asks for, typed.
@@ -502,7 +508,8 @@ impl Pool {
         // A fresh image is made durable with the metadata below; a copy is durable already.
         let filled = match &source {
             None => files::create_backing_file(&image, size, allocation).map(Some),
-            Some(source) => files::copy_sparse(&source.image, &image, source.size_bytes, size)
+            Some(source) => source
+                .copy_to(&image, size)
                 .and_then(|stats| {
                     tracing::info!(
                         data_bytes = stats.data_bytes,
@@ -515,8 +522,13 @@ impl Pool {
                 })
                 .map(|()| None),
         };
-        // The copy is durable: release the source (thaw it) before the metadata commit.
-        drop(source);
+        // The copy is durable: release the source before the metadata commit.
+        if let (Some(source), Ok(_)) = (source, &filled) {
+            crate::faults::crash_point(match source.content {
+                ContentSource::Snapshot(_) => "restore.copied",
+                ContentSource::Volume(_) => "clone.copied",
+            });
+        }
         let fresh_image = filled.map_err(|err| match err {
             Error::Io { ref source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
                 Error::NoSpace {
@@ -644,8 +656,7 @@ impl Pool {
         let id = VolumeId::new_random();
         let _id_guard = self.lock_snapshot(&id)?;
         let image = self.layout.snapshot_image(&id);
-        let stats =
-            files::copy_sparse(&source.image, &image, source.size_bytes, source.size_bytes)?;
+        let stats = source.copy_to(&image, source.size_bytes)?;
         let meta = SnapshotMeta {
             version: META_VERSION,
             id,
@@ -659,7 +670,8 @@ impl Pool {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos()),
         };
-        drop(source); // thaw the source as soon as its content is copied
+        drop(source); // release the source's guard as soon as its content is copied
+        crate::faults::crash_point("snapshot.copied");
         tracing::info!(snapshot.id = %id, data_bytes = stats.data_bytes, extents = stats.extents, "snapshot copied");
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| Error::Internal(format!("serialising snapshot {id}: {e}")))?;
@@ -667,6 +679,7 @@ impl Pool {
             let _ = files::remove_durably(&image);
             return Err(err);
         }
+        crate::faults::crash_point("snapshot.committed");
         let meta = Arc::new(meta);
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
         index.snapshots_by_name.insert(meta.name.clone(), id);
@@ -693,6 +706,7 @@ impl Pool {
             return Ok(());
         };
         files::remove_durably(&self.layout.snapshot_meta(id))?;
+        crate::faults::crash_point("delete_snapshot.meta_removed");
         {
             let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
             index.snapshots.remove(id);

@@ -87,6 +87,9 @@ impl NodeOps {
     /// orphans.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
+        let thaws = self.thaw_abandoned();
+        report.repaired.extend(thaws.thawed);
+        report.unrepairable.extend(thaws.failed);
         for path in list(&self.pool.layout().node_dir())? {
             let Some(id) = id_prefix(&path) else { continue };
             let Ok(_guard) = self.pool.lock_volume(&id) else {
@@ -356,6 +359,7 @@ impl NodeOps {
                     } else {
                         files::remove_durably(&path)?;
                     }
+                    crate::faults::crash_point("gc.removed");
                     report.collected(format!("removed {what} {}", path.display()));
                 }
             }

@@ -1,0 +1,402 @@
+//! Freezing a volume's file system for a copy, as an intent that survives the driver.
+//!
+//! On-disk contract: `<state-dir>/frozen/<volume-id>.json` names the volume, the mount point its
+//! file system was frozen at, the file system type and the frozen file system's device numbers.
+//! It is written durably *before* FIFREEZE and removed only after FITHAW (or after proving the
+//! file system is not frozen), so a driver killed at any instant in between leaves a record of
+//! every file system it may have frozen. A frozen file system blocks every writer until someone
+//! thaws it, and keeps its loop device attached after unmount (the superblock stays alive), so
+//! forgetting one is not recoverable by the CO.
+//!
+//! Startup recovery and every reconciliation round thaw what such a record names (`thaw_abandoned`):
+//! through any mount of that device in this mount namespace, or, when none is left (the CO
+//! unstaged the frozen file system), by mounting the device on a private directory beside the
+//! record (`<id>.mnt`), thawing it there and unmounting it again, the operator's manual
+//! workaround. The file system is identified by its device numbers, checked with fstat on the
+//! opened directory, never by a mount point's path alone. Only what loopcsi recorded is ever
+//! thawed: a freeze by someone else (an operator's `fsfreeze`) is left alone.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::host::files;
+use crate::host::loopdev;
+use crate::host::mount::{self, MountOptions};
+use crate::host::tools::FsType;
+use crate::volume::id::VolumeId;
+use crate::volume::node::NodeOps;
+use crate::volume::pool::Layout;
+
+const INTENT_VERSION: u32 = 1;
+
+/// The record of one freeze, written before FIFREEZE and removed after FITHAW.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Intent {
+    version: u32,
+    volume: VolumeId,
+    /// Where the file system was mounted when frozen (for the logs; it is found again by its
+    /// device numbers).
+    mount_point: PathBuf,
+    major: u32,
+    minor: u32,
+    fs_type: FsType,
+}
+
+impl Intent {
+    fn numbers(&self) -> (u32, u32) {
+        (self.major, self.minor)
+    }
+}
+
+fn intents_dir(layout: &Layout) -> PathBuf {
+    layout.root().join("frozen")
+}
+
+fn intent_path(layout: &Layout, id: &VolumeId) -> PathBuf {
+    intents_dir(layout).join(format!("{id}.json"))
+}
+
+/// Where a file system with no mount left is mounted for the length of its thaw.
+fn thaw_mount_point(layout: &Layout, id: &VolumeId) -> PathBuf {
+    intents_dir(layout).join(format!("{id}.mnt"))
+}
+
+fn read_intent(path: &Path) -> Result<Intent> {
+    let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    let intent: Intent = serde_json::from_slice(&text)
+        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+    if intent.version != INTENT_VERSION {
+        return Err(Error::Corrupt(format!(
+            "{}: freeze record version {} is not supported by this build (expects {INTENT_VERSION})",
+            path.display(),
+            intent.version
+        )));
+    }
+    Ok(intent)
+}
+
+/// Opens the directory `path` and checks that it is on the file system with device numbers
+/// `numbers`: the descriptor then names that file system whatever happens to the path.
+fn open_fs(path: &Path, numbers: (u32, u32)) -> Result<File> {
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let dev = dir
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .dev();
+    if dev != nix::sys::stat::makedev(numbers.0.into(), numbers.1.into()) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is no longer on the file system of device {}:{}",
+            path.display(),
+            numbers.0,
+            numbers.1
+        )));
+    }
+    Ok(dir)
+}
+
+/// A volume's mounted file system that a copy may freeze.
+#[derive(Clone, Debug)]
+pub(crate) struct FreezeTarget {
+    layout: Layout,
+    intent: Intent,
+}
+
+impl FreezeTarget {
+    pub(crate) fn new(
+        layout: Layout,
+        volume: VolumeId,
+        mount_point: PathBuf,
+        numbers: (u32, u32),
+        fs_type: FsType,
+    ) -> Self {
+        FreezeTarget {
+            layout,
+            intent: Intent {
+                version: INTENT_VERSION,
+                volume,
+                mount_point,
+                major: numbers.0,
+                minor: numbers.1,
+                fs_type,
+            },
+        }
+    }
+
+    /// Records the intent durably, then freezes the file system. EBUSY (already frozen) is
+    /// taken as "frozen" only when a record from an earlier life of this driver says we froze
+    /// it: the file system has then been frozen since, which is what the copy needs, and the
+    /// returned guard thaws it afterwards. Any other freeze belongs to someone else, and the
+    /// snapshot is refused rather than thawing it under them.
+    pub(crate) fn freeze(&self) -> Result<Frozen> {
+        let intent = &self.intent;
+        let fs = open_fs(&intent.mount_point, intent.numbers())?;
+        let path = intent_path(&self.layout, &intent.volume);
+        let inherited = read_intent(&path).is_ok_and(|old| old.numbers() == intent.numbers());
+        let dir = intents_dir(&self.layout);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let json = serde_json::to_vec_pretty(intent)
+            .map_err(|e| Error::Internal(format!("serialising a freeze record: {e}")))?;
+        files::write_atomic(&path, &json)?;
+        crate::faults::crash_point("freeze.intent_recorded");
+        match loopdev::freeze_fs(&fs) {
+            Ok(()) => {}
+            Err(Errno::EBUSY) if inherited => tracing::warn!(
+                volume.id = %intent.volume,
+                mount_point = %intent.mount_point.display(),
+                "the file system is still frozen by an interrupted snapshot of this driver; \
+                 copying it as it is and thawing it afterwards"
+            ),
+            Err(errno) => {
+                // We did not freeze it: the record must not make anyone thaw it. A record from
+                // an earlier life stays, so its freeze is still thawed.
+                if !inherited {
+                    let _ = files::remove_durably(&path);
+                }
+                return Err(match errno {
+                    Errno::EBUSY => Error::FailedPrecondition(format!(
+                        "the file system of volume {} at {} is frozen by someone else, not by \
+                         loopcsi; whoever froze it must thaw it (fsfreeze -u {}) before a \
+                         snapshot or clone of the volume can be taken",
+                        intent.volume,
+                        intent.mount_point.display(),
+                        intent.mount_point.display()
+                    )),
+                    _ => Error::sys("FIFREEZE", intent.mount_point.display(), errno),
+                });
+            }
+        }
+        crate::faults::crash_point("freeze.frozen");
+        Ok(Frozen {
+            layout: self.layout.clone(),
+            intent: intent.clone(),
+            fs,
+        })
+    }
+}
+
+/// A file system frozen by `FreezeTarget::freeze`: thawed, and its record removed, when dropped
+/// (also on every error path). Should the thaw fail, the record stays and the reconciler
+/// retries it.
+pub(crate) struct Frozen {
+    layout: Layout,
+    intent: Intent,
+    /// The frozen file system, held open: the thaw reaches it even if its mount moved.
+    fs: File,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let thawed = match loopdev::thaw_fs(&self.fs) {
+            // EINVAL: not frozen (someone thawed it already); nothing of ours is left.
+            Ok(()) | Err(Errno::EINVAL) => Ok(()),
+            Err(errno) => Err(Error::sys(
+                "FITHAW",
+                self.intent.mount_point.display(),
+                errno,
+            )),
+        };
+        let removed = thawed.and_then(|()| {
+            crate::faults::crash_point("thaw.thawed");
+            files::remove_durably(&intent_path(&self.layout, &self.intent.volume))
+        });
+        if let Err(err) = removed {
+            tracing::error!(
+                volume.id = %self.intent.volume,
+                mount_point = %self.intent.mount_point.display(),
+                error = %err,
+                "could not thaw the file system or clear its freeze record; the reconciler retries"
+            );
+        }
+    }
+}
+
+/// Thaws the file system mounted at `path` if it is the one with `numbers`. Whether it was
+/// frozen.
+fn thaw_at(path: &Path, numbers: (u32, u32)) -> Result<bool> {
+    let fs = open_fs(path, numbers)?;
+    match loopdev::thaw_fs(&fs) {
+        Ok(()) => Ok(true),
+        Err(Errno::EINVAL) => Ok(false),
+        Err(errno) => Err(Error::sys("FITHAW", path.display(), errno)),
+    }
+}
+
+/// Thaws what `intent` names, wherever it is now, and removes the record. Returns what was done.
+fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
+    let numbers = intent.numbers();
+    let scratch = thaw_mount_point(layout, &intent.volume);
+    let table = mount::mounts()?;
+    let done = if let Some(m) = table.iter().find(|m| (m.major, m.minor) == numbers) {
+        match thaw_at(&m.mount_point, numbers)? {
+            true => format!("thawed its file system through {}", m.mount_point.display()),
+            false => "its file system was not frozen".to_string(),
+        }
+    } else if let Some(dev) = loopdev::devices_of(&layout.image(&intent.volume))?
+        .into_iter()
+        .find(|d| d.dev_numbers().ok() == Some(numbers))
+    {
+        // No mount left, but the volume's device is still attached (a frozen superblock keeps
+        // it so): mounting it again reaches that superblock, which can then be thawed.
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Error::io("create directory", &scratch, e))?;
+        let options = MountOptions::parse(&["nosuid".into(), "nodev".into(), "noexec".into()])
+            .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
+        let mounted = mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &options)
+            .or_else(|_| {
+                // A file system frozen while read-only only mounts read-only again.
+                let ro = MountOptions::parse(&["ro".into(), "nosuid".into(), "nodev".into()])
+                    .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
+                mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
+            });
+        mounted?;
+        let thawed = thaw_at(&scratch, numbers);
+        mount::unmount(&scratch)?;
+        match thawed? {
+            true => format!(
+                "thawed its unmounted file system through a temporary mount of {}",
+                dev.path().display()
+            ),
+            false => "its unmounted file system was not frozen".to_string(),
+        }
+    } else {
+        "its device is gone; nothing of it can be frozen".to_string()
+    };
+    // A temporary mount a crash left behind (the thaw above went through it).
+    let table = mount::mounts()?;
+    if mount::mounted_at(&table, &scratch).is_some_and(|m| (m.major, m.minor) == numbers) {
+        mount::unmount(&scratch)?;
+    }
+    match std::fs::remove_dir(&scratch) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove directory", &scratch, e)),
+    }
+    files::remove_durably(&intent_path(layout, &intent.volume))?;
+    Ok(done)
+}
+
+/// What `thaw_abandoned` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Thawed {
+    pub thawed: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+impl NodeOps {
+    /// Thaws every file system a driver froze and did not thaw (it died mid-copy), and removes
+    /// their records. A volume with an operation in flight in this process is skipped (its
+    /// freeze may be live). Called by startup recovery and by every reconciliation round.
+    pub fn thaw_abandoned(&self) -> Thawed {
+        let layout = self.pool.layout();
+        let dir = intents_dir(layout);
+        let mut outcome = Thawed::default();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return outcome,
+            Err(e) => {
+                outcome
+                    .failed
+                    .push(Error::io("read directory", &dir, e).to_string());
+                return outcome;
+            }
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(files::TEMP_SUFFIX) {
+                // A record write that did not finish: FIFREEZE only follows the rename.
+                let _ = files::remove_durably(&path);
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".json").and_then(VolumeId::parse) else {
+                continue;
+            };
+            let Ok(_guard) = self.pool.lock_volume(&id) else {
+                continue;
+            };
+            match read_intent(&path).and_then(|intent| thaw_recorded(layout, &intent)) {
+                Ok(done) => {
+                    let what = format!(
+                        "volume {id}: a snapshot that did not finish had frozen it; {done}"
+                    );
+                    tracing::info!(action = "thaw", "{what}");
+                    outcome.thawed.push(what);
+                }
+                Err(err) => {
+                    let what = format!(
+                        "volume {id}: its file system may still be frozen by a snapshot that did \
+                         not finish, and could not be thawed: {err}; see \"A volume was left \
+                         frozen\" in docs/kubernetes.md"
+                    );
+                    tracing::warn!(action = "thaw", "{what}");
+                    outcome.failed.push(what);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Why the volume's file system may be frozen with no copy of it in flight: a record of a
+    /// freeze exists and no operation on the volume is running in this process.
+    pub(crate) fn abandoned_freeze(&self, id: &VolumeId) -> Option<String> {
+        let path = intent_path(self.pool.layout(), id);
+        if !path.exists() {
+            return None;
+        }
+        // A held guard means an operation (a snapshot or clone of it, maybe) is in flight.
+        let _guard = self.pool.lock_volume(id).ok()?;
+        let at = read_intent(&path)
+            .map(|i| i.mount_point.display().to_string())
+            .unwrap_or_else(|_| "its staging path".to_string());
+        Some(format!(
+            "the file system at {at} was frozen by a snapshot or clone that did not finish: \
+             writes to it block until it is thawed (each reconciliation round and each driver \
+             start retry; see \"A volume was left frozen\" in docs/kubernetes.md)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips_and_other_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::prepare(dir.path()).unwrap();
+        let id = VolumeId::new_random();
+        let target = FreezeTarget::new(
+            layout.clone(),
+            id,
+            PathBuf::from("/staging"),
+            (7, 3),
+            FsType::Ext4,
+        );
+        let path = intent_path(&layout, &id);
+        std::fs::create_dir_all(intents_dir(&layout)).unwrap();
+        std::fs::write(&path, serde_json::to_vec(&target.intent).unwrap()).unwrap();
+        assert_eq!(read_intent(&path).unwrap(), target.intent);
+        let mut newer = target.intent.clone();
+        newer.version = INTENT_VERSION + 1;
+        std::fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
+        assert!(matches!(read_intent(&path), Err(Error::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_directory_on_another_file_system_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // No file system has device numbers 0:0.
+        assert!(matches!(
+            open_fs(dir.path(), (0, 0)),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}
