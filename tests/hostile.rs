@@ -146,14 +146,16 @@ fn is_mount_point(path: &Path) -> bool {
         .any(|m| m.mount_point == path)
 }
 
-/// The state dir holds nothing but `volumes/<id>.{img,json}`, `snapshots/<id>.{img,json}` and
-/// `node/<id>.json`, so no name, id or path from a request ever became a path there. Returns the
+/// The state dir holds nothing but `volumes/<id>.{img,json}`, `snapshots/<id>.{img,json}`,
+/// `node/<id>/` records and the driver's fixed files (`lock`, `node-id`), so no name, id or path from a request ever became a path there. Returns the
 /// volume ids it names.
 fn check_state_dir(d: &TestDriver, findings: &mut Findings) -> HashSet<String> {
     let mut ids = HashSet::new();
     for rel in walk(&d.state_dir()) {
         let text = rel.display().to_string();
-        if text == "volumes" || text == "node" || text == "snapshots" {
+        // The driver's own fixed names: its directories, the state dir's lock (one driver per
+        // state dir) and the node id it was first served under.
+        if ["volumes", "node", "snapshots", "frozen", "lock", "node-id"].contains(&text.as_str()) {
             continue;
         }
         let parts: Vec<String> = rel
@@ -173,6 +175,11 @@ fn check_state_dir(d: &TestDriver, findings: &mut Findings) -> HashSet<String> {
                     })
                     .is_some()
             }
+            // frozen/<volume id>.json records a freeze in flight (frozen/<id>.mnt its thaw).
+            [dir, file] if dir == "frozen" => file
+                .strip_suffix(".json")
+                .or_else(|| file.strip_suffix(".mnt"))
+                .is_some_and(|stem| VolumeId::parse(stem).is_some()),
             // node/<volume id>/ holds staged.json and target-<16 hex>.json records.
             [dir, id] if dir == "node" => VolumeId::parse(id)
                 .map(|_| ids.insert(id.clone()))
