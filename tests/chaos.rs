@@ -347,6 +347,33 @@ fn mounted_dirs_under(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The storage tools running on the machine (pid, parent, command line): evidence, in a
+/// failure's report, of a tool that a killed driver left running.
+fn tools_running() -> Vec<String> {
+    const TOOLS: &[&str] = &["mkfs", "mke2fs", "blkid", "resize2fs", "xfs_growfs", "fsfreeze"];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let program = args.first()?.rsplit('/').next()?.to_string();
+            if !TOOLS.iter().any(|t| program.starts_with(t)) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.to_string();
+            Some(format!("pid {pid} ppid {ppid}: {}", args.join(" ")))
+        })
+        .collect()
+}
+
 // ---- the driver under chaos ----
 
 #[derive(Clone)]
@@ -419,7 +446,17 @@ impl Chaos {
 
     fn fail(&self, what: String) {
         eprintln!("chaos: FAILURE: {what}");
-        self.failures.lock().unwrap().push(what);
+        for line in tools_running() {
+            eprintln!("chaos:   still running: {line}");
+        }
+        let mut failures = self.failures.lock().unwrap();
+        if failures.is_empty() {
+            eprintln!("chaos:   the last log lines of the last killed driver:");
+            for line in self.last_logs.lock().unwrap().iter() {
+                eprintln!("chaos:     {line}");
+            }
+        }
+        failures.push(what);
         self.stop.store(true, Ordering::SeqCst);
     }
 
@@ -497,7 +534,11 @@ impl Chaos {
         if let Some(mut old) = slot.driver.take() {
             // SIGKILL was sent (or the driver died by itself, which `wait` shows): reap it.
             let status = old.wait();
-            let lines: Vec<String> = old.log.try_iter().collect();
+            // Every line the dead driver wrote: its stderr ends (EOF) now that it is dead.
+            let mut lines = Vec::new();
+            while let Ok(line) = old.log.recv_timeout(LIVENESS) {
+                lines.push(line);
+            }
             let tail = lines[lines.len().saturating_sub(15)..].to_vec();
             *self.last_logs.lock().unwrap() = tail;
             if !slot.killed {
@@ -674,15 +715,17 @@ impl Client {
             ..Default::default()
         };
         let what = format!("NodeStageVolume {id}");
+        // Recorded before the call, as kubelet marks a stage "uncertain": a stage that failed
+        // may have done part of its work, and the teardown unstages it all the same.
+        self.made.push(Made::Staged(id.into(), staging.into()));
         self.chaos
             .call(&what, |mut c| {
                 let req = req.clone();
                 async move { c.node.node_stage_volume(req).await }
             })
             .await
-            .map_err(|s| status_text(&what, &s))?;
-        self.made.push(Made::Staged(id.into(), staging.into()));
-        Ok(())
+            .map_err(|s| status_text(&what, &s))
+            .map(drop)
     }
 
     async fn publish(&mut self, id: &str, staging: &Path, target: &Path) -> Step {
@@ -695,15 +738,16 @@ impl Client {
             ..Default::default()
         };
         let what = format!("NodePublishVolume {id}");
+        // Uncertain until it answers OK, as for the stage.
+        self.made.push(Made::Published(id.into(), target.into()));
         self.chaos
             .call(&what, |mut c| {
                 let req = req.clone();
                 async move { c.node.node_publish_volume(req).await }
             })
             .await
-            .map_err(|s| status_text(&what, &s))?;
-        self.made.push(Made::Published(id.into(), target.into()));
-        Ok(())
+            .map_err(|s| status_text(&what, &s))
+            .map(drop)
     }
 
     /// Tears down what was made after `mark`, newest first, through the driver, under chaos.
@@ -891,7 +935,7 @@ impl Client {
         let id = self
             .create(create_req(&self.name("vol"), size, kind.cap()))
             .await?;
-        let vol_mark = self.made.len();
+        let mut vol_mark = self.made.len();
         let target = self.mount(&id, "vol").await?;
         self.verify_after_restart("publish").await?;
 
@@ -916,7 +960,10 @@ impl Client {
                 .into_inner()
                 .snapshot
                 .ok_or(format!("{what}: no snapshot in the reply"))?;
-            self.made.push(Made::Snapshot(snap.snapshot_id.clone()));
+            // Below the stage and publish, so that the re-stage below keeps the snapshot.
+            self.made
+                .insert(vol_mark, Made::Snapshot(snap.snapshot_id.clone()));
+            vol_mark += 1;
             snapshot = Some((snap.snapshot_id, first));
             self.verify_after_restart("CreateSnapshot").await?;
         }
@@ -978,20 +1025,19 @@ impl Client {
             let outcome = self.cycle().await;
             // The CO always finishes its teardown, also after a failure.
             let teardown = self.undo_to(0).await;
-            match outcome.and(teardown) {
-                Ok(()) => {
+            let why = match (outcome, teardown) {
+                (Ok(()), Ok(())) => {
                     self.chaos.counters.cycles.fetch_add(1, Ordering::SeqCst);
+                    self.cycle += 1;
+                    continue;
                 }
-                Err(why) => {
-                    self.chaos.fail(format!(
-                        "{} cycle {}: {why}",
-                        self.kind.name(),
-                        self.cycle
-                    ));
-                    return;
-                }
-            }
-            self.cycle += 1;
+                (Err(failed), Ok(())) => failed,
+                (Ok(()), Err(teardown)) => format!("teardown: {teardown}"),
+                (Err(failed), Err(teardown)) => format!("{failed}; then teardown: {teardown}"),
+            };
+            self.chaos
+                .fail(format!("{} cycle {}: {why}", self.kind.name(), self.cycle));
+            return;
         }
     }
 }
@@ -1173,10 +1219,6 @@ fn run(options: &Options) -> bool {
     if !failures.is_empty() {
         eprintln!("chaos: the last kills:");
         for line in chaos.kill_log.lock().unwrap().iter() {
-            eprintln!("  {line}");
-        }
-        eprintln!("chaos: the last log lines of the last killed driver:");
-        for line in chaos.last_logs.lock().unwrap().iter() {
             eprintln!("  {line}");
         }
     }
