@@ -66,10 +66,14 @@ struct Options {
     kills: bool,
     snapshots: bool,
     kinds: Vec<Kind>,
+    /// Diagnosis only: also retry INTERNAL and UNAVAILABLE from a live driver, with backoff,
+    /// as kubelet retries every error. Shows whether the driver converges for such a CO when
+    /// the strict run (which fails on them) does not.
+    retry_internal: bool,
 }
 
 const USAGE: &str = "usage: chaos [--duration 45s|30m|1h] [--seed N] [--kill-max-ms N] \
-                     [--no-kills] [--no-snapshots] [--kinds ext4,xfs,block]";
+                     [--no-kills] [--no-snapshots] [--kinds ext4,xfs,block] [--retry-internal]";
 
 /// Parses a duration: `90`, `90s`, `30m`, `1h`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -106,6 +110,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         kills: true,
         snapshots: true,
         kinds: vec![Kind::Ext4, Kind::Xfs, Kind::Block],
+        retry_internal: false,
     };
     let mut filters = Vec::new();
     let mut it = args.iter();
@@ -138,6 +143,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             }
             "--no-kills" => options.kills = false,
             "--no-snapshots" => options.snapshots = false,
+            "--retry-internal" => options.retry_internal = true,
             "--kinds" => {
                 let v = value("--kinds")?;
                 options.kinds = v
@@ -146,7 +152,9 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                         "ext4" => Ok(Kind::Ext4),
                         "xfs" => Ok(Kind::Xfs),
                         "block" => Ok(Kind::Block),
-                        other => Err(format!("--kinds: unknown kind {other:?} (ext4, xfs, block)")),
+                        other => Err(format!(
+                            "--kinds: unknown kind {other:?} (ext4, xfs, block)"
+                        )),
                     })
                     .collect::<Result<_, _>>()?;
                 if options.kinds.is_empty() {
@@ -350,7 +358,14 @@ fn mounted_dirs_under(root: &Path) -> Vec<PathBuf> {
 /// The storage tools running on the machine (pid, parent, command line): evidence, in a
 /// failure's report, of a tool that a killed driver left running.
 fn tools_running() -> Vec<String> {
-    const TOOLS: &[&str] = &["mkfs", "mke2fs", "blkid", "resize2fs", "xfs_growfs", "fsfreeze"];
+    const TOOLS: &[&str] = &[
+        "mkfs",
+        "mke2fs",
+        "blkid",
+        "resize2fs",
+        "xfs_growfs",
+        "fsfreeze",
+    ];
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -368,7 +383,12 @@ fn tools_running() -> Vec<String> {
                 return None;
             }
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.to_string();
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .to_string();
             Some(format!("pid {pid} ppid {ppid}: {}", args.join(" ")))
         })
         .collect()
@@ -396,6 +416,7 @@ struct Counters {
     rpcs: AtomicU64,
     rpcs_ok: AtomicU64,
     retried_after_kill: AtomicU64,
+    retried_internal: AtomicU64,
     aborted: AtomicU64,
     cycles: AtomicU64,
     verifications: AtomicU64,
@@ -498,10 +519,8 @@ impl Chaos {
                     // Under the lock the child is not reaped (only the restart reaps it, under
                     // this lock), so its pid cannot have been reused.
                     if driver.exited().is_none() {
-                        let _ = nix::sys::signal::kill(
-                            driver.pid(),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                        let _ =
+                            nix::sys::signal::kill(driver.pid(), nix::sys::signal::Signal::SIGKILL);
                         slot.killed = true;
                         let n = self.counters.kills.fetch_add(1, Ordering::SeqCst) + 1;
                         let in_flight: Vec<String> =
@@ -581,6 +600,7 @@ impl Chaos {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let call = self.next_call.fetch_add(1, Ordering::SeqCst);
+        let mut backoff = Duration::from_millis(10);
         for _ in 0..MAX_TRIES {
             let (clients, generation) = self.clients().await;
             self.in_flight
@@ -608,6 +628,24 @@ impl Chaos {
                 Ok(Err(status)) if status.code() == Code::Aborted => {
                     self.counters.aborted.fetch_add(1, Ordering::Relaxed);
                     tokio::task::yield_now().await;
+                }
+                Ok(Err(status))
+                    if self.options.retry_internal
+                        && matches!(status.code(), Code::Internal | Code::Unavailable)
+                        && backoff < Duration::from_secs(30) =>
+                {
+                    // kubelet's exponential backoff: a pause between tries of the CO, not a
+                    // wait for readiness.
+                    eprintln!(
+                        "chaos: retrying ({}) {what}: {}",
+                        status.code(),
+                        status.message()
+                    );
+                    self.counters
+                        .retried_internal
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
                 }
                 Ok(Err(status)) => return Err(status),
                 Err(_) => {
@@ -1195,8 +1233,8 @@ fn run(options: &Options) -> bool {
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
     println!(
         "chaos: seed {} ran {:.0?}: {} cycles ({}), {} kills, {} restarts, {} RPCs sent \
-         ({} answered OK, {} cut by a kill and sent again, {} ABORTED and retried), \
-         {} data verifications, {} frozen-fs probes",
+         ({} answered OK, {} cut by a kill and sent again, {} ABORTED and retried, \
+         {} INTERNAL or UNAVAILABLE retried), {} data verifications, {} frozen-fs probes",
         options.seed,
         started.elapsed(),
         load(&c.cycles),
@@ -1212,6 +1250,7 @@ fn run(options: &Options) -> bool {
         load(&c.rpcs_ok),
         load(&c.retried_after_kill),
         load(&c.aborted),
+        load(&c.retried_internal),
         load(&c.verifications),
         load(&c.probes),
     );
@@ -1229,6 +1268,28 @@ fn run(options: &Options) -> bool {
     failures.is_empty()
 }
 
+/// The arguments that repeat this run's configuration.
+fn rerun_args(o: &Options) -> String {
+    let kinds: Vec<&str> = o.kinds.iter().map(|k| k.name()).collect();
+    let mut args = format!(
+        "--seed {} --duration {}s --kill-max-ms {} --kinds {}",
+        o.seed,
+        o.duration.as_secs(),
+        o.kill_max.as_millis(),
+        kinds.join(",")
+    );
+    for (on, flag) in [
+        (!o.kills, " --no-kills"),
+        (!o.snapshots, " --no-snapshots"),
+        (o.retry_internal, " --retry-internal"),
+    ] {
+        if on {
+            args.push_str(flag);
+        }
+    }
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let options = match parse_args(&args) {
@@ -1244,15 +1305,9 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "chaos: seed {} (rerun: cargo test --release --test chaos -- --seed {} --duration {}s), \
-         kills every 0-{:?} ({}), snapshots {}, kinds {:?}",
+        "chaos: seed {} (rerun: cargo test --release --test chaos -- {})",
         options.seed,
-        options.seed,
-        options.duration.as_secs(),
-        options.kill_max,
-        if options.kills { "on" } else { "off" },
-        if options.snapshots { "on" } else { "off" },
-        options.kinds,
+        rerun_args(&options)
     );
     match std::panic::catch_unwind(|| run(&options)) {
         Ok(true) => ExitCode::SUCCESS,
