@@ -601,6 +601,7 @@ impl Chaos {
     {
         let call = self.next_call.fetch_add(1, Ordering::SeqCst);
         let mut backoff = Duration::from_millis(10);
+        let mut aborted_backoff = Duration::from_millis(10);
         for _ in 0..MAX_TRIES {
             let (clients, generation) = self.clients().await;
             self.in_flight
@@ -626,8 +627,11 @@ impl Chaos {
                     self.restart(generation).await;
                 }
                 Ok(Err(status)) if status.code() == Code::Aborted => {
+                    // As kubelet and the provisioner, back off (up to 1 s) before retrying: a
+                    // pause between the CO's tries, not a wait for readiness.
                     self.counters.aborted.fetch_add(1, Ordering::Relaxed);
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(aborted_backoff).await;
+                    aborted_backoff = (aborted_backoff * 2).min(Duration::from_secs(1));
                 }
                 Ok(Err(status))
                     if self.options.retry_internal
