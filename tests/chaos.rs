@@ -592,6 +592,19 @@ impl Chaos {
         self.generation.send_replace(slot.generation);
     }
 
+    /// `call` with one request, cloned for every try; an error becomes the failure's text.
+    async fn send<R, T, F, Fut>(&self, what: &str, req: R, rpc: F) -> Result<T, String>
+    where
+        R: Clone,
+        F: Fn(Clients, R) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(what, |c| rpc(c, req.clone()))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_text(what, &s))
+    }
+
     /// One CO call: sent again, unchanged, to the restarted driver when the driver it went to
     /// was killed; retried while ABORTED. Any other answer is the caller's to judge.
     async fn call<T, F, Fut>(&self, what: &str, mut rpc: F) -> Result<T, Status>
@@ -735,13 +748,10 @@ impl Client {
         let what = format!("CreateVolume {}", req.name);
         let volume = self
             .chaos
-            .call(&what, |mut c| {
-                let req = req.clone();
-                async move { c.controller.create_volume(req).await }
+            .send(&what, req, |mut c, r| async move {
+                c.controller.create_volume(r).await
             })
-            .await
-            .map_err(|s| status_text(&what, &s))?
-            .into_inner()
+            .await?
             .volume
             .ok_or(format!("{what}: no volume in the reply"))?;
         self.made.push(Made::Volume(volume.volume_id.clone()));
@@ -761,12 +771,10 @@ impl Client {
         // may have done part of its work, and the teardown unstages it all the same.
         self.made.push(Made::Staged(id.into(), staging.into()));
         self.chaos
-            .call(&what, |mut c| {
-                let req = req.clone();
-                async move { c.node.node_stage_volume(req).await }
+            .send(&what, req, |mut c, r| async move {
+                c.node.node_stage_volume(r).await
             })
             .await
-            .map_err(|s| status_text(&what, &s))
             .map(drop)
     }
 
@@ -783,12 +791,10 @@ impl Client {
         // Uncertain until it answers OK, as for the stage.
         self.made.push(Made::Published(id.into(), target.into()));
         self.chaos
-            .call(&what, |mut c| {
-                let req = req.clone();
-                async move { c.node.node_publish_volume(req).await }
+            .send(&what, req, |mut c, r| async move {
+                c.node.node_publish_volume(r).await
             })
             .await
-            .map_err(|s| status_text(&what, &s))
             .map(drop)
     }
 
@@ -807,7 +813,8 @@ impl Client {
     }
 
     async fn undo(&mut self, made: &Made) -> Step {
-        let (what, result) = match made.clone() {
+        let chaos = &self.chaos;
+        match made.clone() {
             Made::Published(id, target) => {
                 self.expected.remove(&target);
                 let req = csi::NodeUnpublishVolumeRequest {
@@ -815,15 +822,13 @@ impl Client {
                     target_path: target.display().to_string(),
                 };
                 let what = format!("NodeUnpublishVolume {id}");
-                let r = self
-                    .chaos
-                    .call(&what, |mut c| {
-                        let req = req.clone();
-                        async move { c.node.node_unpublish_volume(req).await.map(drop) }
+                let done = chaos
+                    .send(&what, req, |mut c, r| async move {
+                        c.node.node_unpublish_volume(r).await
                     })
                     .await;
                 let _ = std::fs::remove_dir(target.parent().unwrap());
-                (what, r)
+                done.map(drop)
             }
             Made::Staged(id, staging) => {
                 let req = csi::NodeUnstageVolumeRequest {
@@ -831,15 +836,13 @@ impl Client {
                     staging_target_path: staging.display().to_string(),
                 };
                 let what = format!("NodeUnstageVolume {id}");
-                let r = self
-                    .chaos
-                    .call(&what, |mut c| {
-                        let req = req.clone();
-                        async move { c.node.node_unstage_volume(req).await.map(drop) }
+                let done = chaos
+                    .send(&what, req, |mut c, r| async move {
+                        c.node.node_unstage_volume(r).await
                     })
                     .await;
                 let _ = std::fs::remove_dir(&staging);
-                (what, r)
+                done.map(drop)
             }
             Made::Volume(id) => {
                 let req = csi::DeleteVolumeRequest {
@@ -847,14 +850,12 @@ impl Client {
                     ..Default::default()
                 };
                 let what = format!("DeleteVolume {id}");
-                let r = self
-                    .chaos
-                    .call(&what, |mut c| {
-                        let req = req.clone();
-                        async move { c.controller.delete_volume(req).await.map(drop) }
+                chaos
+                    .send(&what, req, |mut c, r| async move {
+                        c.controller.delete_volume(r).await
                     })
-                    .await;
-                (what, r)
+                    .await
+                    .map(drop)
             }
             Made::Snapshot(id) => {
                 let req = csi::DeleteSnapshotRequest {
@@ -862,17 +863,14 @@ impl Client {
                     ..Default::default()
                 };
                 let what = format!("DeleteSnapshot {id}");
-                let r = self
-                    .chaos
-                    .call(&what, |mut c| {
-                        let req = req.clone();
-                        async move { c.controller.delete_snapshot(req).await.map(drop) }
+                chaos
+                    .send(&what, req, |mut c, r| async move {
+                        c.controller.delete_snapshot(r).await
                     })
-                    .await;
-                (what, r)
+                    .await
+                    .map(drop)
             }
-        };
-        result.map_err(|s| status_text(&what, &s))
+        }
     }
 
     /// Checks that `target` holds the data whose checksum is `expected`.
@@ -993,13 +991,10 @@ impl Client {
             let what = format!("CreateSnapshot of {id}");
             let snap = self
                 .chaos
-                .call(&what, |mut c| {
-                    let req = req.clone();
-                    async move { c.controller.create_snapshot(req).await }
+                .send(&what, req, |mut c, r| async move {
+                    c.controller.create_snapshot(r).await
                 })
-                .await
-                .map_err(|s| status_text(&what, &s))?
-                .into_inner()
+                .await?
                 .snapshot
                 .ok_or(format!("{what}: no snapshot in the reply"))?;
             // Below the stage and publish, so that the re-stage below keeps the snapshot.
@@ -1086,16 +1081,15 @@ impl Client {
 
 // ---- the run ----
 
-/// Files left in a state subdirectory.
-fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Records a failure when a listing that must be empty after the run is not.
+fn expect_none(chaos: &Chaos, what: &str, listed: Result<Vec<String>, Status>) {
+    match listed {
+        Ok(ids) if ids.is_empty() => {}
+        Ok(ids) => chaos.fail(format!(
+            "{what} left after every cycle deleted its own: {ids:?}"
+        )),
+        Err(s) => chaos.fail(status_text(what, &s)),
+    }
 }
 
 /// After the chaos: everything was torn down through the driver; a last restart runs startup
@@ -1112,46 +1106,34 @@ async fn final_checks(chaos: &Arc<Chaos>) {
         }
     }
     chaos.restart(generation).await;
-    let listed = chaos
+    let volumes = chaos
         .call("ListVolumes", |mut c| async move {
             c.controller
                 .list_volumes(csi::ListVolumesRequest::default())
                 .await
         })
-        .await;
-    match listed {
-        Ok(reply) if reply.get_ref().entries.is_empty() => {}
-        Ok(reply) => chaos.fail(format!(
-            "volumes left after every cycle deleted its own: {:?}",
-            reply
-                .get_ref()
-                .entries
-                .iter()
-                .map(|e| e.volume.as_ref().map(|v| v.volume_id.clone()))
-                .collect::<Vec<_>>()
-        )),
-        Err(s) => chaos.fail(status_text("ListVolumes", &s)),
-    }
-    let listed = chaos
+        .await
+        .map(|reply| {
+            let entries = reply.into_inner().entries.into_iter();
+            entries
+                .filter_map(|e| e.volume.map(|v| v.volume_id))
+                .collect()
+        });
+    expect_none(chaos, "volumes", volumes);
+    let snapshots = chaos
         .call("ListSnapshots", |mut c| async move {
             c.controller
                 .list_snapshots(csi::ListSnapshotsRequest::default())
                 .await
         })
-        .await;
-    match listed {
-        Ok(reply) if reply.get_ref().entries.is_empty() => {}
-        Ok(reply) => chaos.fail(format!(
-            "snapshots left: {:?}",
-            reply
-                .get_ref()
-                .entries
-                .iter()
-                .map(|e| e.snapshot.as_ref().map(|s| s.snapshot_id.clone()))
-                .collect::<Vec<_>>()
-        )),
-        Err(s) => chaos.fail(status_text("ListSnapshots", &s)),
-    }
+        .await
+        .map(|reply| {
+            let entries = reply.into_inner().entries.into_iter();
+            entries
+                .filter_map(|e| e.snapshot.map(|s| s.snapshot_id))
+                .collect()
+        });
+    expect_none(chaos, "snapshots", snapshots);
     // Stop the driver, then look at what the kernel and the state dir hold.
     {
         let mut slot = chaos.slot.lock().await;

@@ -281,12 +281,8 @@ impl NodeOps {
         // the device exclusively until it ends: probing, formatting or mounting now would fail
         // with EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED,
         // and the CO's retry finds the tool's work done.
-        let mounted = |numbers: (u32, u32)| {
-            observed
-                .table
-                .iter()
-                .any(|m| (m.major, m.minor) == numbers)
-        };
+        let mounted =
+            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
         if !attached_here
             && !observed.dev_numbers.is_some_and(mounted)
             && host::held_exclusively(&dev.path())?

@@ -585,3 +585,15 @@ pub fn thaw_everything_under(root: &Path) {
         }
     }
 }
+
+/// The names of the files in `dir` (none when it does not exist).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
