@@ -8,7 +8,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::process::ChildDriver;
 use common::*;
