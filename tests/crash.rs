@@ -322,18 +322,6 @@ fn assert_not_frozen(path: &Path) {
     );
 }
 
-/// Files left in a state subdirectory.
-fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Runs the scenario with the driver set to die at `point`; returns after asserting the end
 /// state. Panics if the point was never reached (the test would prove nothing).
 ///

@@ -32,3 +32,19 @@ pub fn block_device_name(major: u32, minor: u32) -> Option<String> {
     let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
     Some(link.file_name()?.to_str()?.to_string())
 }
+
+/// Whether a process holds the block device at `device` open exclusively (`O_EXCL`): a mounted
+/// file system does, and so do mkfs, e2fsck and resize2fs while they run. The probe's own open
+/// is closed at once.
+pub fn held_exclusively(device: &std::path::Path) -> Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(device)
+    {
+        Ok(_) => Ok(false),
+        Err(err) if err.raw_os_error() == Some(nix::libc::EBUSY) => Ok(true),
+        Err(err) => Err(Error::io("open exclusively", device, err)),
+    }
+}

@@ -382,6 +382,23 @@ impl NodeOps {
                 (self.attach(meta)?, true)
             }
         };
+        // A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds
+        // the device exclusively until it ends: probing, formatting or mounting now would fail
+        // with EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED,
+        // and the CO's retry finds the tool's work done.
+        let mounted =
+            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
+        if !attached_here
+            && !observed.dev_numbers.is_some_and(mounted)
+            && host::held_exclusively(&dev.path())?
+        {
+            return Err(Error::Pending(format!(
+                "volume {} (its device {} is held by another process, such as a tool a previous \
+                 driver process started)",
+                meta.id,
+                dev.path().display()
+            )));
+        }
         crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
             return Ok(dev);

@@ -587,3 +587,37 @@ pub fn assert_code<T: std::fmt::Debug>(
         }
     }
 }
+
+/// Thaws the file system mounted at `dir` if it is frozen (`fsfreeze --unfreeze`; an error,
+/// such as "not frozen", is ignored: this only ever undoes a freeze).
+pub fn thaw(dir: &Path) {
+    let _ = std::process::Command::new("fsfreeze")
+        .arg("--unfreeze")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Thaws every file system mounted under `root`, so that a freeze a killed driver left behind
+/// cannot keep `release_everything_under` from unmounting and detaching it.
+pub fn thaw_everything_under(root: &Path) {
+    for m in mount::mounts().unwrap() {
+        if m.mount_point.starts_with(root) && m.mount_point.is_dir() {
+            thaw(&m.mount_point);
+        }
+    }
+}
+
+/// The names of the files in `dir` (none when it does not exist).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
