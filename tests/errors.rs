@@ -408,7 +408,8 @@ async fn create_volume_name_rules() {
     // No name ever becomes a path: the state dir holds only <uuid>.img/.json files.
     for rel in walk(&d.state_dir()) {
         let text = rel.display().to_string();
-        if text == "volumes" || text == "node" || text == "snapshots" {
+        // The driver's own directories and fixed files (the state dir's lock and node id).
+        if ["volumes", "node", "snapshots", "frozen", "lock", "node-id"].contains(&text.as_str()) {
             continue;
         }
         let file = rel.file_name().unwrap().to_str().unwrap();
