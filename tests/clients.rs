@@ -20,17 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const GRPCIO: &str = "grpcio==1.85.1";
 
 fn config(endpoint: &Path, state_dir: PathBuf) -> Config {
-    Config {
-        endpoint: format!("unix://{}", endpoint.display()),
-        node_id: common::NODE.into(),
-        state_dir,
-        driver_name: "loopcsi.dev".into(),
-        max_volumes_per_node: 0,
-        reconcile_interval: 0,
-        metrics_address: None,
-        buffered_io: false,
-        allow_node_id_change: false,
-    }
+    common::config_for(endpoint, state_dir)
 }
 
 /// A driver serving `socket` until dropped (its shutdown then awaited by `stop`).

@@ -476,17 +476,7 @@ async fn gc_prints_each_line_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_in_process_driver_on_the_same_state_dir_is_refused() {
     let d = TestDriver::start().await;
-    let config = loopcsi::config::Config {
-        endpoint: format!("unix://{}", d.root().join("second.sock").display()),
-        node_id: NODE.into(),
-        state_dir: d.state_dir(),
-        driver_name: "loopcsi.dev".into(),
-        max_volumes_per_node: 0,
-        reconcile_interval: 0,
-        metrics_address: None,
-        buffered_io: false,
-        allow_node_id_change: false,
-    };
+    let config = config_for(&d.root().join("second.sock"), d.state_dir());
     let err = loopcsi::server::bind(&config).err().expect("refused");
     assert!(
         err.to_string()

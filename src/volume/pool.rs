@@ -694,13 +694,7 @@ impl Pool {
         let Some(meta) = self.snapshot(id) else {
             // Unreadable metadata: the CO names the id, so these files are what it deletes.
             if let Some(unreadable) = self.unreadable(id).filter(|u| u.what == SnapshotMeta::WHAT) {
-                tracing::warn!(snapshot.id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a snapshot whose metadata is unreadable, as the CO asked");
-                files::remove_durably(&unreadable.path)?;
-                self.index
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .unreadable
-                    .remove(id);
+                self.forget_unreadable(id, &unreadable)?;
                 return files::remove_uncommitted(&self.layout.snapshot_image(id));
             }
             return Ok(());
@@ -794,20 +788,26 @@ impl Pool {
     /// DeleteVolume of a volume whose metadata cannot be read: the CO names the id, so the
     /// files are what it asks to delete — once nothing on this node uses them.
     fn delete_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
-        if unreadable.what != "volume" {
+        if unreadable.what != VolumeMeta::WHAT {
             return Ok(());
         }
         let image = self.layout.image(id);
         self.refuse_in_use(id, &image)?;
-        tracing::warn!(volume.id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a volume whose metadata is unreadable, as the CO asked");
+        self.forget_unreadable(id, &unreadable)?;
+        crate::volume::records::clear(&self.layout.node_record(id))?;
+        files::remove_uncommitted(&image)
+    }
+
+    /// Removes unreadable metadata (the commit point) for a delete the CO asked for by id.
+    fn forget_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
+        tracing::warn!(id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a {} whose metadata is unreadable, as the CO asked", unreadable.what);
         files::remove_durably(&unreadable.path)?;
         self.index
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .unreadable
             .remove(id);
-        crate::volume::records::clear(&self.layout.node_record(id))?;
-        files::remove_uncommitted(&image)
+        Ok(())
     }
 
     /// A create under `name` could duplicate an object whose metadata cannot be read: refused

@@ -76,15 +76,24 @@ struct Running {
 
 fn config(root: &Path) -> Config {
     Config {
-        endpoint: format!("unix://{}", root.join("csi.sock").display()),
+        metrics_address: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..config_for(&root.join("csi.sock"), root.join("state"))
+    }
+}
+
+/// The config of an in-process driver serving `socket` with state in `state_dir` (no metrics,
+/// no reconciliation rounds: tests run those themselves).
+pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
+    Config {
+        endpoint: format!("unix://{}", socket.display()),
         node_id: NODE.into(),
-        state_dir: root.join("state"),
+        state_dir,
         driver_name: "loopcsi.dev".into(),
         max_volumes_per_node: 0,
         // Tests run reconciliation rounds themselves, when they want one.
         reconcile_interval: 0,
-        // An ephemeral loopback port: no fixed ports in tests.
-        metrics_address: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        // An ephemeral loopback port where wanted (see `config`): no fixed ports in tests.
+        metrics_address: None,
         buffered_io: false,
         allow_node_id_change: false,
     }
