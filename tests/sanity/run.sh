@@ -17,6 +17,8 @@
 # work dir (logs, JUnit reports) for a look afterwards.
 set -euo pipefail
 
+# Go from the official tarball may not be on a non-login shell's PATH.
+PATH=$PATH:/usr/local/go/bin
 CSI_TEST_VERSION=${CSI_TEST_VERSION:-v5.6.0}
 # Small, so the runs fit beside other work on a busy disk: above xfs's 300 MiB minimum, grown
 # by 64 MiB in the expansion specs (csi-sanity's default is 10 GiB grown by 1 GiB, and the driver
