@@ -143,6 +143,54 @@ async fn default_fs_is_ext4() {
     d.assert_clean();
 }
 
+/// A CO other than Kubernetes (and csi-sanity's `-csi.testvolumeparameters`) passes the class's
+/// file system as the `csi.storage.k8s.io/fstype` parameter with an empty `fs_type`: the volume
+/// gets that file system (it used to get ext4), and a request where the two disagree is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_class_fstype_parameter_picks_the_file_system() {
+    let mut d = TestDriver::start().await;
+    let fstype = [("csi.storage.k8s.io/fstype", "xfs")];
+    let cap = mount_cap("", snw());
+    let vol = d
+        .create(with_params(
+            create_req("pvc-class-xfs", 300 * MIB, cap.clone()),
+            &fstype,
+        ))
+        .await
+        .unwrap();
+    let staging = d.staging("s");
+    d.stage(&vol.volume_id, &staging, cap).await.unwrap();
+    let mounted = loopcsi::host::mount::mounts().unwrap();
+    let fs = &mounted
+        .iter()
+        .find(|m| m.mount_point == staging)
+        .unwrap()
+        .fs_type;
+    assert_eq!(fs, "xfs");
+    d.unstage(&vol.volume_id, &staging).await.unwrap();
+    d.delete(&vol.volume_id).await.unwrap();
+
+    let conflict = with_params(
+        create_req("pvc-conflict", 300 * MIB, mount_cap("ext4", snw())),
+        &fstype,
+    );
+    assert_code(
+        d.create(conflict).await,
+        tonic::Code::InvalidArgument,
+        "csi.storage.k8s.io/fstype",
+    );
+    let unknown = with_params(
+        create_req("pvc-btrfs", 300 * MIB, mount_cap("", snw())),
+        &[("csi.storage.k8s.io/fstype", "btrfs")],
+    );
+    assert_code(
+        d.create(unknown).await,
+        tonic::Code::InvalidArgument,
+        "btrfs",
+    );
+    d.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_lifecycle_keeps_data_across_restage_and_restart() {
     let mut d = TestDriver::start().await;

@@ -11,7 +11,9 @@ use crate::rpc_span;
 use crate::service::{
     capability, required, snapshot_id, volume_id, CapabilityError, Domain, Driver,
 };
-use crate::volume::params::{Capability, CapacityRange, StorageClassParams, VolumeKind};
+use crate::volume::params::{
+    Capability, CapacityRange, FsType, StorageClassParams, VolumeKind, FSTYPE_KEY,
+};
 use crate::volume::pool::{ContentSource, NewVolume, SnapshotMeta, VolumeMeta};
 
 /// CSI size limit for names and ids.
@@ -48,9 +50,11 @@ fn volume_name(name: &str) -> Result<&str> {
 }
 
 /// The capabilities of a CreateVolume: all must be served, and they must agree on one kind of
-/// volume (a raw block volume is never also a file system, so it is never formatted by mistake).
+/// volume (a raw block volume is never also a file system, so it is never formatted by mistake),
+/// and with the StorageClass's file system `class_fs` when the parameters name one.
 fn creation_capabilities(
     caps: &[csi::VolumeCapability],
+    class_fs: Option<FsType>,
     domain: &Domain,
 ) -> std::result::Result<(VolumeKind, Vec<Capability>), CapabilityError> {
     if caps.is_empty() {
@@ -63,15 +67,30 @@ fn creation_capabilities(
         .iter()
         .map(|c| capability("volume_capabilities", c, Some(domain.node.tools())))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let kind = parsed[0].volume_kind();
-    if let Some(other) = parsed.iter().find(|c| c.volume_kind() != kind) {
+    let kinds = parsed
+        .iter()
+        .map(|c| c.volume_kind_in(class_fs))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|why| CapabilityError::Unsupported(Error::invalid("volume_capabilities", why)))?;
+    let kind = kinds[0];
+    if let Some(other) = kinds.iter().find(|k| **k != kind) {
         return Err(CapabilityError::Unsupported(Error::invalid(
             "volume_capabilities",
-            format!(
-                "ask for {kind} and {} at once; a loopcsi volume is one or the other",
-                other.volume_kind()
-            ),
+            format!("ask for {kind} and {other} at once; a loopcsi volume is one or the other"),
         )));
+    }
+    if let VolumeKind::Filesystem(fs) = kind {
+        // fs_type itself was checked by `capability`; a file system named only by the
+        // parameters is checked here, with the same message.
+        if !domain.node.tools().supports(fs) {
+            return Err(CapabilityError::Unsupported(Error::invalid(
+                "parameters",
+                format!(
+                    "\"{FSTYPE_KEY}\" {} is not available: its mkfs is not installed on this node",
+                    fs.name()
+                ),
+            )));
+        }
     }
     Ok((kind, parsed))
 }
@@ -197,8 +216,9 @@ impl Controller for ControllerService {
         self.driver
             .run(rpc, move |domain| {
                 let name = volume_name(&req.name)?;
-                let (kind, caps) = creation_capabilities(&req.volume_capabilities, domain)?;
                 let params = StorageClassParams::try_from(&req.parameters)?;
+                let (kind, caps) =
+                    creation_capabilities(&req.volume_capabilities, params.fs, domain)?;
                 if !req.mutable_parameters.is_empty() {
                     return Err(Error::invalid(
                         "mutable_parameters",
@@ -227,7 +247,7 @@ impl Controller for ControllerService {
                     |source| domain.node.prepare_source(source),
                 )?;
                 tracing::Span::current().record("volume.id", tracing::field::display(meta.id));
-                tracing::info!(created = ?created, capacity_bytes = meta.capacity_bytes, "volume ready");
+                tracing::info!(created = ?created, capacity_bytes = meta.capacity_bytes, volume.kind = ?meta.kind, "volume ready");
                 Ok(csi::CreateVolumeResponse {
                     volume: Some(this.volume_reply(&meta)),
                 })
@@ -358,7 +378,7 @@ impl Controller for ControllerService {
         let this = self.clone();
         self.driver
             .run(rpc_span!("GetCapacity"), move |domain| {
-                StorageClassParams::try_from(&req.parameters)?;
+                let params = StorageClassParams::try_from(&req.parameters)?;
                 let zero = csi::GetCapacityResponse {
                     available_capacity: 0,
                     maximum_volume_size: Some(0),
@@ -371,7 +391,7 @@ impl Controller for ControllerService {
                 }
                 let mut minimum = crate::volume::params::MINIMUM_BLOCK_SIZE;
                 if !req.volume_capabilities.is_empty() {
-                    match creation_capabilities(&req.volume_capabilities, domain) {
+                    match creation_capabilities(&req.volume_capabilities, params.fs, domain) {
                         Ok((kind, _)) => minimum = kind.minimum_size(),
                         Err(CapabilityError::Unsupported(why)) => {
                             tracing::debug!(reason = %why, "capabilities not served: capacity 0");

@@ -92,6 +92,27 @@ impl Capability {
         }
     }
 
+    /// The kind of volume to create when the StorageClass names `class_fs`
+    /// (`csi.storage.k8s.io/fstype`). Kubernetes' provisioner moves that key into `fs_type`
+    /// itself, but other COs and csi-sanity pass it as a parameter: ignoring it would make an
+    /// ext4 volume for an xfs class. A raw block volume has no file system, so it is ignored
+    /// there (as Kubernetes does for `volumeMode: Block`); the reason when `fs_type` names
+    /// another file system.
+    pub fn volume_kind_in(
+        &self,
+        class_fs: Option<FsType>,
+    ) -> std::result::Result<VolumeKind, String> {
+        match (&self.kind, class_fs) {
+            (AccessKind::Mount { fs: None, .. }, Some(class)) => Ok(VolumeKind::Filesystem(class)),
+            (AccessKind::Mount { fs: Some(fs), .. }, Some(class)) if *fs != class => Err(format!(
+                "mount.fs_type {} disagrees with parameters[\"{FSTYPE_KEY}\"] {}",
+                shown(fs.name()),
+                shown(class.name())
+            )),
+            _ => Ok(self.volume_kind()),
+        }
+    }
+
     /// Whether a volume of `kind` can be used this way; the reason when it cannot.
     pub fn check_against(&self, kind: VolumeKind) -> std::result::Result<(), String> {
         match (&self.kind, kind) {
@@ -151,10 +172,15 @@ pub struct ClaimRef {
 pub struct StorageClassParams {
     pub provisioning: Provisioning,
     pub claim: ClaimRef,
+    /// `csi.storage.k8s.io/fstype`, when the CO passes it as a parameter (see
+    /// `Capability::volume_kind_in`).
+    pub fs: Option<FsType>,
 }
 
 /// Keys the Kubernetes sidecars add on their own; accepted and never interpreted as ours.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+/// The StorageClass's file system, as Kubernetes names it.
+pub const FSTYPE_KEY: &str = "csi.storage.k8s.io/fstype";
 
 impl TryFrom<&HashMap<String, String>> for StorageClassParams {
     type Error = Error;
@@ -182,6 +208,19 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
                 "csi.storage.k8s.io/pvc/name" => params.claim.name = Some(value.clone()),
                 "csi.storage.k8s.io/pvc/namespace" => params.claim.namespace = Some(value.clone()),
                 "csi.storage.k8s.io/pv/name" => params.claim.pv_name = Some(value.clone()),
+                // Empty is what a class without an fstype gives: the default applies.
+                FSTYPE_KEY if value.is_empty() => {}
+                FSTYPE_KEY => {
+                    params.fs = Some(FsType::from_name(value).ok_or_else(|| {
+                        Error::invalid(
+                            "parameters",
+                            format!(
+                                "\"{FSTYPE_KEY}\" {} is not supported (use \"ext4\" or \"xfs\")",
+                                shown(value)
+                            ),
+                        )
+                    })?)
+                }
                 other if other.starts_with(SIDECAR_PREFIX) => {}
                 other => {
                     return Err(Error::invalid(
@@ -347,6 +386,11 @@ mod tests {
         .unwrap();
         assert_eq!(p.provisioning, Provisioning::Thick);
         assert_eq!(p.claim.name.as_deref(), Some("data"));
+        assert_eq!(p.fs, Some(FsType::Xfs));
+        let p = StorageClassParams::try_from(&map(&[(FSTYPE_KEY, "")])).unwrap();
+        assert_eq!(p.fs, None);
+        let err = StorageClassParams::try_from(&map(&[(FSTYPE_KEY, "btrfs")])).unwrap_err();
+        assert!(err.to_string().contains(FSTYPE_KEY) && err.to_string().contains("btrfs"));
         let err = StorageClassParams::try_from(&map(&[("provisioning", "fat")])).unwrap_err();
         assert!(
             err.to_string().contains("parameters.provisioning") && err.to_string().contains("fat")
