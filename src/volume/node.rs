@@ -406,10 +406,12 @@ impl NodeOps {
         let result = (|| {
             if self.format_if_blank(meta, &dev, fs)? {
                 self.mount_fresh(meta, &dev, staging, fs, &options)?;
+                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
             } else {
                 self.grow_pending(meta, &dev.path(), None)?;
                 mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
                 self.grow_pending(meta, &dev.path(), Some(staging))?;
+                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
             }
             crate::faults::crash_point("stage.mounted");
             Ok(())
