@@ -244,6 +244,16 @@ impl TestDriver {
 
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
+            // Startup recovery runs in the background of an in-process server and would go on
+            // after `serve` returns; a test that then changes the state dir must not race it.
+            // Any RPC but Probe waits for recovery to finish (no polling, no sleeps).
+            let _ = self
+                .controller
+                .list_volumes(csi::ListVolumesRequest {
+                    max_entries: 1,
+                    starting_token: String::new(),
+                })
+                .await;
             let _ = running.shutdown.send(());
             running.task.await.unwrap();
         }
