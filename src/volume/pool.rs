@@ -793,7 +793,7 @@ impl Pool {
         }
         let image = self.layout.image(id);
         self.refuse_in_use(id, &image)?;
-        self.forget_unreadable(id, &unreadable)?;
+        self.forget_unreadable(id, unreadable)?;
         crate::volume::records::clear(&self.layout.node_record(id))?;
         files::remove_uncommitted(&image)
     }

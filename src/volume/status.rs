@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::host::{files, loopdev, mount};
+use crate::host::loopdev::{self, FileId};
+use crate::host::{files, mount};
 use crate::metrics::Inventory;
 use crate::volume::node::NodeOps;
 use crate::volume::params::{Provisioning, VolumeKind};
@@ -64,10 +65,17 @@ impl NodeOps {
     /// read), so a scrape stays cheap with thousands of volumes.
     pub fn inventory(&self) -> Result<Inventory> {
         let layout = self.pool.layout();
-        let volumes_dir = layout.volumes_dir();
-        let devices: Vec<_> = loopdev::attached()?
+        // Devices are the pool's when they hold a volume's image (by identity: the path the
+        // kernel shows depends on the mount namespace that attached them).
+        let images: std::collections::HashSet<FileId> = self
+            .pool
+            .volumes()
+            .iter()
+            .filter_map(|meta| FileId::at(&layout.image(&meta.id)).ok().flatten())
+            .collect();
+        let devices: Vec<_> = loopdev::attached_devices()?
             .into_iter()
-            .filter(|(_, file)| file.parent() == Some(volumes_dir.as_path()))
+            .filter(|a| a.backing.is_some_and(|file| images.contains(&file)))
             .collect();
         let table = mount::mounts()?;
         let mut published = 0u64;
@@ -88,7 +96,7 @@ impl NodeOps {
         let usage = self.pool.usage()?;
         Ok(Inventory {
             volumes: self.pool.len() as u64,
-            staged: devices.iter().filter(|(d, _)| !d.read_only()).count() as u64,
+            staged: devices.iter().filter(|a| !a.read_only).count() as u64,
             published,
             snapshots: snapshots.len() as u64,
             loop_devices: devices.len() as u64,
