@@ -426,6 +426,8 @@ struct Counters {
 struct Chaos {
     root: PathBuf,
     options: Options,
+    /// Per call in flight: how many times in a row a kill cut it (see `killer`).
+    cut_streaks: std::sync::Mutex<HashMap<u64, u32>>,
     slot: Mutex<Slot>,
     generation: watch::Sender<u64>,
     counters: Counters,
@@ -457,6 +459,7 @@ impl Chaos {
             generation,
             counters: Counters::default(),
             in_flight: Default::default(),
+            cut_streaks: Default::default(),
             next_call: AtomicU64::new(0),
             kill_log: Default::default(),
             last_logs: Default::default(),
@@ -502,11 +505,21 @@ impl Chaos {
     }
 
     /// The killer: after each start of the driver, waits a random delay and sends SIGKILL,
-    /// whatever is in flight.
+    /// whatever is in flight. The delay's bound is `kill_max`, doubled for each time in a row
+    /// that the most often cut call in flight was cut (up to `PATIENCE`): an operation that
+    /// takes longer than `kill_max` on a loaded machine (a clone of a live xfs volume) still
+    /// gets to finish, so "no progress" means a livelock of the driver, not of the schedule.
     async fn killer(self: Arc<Self>, mut rng: Rng) {
+        const PATIENCE: Duration = Duration::from_secs(30);
         let mut started = self.generation.subscribe();
         loop {
-            let delay = Duration::from_micros(rng.below(self.options.kill_max.as_micros() as u64));
+            let streak = self.cut_streaks.lock().unwrap().values().copied().max();
+            let bound = self
+                .options
+                .kill_max
+                .saturating_mul(1 << streak.unwrap_or(0).min(8))
+                .min(PATIENCE.max(self.options.kill_max));
+            let delay = Duration::from_micros(rng.below(bound.as_micros().max(1) as u64));
             tokio::time::sleep(delay).await;
             if self.stop.load(Ordering::SeqCst) {
                 return;
@@ -613,6 +626,16 @@ impl Chaos {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let call = self.next_call.fetch_add(1, Ordering::SeqCst);
+        let result = self.call_tries(call, what, &mut rpc).await;
+        self.cut_streaks.lock().unwrap().remove(&call);
+        result
+    }
+
+    async fn call_tries<T, F, Fut>(&self, call: u64, what: &str, rpc: &mut F) -> Result<T, Status>
+    where
+        F: FnMut(Clients) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let mut backoff = Duration::from_millis(10);
         let mut aborted_backoff = Duration::from_millis(10);
         for _ in 0..MAX_TRIES {
@@ -637,6 +660,7 @@ impl Chaos {
                     self.counters
                         .retried_after_kill
                         .fetch_add(1, Ordering::Relaxed);
+                    *self.cut_streaks.lock().unwrap().entry(call).or_insert(0) += 1;
                     self.restart(generation).await;
                 }
                 Ok(Err(status)) if status.code() == Code::Aborted => {
