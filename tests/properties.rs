@@ -600,10 +600,15 @@ proptest! {
         let bad_provisioning = map
             .get("provisioning")
             .is_some_and(|v| v != "thin" && v != "thick");
+        // The one sidecar key loopcsi reads: the file system, when the CO passes it so.
+        let bad_fstype = map
+            .get("csi.storage.k8s.io/fstype")
+            .is_some_and(|v| !v.is_empty() && v != "ext4" && v != "xfs");
         match StorageClassParams::try_from(&map) {
             Ok(params) => {
                 prop_assert!(unknown.is_empty(), "unknown keys {:?} accepted", unknown);
                 prop_assert!(!bad_provisioning);
+                prop_assert!(!bad_fstype);
                 let expected = match map.get("provisioning").map(String::as_str) {
                     Some("thick") => Provisioning::Thick,
                     _ => Provisioning::Thin,
@@ -624,7 +629,11 @@ proptest! {
             }
             Err(err) => {
                 prop_assert!(matches!(err, Error::InvalidArgument { .. }), "{:?}", err);
-                prop_assert!(!unknown.is_empty() || bad_provisioning, "refused: {}", err);
+                prop_assert!(
+                    !unknown.is_empty() || bad_provisioning || bad_fstype,
+                    "refused: {}",
+                    err
+                );
                 let message = err.to_string();
                 prop_assert!(message.starts_with("parameters"), "{}", message);
                 prop_assert!(message.len() < 1024, "unbounded message ({} bytes)", message.len());
@@ -632,7 +641,8 @@ proptest! {
                 let named = unknown
                     .iter()
                     .any(|k| message.contains(&loopcsi::error::shown(k)))
-                    || (bad_provisioning && message.contains("parameters.provisioning"));
+                    || (bad_provisioning && message.contains("parameters.provisioning"))
+                    || (bad_fstype && message.contains("csi.storage.k8s.io/fstype"));
                 prop_assert!(named, "{} names no offending key", message);
             }
         }
