@@ -13,8 +13,9 @@
 # first failure. Whatever happens, the EXIT trap tears everything down (processes, containers,
 # mounts, loop devices, the network namespace, the work directory) and checks nothing is left.
 #
-# Environment: E2E_KEEP=1 keeps the work directory (logs) after the run;
-# XDG_CACHE_HOME moves the build cache.
+# Environment: E2E_KEEP=1 keeps the logs (in the work directory) after a passing run too;
+# E2E_LOOPCSI_BINARY=PATH puts that driver binary in the image instead of this tree's release
+# build (to show a scenario fails on an older driver); XDG_CACHE_HOME moves the build cache.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -59,6 +60,10 @@ fi
 
 # ---------------------------------------------------------------- the work dir and teardown
 work="$(mktemp -d /tmp/loopcsi-e2e.XXXXXX)"
+# The containerd shims keep sockets and fifos under /run/containerd whatever containerd's own
+# state dir is; the teardown removes that tree if the run created it (and only its empty dirs).
+run_containerd_existed=0
+[ -e /run/containerd ] && run_containerd_existed=1
 netns="loopcsi-e2e-${work##*.}"
 kubelet_dir="$work/kubelet"
 pool="$work/pool"
@@ -68,6 +73,15 @@ log "work dir $work, network namespace $netns"
 
 in_ns() { nsenter --net="/run/netns/$netns" -- "$@"; }
 kubectl() { "$k8s/kubectl" --kubeconfig "$work/pki/admin.kubeconfig" "$@"; }
+ctr_k8s() { ctr --address "$work/containerd/containerd.sock" -n k8s.io "$@"; }
+no_pods() { [ -z "$(kubectl get pods -A -o name 2>/dev/null)" ]; }
+task_stopped() { ! ctr_k8s tasks ls 2>/dev/null | grep -v STOPPED | grep -q "^$1 "; }
+daemonset_ready() {
+    [ "$(kubectl -n loopcsi get ds loopcsi-node -o jsonpath='{.status.numberReady}')" = 1 ]
+}
+csinode_registered() {
+    kubectl get csinode "$node" -o jsonpath='{.spec.drivers[*].name}' | grep -qw loopcsi.dev
+}
 
 # start NAME COMMAND...: run COMMAND in the network namespace, logging to $work/logs/NAME.log.
 start() {
@@ -112,6 +126,16 @@ our_mounts() {
     awk -v w="$work" '$5 == w || index($5, w "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
 }
 
+# Processes whose command line names STRING, other than this script and the grep that looked
+# (gone by the time its output is read, and so skipped by the second look).
+pids_naming() {
+    local pid
+    for pid in $(grep -lsF -- "$1" /proc/[0-9]*/cmdline | cut -d/ -f3); do
+        [ "$pid" = "$$" ] && continue
+        grep -qsF -- "$1" "/proc/$pid/cmdline" && echo "$pid"
+    done
+}
+
 teardown() {
     local rc=$?
     set +e
@@ -122,30 +146,29 @@ teardown() {
         # namespaces removed by the CRI), bounded; what is left is forced below.
         kubectl delete pods --all --all-namespaces --wait=false >/dev/null 2>&1
         kubectl delete namespace loopcsi --wait=false >/dev/null 2>&1
-        until_true 60 "pods gone" sh -c \
-            "[ -z \"\$('$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' get pods -A -o name 2>/dev/null)\" ]"
+        until_true 60 "pods gone" no_pods
     fi
     local name
     for name in kubelet snapshot-controller kube-scheduler kube-controller-manager; do
         [ -n "${pids[$name]:-}" ] && stop_pid "${pids[$name]}"
     done
     if [ -S "$work/containerd/containerd.sock" ]; then
-        local ctr=(ctr --address "$work/containerd/containerd.sock" -n k8s.io) id
+        local id
         # The sandboxes' network namespaces, removed after the containers are gone.
         local netnses
-        netnses="$("${ctr[@]}" containers ls -q 2>/dev/null | while read -r id; do
-            "${ctr[@]}" containers info "$id" 2>/dev/null |
+        netnses="$(ctr_k8s containers ls -q 2>/dev/null | while read -r id; do
+            ctr_k8s containers info "$id" 2>/dev/null |
                 python3 -c 'import json,sys; [print(n["path"]) for n in json.load(sys.stdin)["Spec"]["linux"]["namespaces"] if n["type"]=="network" and n.get("path")]' 2>/dev/null
         done | sort -u)"
-        for id in $("${ctr[@]}" tasks ls -q 2>/dev/null); do
-            "${ctr[@]}" tasks kill -s SIGKILL "$id" >/dev/null 2>&1
+        for id in $(ctr_k8s tasks ls -q 2>/dev/null); do
+            ctr_k8s tasks kill -s SIGKILL "$id" >/dev/null 2>&1
         done
-        for id in $("${ctr[@]}" tasks ls -q 2>/dev/null); do
-            until_true 30 "task $id stopped" sh -c "${ctr[*]} tasks ls | grep -q \"^$id .*STOPPED\" || ! ${ctr[*]} tasks ls -q | grep -qx $id"
-            "${ctr[@]}" tasks delete -f "$id" >/dev/null 2>&1
+        for id in $(ctr_k8s tasks ls -q 2>/dev/null); do
+            until_true 30 "task $id stopped" task_stopped "$id"
+            ctr_k8s tasks delete -f "$id" >/dev/null 2>&1
         done
-        for id in $("${ctr[@]}" containers ls -q 2>/dev/null); do
-            "${ctr[@]}" containers rm "$id" >/dev/null 2>&1
+        for id in $(ctr_k8s containers ls -q 2>/dev/null); do
+            ctr_k8s containers rm "$id" >/dev/null 2>&1
         done
         local ns
         for ns in $netnses; do
@@ -160,9 +183,7 @@ teardown() {
     # Shims (and anything else) started for our containerd: found by its socket path in their
     # command line, ended by pid.
     local pid
-    for pid in $(grep -lsF -- "$work/containerd/containerd.sock" /proc/[0-9]*/cmdline | cut -d/ -f3); do
-        [ "$pid" != "$$" ] && kill -KILL "$pid" 2>/dev/null
-    done
+    for pid in $(pids_naming "$work/containerd/containerd.sock"); do kill -KILL "$pid"; done
     for name in kube-apiserver etcd; do
         [ -n "${pids[$name]:-}" ] && stop_pid "${pids[$name]}"
     done
@@ -171,6 +192,8 @@ teardown() {
     local dev
     for dev in $(our_loops); do losetup -d "$dev"; done
     [ -e "/run/netns/$netns" ] && ip netns delete "$netns"
+    [ "$run_containerd_existed" = 0 ] && [ -d /run/containerd ] &&
+        find /run/containerd -depth -type d -empty -delete
     # The leak check: nothing of ours may be left.
     local leaks=""
     [ -n "$(our_mounts)" ] && leaks="$leaks mounts:$(our_mounts | tr '\n' ' ')"
@@ -179,9 +202,7 @@ teardown() {
     for name in "${!pids[@]}"; do
         kill -0 "${pids[$name]}" 2>/dev/null && leaks="$leaks process:$name"
     done
-    for pid in $(grep -lsF -- "$work/" /proc/[0-9]*/cmdline | cut -d/ -f3); do
-        [ "$pid" != "$$" ] && [ "$pid" != "$BASHPID" ] && leaks="$leaks pid:$pid"
-    done
+    for pid in $(pids_naming "$work/"); do leaks="$leaks pid:$pid($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))"; done
     if [ -n "$leaks" ]; then
         log "LEAK after teardown:$leaks (work dir kept: $work)"
         rc=1
@@ -205,14 +226,18 @@ k8s="$cache/kubernetes-$K8S_VERSION"
 log "pinned binaries ready in $((SECONDS - t)) s"
 
 t=$SECONDS
-(cd "$repo" && cargo build --release --locked --bin loopcsi)
-log "loopcsi release binary ready in $((SECONDS - t)) s"
+binary="${E2E_LOOPCSI_BINARY:-}"
+if [ -z "$binary" ]; then
+    (cd "$repo" && cargo build --release --locked --bin loopcsi)
+    binary="$repo/target/release/loopcsi"
+fi
+log "loopcsi binary $binary ready in $((SECONDS - t)) s"
 
 t=$SECONDS
 standins="$work/bin/standins-e2e"
 (cd "$here/standins" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$standins/" ./...)
 E2E_DEBS="$cache/debs-$(. /etc/os-release && echo "$VERSION_CODENAME")" \
-    "$here/images.sh" "$work/images" "$repo/target/release/loopcsi" "$standins" \
+    "$here/images.sh" "$work/images" "$binary" "$standins" \
     "$cache/csi-provisioner-$PROVISIONER_VERSION" "$cache/csi-resizer-$RESIZER_VERSION" \
     "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION"
 log "images built in $((SECONDS - t)) s"
@@ -419,11 +444,9 @@ text = open(sys.argv[1]).read()
 assert f"path: {sys.argv[2]}\n" in text and "name: pool-dir" in text
 EOF
 kubectl apply -k "$work/overlay" >/dev/null
-until_true 300 "loopcsi DaemonSet ready" sh -c \
-    "[ \"\$('$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' -n loopcsi get ds loopcsi-node -o jsonpath='{.status.numberReady}')\" = 1 ]" ||
+until_true 300 "loopcsi DaemonSet ready" daemonset_ready ||
     fail "the loopcsi DaemonSet did not become ready: $(kubectl -n loopcsi get pods -o wide 2>&1)"
-until_true 120 "CSINode lists loopcsi.dev" sh -c \
-    "'$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' get csinode $node -o jsonpath='{.spec.drivers[*].name}' | grep -qw loopcsi.dev" ||
+until_true 120 "CSINode lists loopcsi.dev" csinode_registered ||
     fail "the kubelet never registered loopcsi.dev"
 plugin_pod="$(kubectl -n loopcsi get pods -o jsonpath='{.items[0].metadata.name}')"
 pass "deploy: kubectl apply -k; $plugin_pod $(kubectl -n loopcsi get pod "$plugin_pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.ready} {end}'); CSINode registered; $((SECONDS - t)) s"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # the variables below come from run.sh
 # The e2e tier's scenarios, sourced by run.sh once the cluster runs loopcsi (it provides kubectl,
 # until_true, pass, fail, log, our_loops, $pool, $kubelet_dir, $work, $node). Each step prints
 # PASS with its evidence or FAILs the run.
@@ -42,6 +43,8 @@ spec:
 EOF
 }
 
+has_log() { [ -n "$(kubectl logs "$1" 2>/dev/null)" ]; }
+
 pod_phase() { kubectl get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null; }
 phase_is() { [ "$(pod_phase "$1")" = "$2" ]; }
 wait_phase() {
@@ -66,11 +69,6 @@ loop_evidence() {
     done
 }
 
-plugin_pod_name() {
-    kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node \
-        -o jsonpath='{range .items[?(@.metadata.deletionTimestamp)]}{end}{.items[0].metadata.name}'
-}
-
 plugin_ready_and_new() {
     local old="$1" name ready
     name="$(kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node -o name | head -1)"
@@ -90,7 +88,7 @@ scenario_filesystem() {
     kubectl delete pod fs-writer --timeout=120s >/dev/null || fail "filesystem: fs-writer stuck deleting"
     app_pod fs-app fs-pvc fs 'cat /data/token; while true; do sleep 1; done'
     wait_phase fs-app Running
-    until_true 30 "fs-app log" sh -c "'$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' logs fs-app | grep -q ." || true
+    until_true 30 "fs-app log" has_log fs-app || true
     local got
     got="$(kubectl logs fs-app)"
     [ "$got" = "$token" ] || fail "filesystem: the new pod read '$got', not '$token'"
@@ -105,7 +103,7 @@ scenario_block() {
     kubectl delete pod blk-writer --timeout=120s >/dev/null || fail "block: blk-writer stuck deleting"
     app_pod blk-app blk-pvc block 'dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -n1; while true; do sleep 1; done'
     wait_phase blk-app Running
-    until_true 30 "blk-app log" sh -c "'$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' logs blk-app | grep -q ." || true
+    until_true 30 "blk-app log" has_log blk-app || true
     local got
     got="$(kubectl logs blk-app | tr -d '\0')"
     [ "$got" = "$token" ] || fail "block: the new pod read '$got', not '$token'"
@@ -125,8 +123,7 @@ scenario_plugin_restart() {
         fail "restart: no new plugin pod became Ready: $(kubectl -n loopcsi get pods -o wide)"
     new="$(kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node -o jsonpath='{.items[0].metadata.name}')"
     # The registrar of the new pod registers again; wait until the kubelet lists the driver.
-    until_true 120 "CSINode lists loopcsi.dev" sh -c \
-        "'$k8s/kubectl' --kubeconfig '$work/pki/admin.kubeconfig' get csinode $node -o jsonpath='{.spec.drivers[*].name}' | grep -qw loopcsi.dev" ||
+    until_true 120 "CSINode lists loopcsi.dev" csinode_registered ||
         fail "restart: the kubelet does not list loopcsi.dev after the restart"
     pass "restart: plugin pod $old deleted, $new Ready in $((SECONDS - t)) s"
 
