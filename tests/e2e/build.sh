@@ -100,10 +100,33 @@ GO
     rm -rf "$src"
 }
 
-# go install MODULE/PKG@VERSION into DIR (the sidecars' modules have no replace directives).
-go_install() {
-    local out="$1" pkg="$2"
-    GOBIN="$out" go install -ldflags "-s -w" "$pkg"
+# go_build MODULE VERSION PACKAGE DIR: build PACKAGE of MODULE@VERSION into DIR. The sidecars'
+# go.mod files carry replace directives (pinning k8s.io staging modules), which `go install
+# pkg@version` refuses, so a wrapper module requires MODULE and repeats its replace directives; a
+# replace by a local directory (./client) becomes the published module of the same version.
+go_build() {
+    local module="$1" version="$2" pkg="$3" out="$4" src="$4/src" gomod
+    mkdir -p "$src"
+    gomod="$(go mod download -json "$module@$version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+    {
+        echo "module loopcsi.dev/e2e/sidecar"
+        echo "go 1.26"
+        echo "require $module $version"
+        python3 - "$gomod" "$version" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+lines = re.findall(r"^replace\s+(\S+)\s+=>\s+(\S+)(?:\s+(\S+))?\s*$", text, re.M)
+block = re.search(r"^replace \((.*?)^\)", text, re.M | re.S)
+if block:
+    lines += re.findall(r"^\s*(\S+)\s+=>\s+(\S+)(?:\s+(\S+))?\s*$", block.group(1), re.M)
+for old, new, ver in lines:
+    if new.startswith("."):
+        new, ver = old, sys.argv[2]
+    print(f"replace {old} => {new} {ver}".rstrip())
+PY
+    } >"$src/go.mod"
+    (cd "$src" && go build -mod=mod -ldflags "-s -w" -o "$out/" "$pkg")
+    rm -rf "$src"
 }
 
 what="${1:-all}"
@@ -114,13 +137,13 @@ etcd | all)
     build_in "$cache/etcd-$ETCD_VERSION" "etcd $ETCD_VERSION" build_etcd ;;&
 sidecars | all)
     build_in "$cache/csi-provisioner-$PROVISIONER_VERSION" "csi-provisioner $PROVISIONER_VERSION" \
-        go_install "$PROVISIONER_MODULE/cmd/csi-provisioner@$PROVISIONER_VERSION"
+        go_build "$PROVISIONER_MODULE" "$PROVISIONER_VERSION" "$PROVISIONER_MODULE/cmd/csi-provisioner"
     build_in "$cache/csi-resizer-$RESIZER_VERSION" "csi-resizer $RESIZER_VERSION" \
-        go_install "$RESIZER_MODULE/cmd/csi-resizer@$RESIZER_VERSION"
+        go_build "$RESIZER_MODULE" "$RESIZER_VERSION" "$RESIZER_MODULE/cmd/csi-resizer"
     build_in "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION" "csi-snapshotter $SNAPSHOTTER_VERSION" \
-        go_install "$SNAPSHOTTER_MODULE/cmd/csi-snapshotter@$SNAPSHOTTER_VERSION"
+        go_build "$SNAPSHOTTER_MODULE" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_MODULE/cmd/csi-snapshotter"
     build_in "$cache/snapshot-controller-$SNAPSHOTTER_VERSION" "snapshot-controller $SNAPSHOTTER_VERSION" \
-        go_install "$SNAPSHOTTER_MODULE/cmd/snapshot-controller@$SNAPSHOTTER_VERSION"
+        go_build "$SNAPSHOTTER_MODULE" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_MODULE/cmd/snapshot-controller"
     ;;&
 crds | all)
     # The snapshot CRDs ship in the snapshotter's client module (config/crd).

@@ -62,8 +62,12 @@ fi
 work="$(mktemp -d /tmp/loopcsi-e2e.XXXXXX)"
 # The containerd shims keep sockets and fifos under /run/containerd whatever containerd's own
 # state dir is; the teardown removes that tree if the run created it (and only its empty dirs).
-run_containerd_existed=0
-[ -e /run/containerd ] && run_containerd_existed=1
+# Likewise containerd's CNI result cache (/var/lib/cni) and the kubelet's legacy log links
+# (/var/log/containers, links into our pod log dir).
+declare -A existed=()
+for d in /run/containerd /var/lib/cni /var/log/containers; do
+    [ -e "$d" ] && existed[$d]=1
+done
 netns="loopcsi-e2e-${work##*.}"
 kubelet_dir="$work/kubelet"
 pool="$work/pool"
@@ -192,8 +196,10 @@ teardown() {
     local dev
     for dev in $(our_loops); do losetup -d "$dev"; done
     [ -e "/run/netns/$netns" ] && ip netns delete "$netns"
-    [ "$run_containerd_existed" = 0 ] && [ -d /run/containerd ] &&
-        find /run/containerd -depth -type d -empty -delete
+    [ -d /var/log/containers ] && find /var/log/containers -lname "$work/*" -delete
+    for d in /run/containerd /var/lib/cni /var/log/containers; do
+        [ -z "${existed[$d]:-}" ] && [ -d "$d" ] && find "$d" -depth -type d -empty -delete
+    done
     # The leak check: nothing of ours may be left.
     local leaks=""
     [ -n "$(our_mounts)" ] && leaks="$leaks mounts:$(our_mounts | tr '\n' ' ')"
@@ -391,6 +397,7 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "0%", imagefs.availa
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 clusterDomain: cluster.local
+podLogsDir: $work/pod-logs
 EOF
 start kubelet "$k8s/kubelet" --config "$work/kubelet.yaml" --root-dir "$kubelet_dir" \
     --kubeconfig "$work/pki/admin.kubeconfig" --hostname-override "$node" --node-ip "$gw" -v 2
