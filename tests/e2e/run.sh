@@ -76,9 +76,11 @@ declare -A pids=()
 log "work dir $work, network namespace $netns"
 
 in_ns() { nsenter --net="/run/netns/$netns" -- "$@"; }
-kubectl() { "$k8s/kubectl" --kubeconfig "$work/pki/admin.kubeconfig" "$@"; }
+# The apiserver listens on 127.0.0.1 of the namespace: kubectl runs there too.
+kubectl() { in_ns "$k8s/kubectl" --kubeconfig "$work/pki/admin.kubeconfig" "$@"; }
 ctr_k8s() { ctr --address "$work/containerd/containerd.sock" -n k8s.io "$@"; }
-no_pods() { [ -z "$(kubectl get pods -A -o name 2>/dev/null)" ]; }
+no_pods() { [ -z "$(kubectl get pods -n "$1" -o name 2>/dev/null)" ]; }
+no_pvs() { [ -z "$(kubectl get pv -o name 2>/dev/null)" ]; }
 task_stopped() { ! ctr_k8s tasks ls 2>/dev/null | grep -v STOPPED | grep -q "^$1 "; }
 daemonset_ready() {
     [ "$(kubectl -n loopcsi get ds loopcsi-node -o jsonpath='{.status.numberReady}')" = 1 ]
@@ -91,7 +93,8 @@ csinode_registered() {
 start() {
     local name="$1"
     shift
-    in_ns "$@" >"$work/logs/$name.log" 2>&1 &
+    # nsenter execs COMMAND after entering the namespace, so $! is COMMAND's own pid.
+    nsenter --net="/run/netns/$netns" -- "$@" >"$work/logs/$name.log" 2>&1 &
     pids[$name]=$!
     log "started $name (pid ${pids[$name]})"
 }
@@ -113,14 +116,15 @@ our_loops() {
     [ -d "$pool" ] || return 0
     local ids
     ids="$(find "$pool" -type f -name '*.img' -printf '%D %i\n' 2>/dev/null | while read -r d i; do
-        printf '%d:%d %s\n' "$((d >> 8))" "$((d & 0xff))" "$i"
+        # st_dev in the kernel's encoding: major in bits 8-19, minor in bits 0-7 and 20-31.
+        printf '%d:%d %s\n' "$(((d >> 8) & 0xfff))" "$(((d & 0xff) | ((d >> 12) & 0xfff00)))" "$i"
     done)"
     [ -n "$ids" ] || return 0
     losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO 2>/dev/null | python3 -c '
 import json, sys
 ids = {tuple(l.split()) for l in sys.argv[1].splitlines()}
 for d in json.load(sys.stdin).get("loopdevices", []):
-    if (d["back-maj:min"], str(d["back-ino"])) in ids:
+    if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
         print(d["name"])
 ' "$ids"
 }
@@ -148,9 +152,14 @@ teardown() {
     if [ -n "${pids[kubelet]:-}" ] && [ -S "$work/containerd/containerd.sock" ]; then
         # Let the kubelet remove the pods it runs (volumes unpublished, sandboxes' network
         # namespaces removed by the CRI), bounded; what is left is forced below.
-        kubectl delete pods --all --all-namespaces --wait=false >/dev/null 2>&1
+        # The apps first (their volumes need the plugin to unpublish), then their claims (the
+        # plugin deletes the volumes), then the plugin.
+        kubectl delete pods --all -n default --wait=false >/dev/null 2>&1
+        until_true 60 "app pods gone" no_pods default
+        kubectl delete pvc --all -n default --wait=false >/dev/null 2>&1
+        until_true 60 "volumes deleted" no_pvs
         kubectl delete namespace loopcsi --wait=false >/dev/null 2>&1
-        until_true 60 "pods gone" no_pods
+        until_true 60 "plugin pods gone" no_pods loopcsi
     fi
     local name
     for name in kubelet snapshot-controller kube-scheduler kube-controller-manager; do
@@ -218,7 +227,8 @@ teardown() {
     else
         rm -rf "$work"
     fi
-    log "teardown done, nothing left; total $((SECONDS - run_start)) s"
+    [ -z "$leaks" ] && log "teardown done, nothing left"
+    log "total $((SECONDS - run_start)) s"
     exit "$rc"
 }
 trap teardown EXIT
@@ -311,7 +321,8 @@ start kube-apiserver "$k8s/kube-apiserver" --etcd-servers http://127.0.0.1:2379 
     --kubelet-client-certificate "$work/pki/admin.crt" --kubelet-client-key "$work/pki/admin.key" \
     --service-account-key-file "$work/pki/sa.pub" --service-account-signing-key-file "$work/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --authorization-mode Node,RBAC --allow-privileged=true
+    --authorization-mode Node,RBAC --allow-privileged=true \
+    --kubelet-preferred-address-types InternalIP
 until_true 120 "apiserver /readyz" kubectl get --raw /readyz || fail "the apiserver did not become ready"
 start kube-controller-manager "$k8s/kube-controller-manager" \
     --kubeconfig "$work/pki/admin.kubeconfig" --bind-address 127.0.0.1 --leader-elect=false \
@@ -409,6 +420,8 @@ pass "cluster: $(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.kubelet
 # ---------------------------------------------------------------- loopcsi, as users deploy it
 t=$SECONDS
 mkdir -p "$work/overlay"
+# kustomize takes bases only by relative path.
+deploy="$(realpath --relative-to="$work/overlay" "$repo/deploy/kubernetes")"
 cat >"$work/overlay/kustomization.yaml" <<EOF
 # The users' way (deploy/kubernetes/overlays/example), with only the image names, the kubelet
 # directory and the pool directory changed (the pool lives in the test's work dir so that the
@@ -416,10 +429,10 @@ cat >"$work/overlay/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
-  - $repo/deploy/kubernetes/base
+  - $deploy/base
   - kubelet-dir.yaml
 components:
-  - $repo/deploy/kubernetes/components/kubelet-dir
+  - $deploy/components/kubelet-dir
 images:
   - {name: loopcsi, newName: loopcsi.dev/loopcsi, newTag: e2e}
   - {name: registry.k8s.io/sig-storage/csi-provisioner, newName: loopcsi.dev/e2e/csi-provisioner, newTag: $PROVISIONER_VERSION}

@@ -57,15 +57,17 @@ wait_phase() {
 double_loops() {
     losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO | python3 -c '
 import collections, json, sys
-c = collections.Counter((d["back-maj:min"], d["back-ino"]) for d in json.load(sys.stdin).get("loopdevices", []))
+c = collections.Counter((d["back-maj:min"].strip(), d["back-ino"]) for d in json.load(sys.stdin).get("loopdevices", []))
 [print(k[0], k[1], n) for k, n in c.items() if n > 1]'
 }
 
 loop_evidence() {
     local dev
     for dev in $(our_loops); do
-        losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO "$dev" |
-            python3 -c 'import json,sys; d=json.load(sys.stdin)["loopdevices"][0]; print(f"{d[\"name\"]}(back {d[\"back-maj:min\"]} ino {d[\"back-ino\"]})", end=" ")'
+        losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO "$dev" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["loopdevices"][0]
+print("%s(back %s ino %s)" % (d["name"], d["back-maj:min"].strip(), d["back-ino"]), end=" ")'
     done
 }
 
@@ -159,7 +161,10 @@ scenario_unpublish_and_delete() {
     local images loops mounts
     images="$(find "$pool" -name '*.img' 2>/dev/null)"
     loops="$(our_loops)"
-    mounts="$(awk -v k="$kubelet_dir/pods/" 'index($5, k) == 1 {print $5}' /proc/self/mountinfo)"
+    # CSI publish targets (pods/<uid>/volumes/kubernetes.io~csi/..., pods/<uid>/volumeDevices/...)
+    # and staging paths (plugins/kubernetes.io/csi/...); other pod mounts (service-account tokens
+    # of the plugin pod) are not volumes.
+    mounts="$(awk -v k="$kubelet_dir/" 'index($5, k) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo)"
     [ -z "$images$loops$mounts" ] ||
         fail "delete: left behind: images [$images] loop devices [$loops] mounts [$mounts]"
     [ -z "$(double_loops)" ] || fail "delete: a backing file attached twice: $(double_loops)"
