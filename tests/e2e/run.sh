@@ -65,7 +65,9 @@ work="$(mktemp -d /tmp/loopcsi-e2e.XXXXXX)"
 # Likewise containerd's CNI result cache (/var/lib/cni) and the kubelet's legacy log links
 # (/var/log/containers, links into our pod log dir).
 declare -A existed=()
-for d in /run/containerd /var/lib/cni /var/log/containers; do
+# The kubelet's device-plugin socket is always /var/lib/kubelet/device-plugins/kubelet.sock,
+# whatever its root dir: that tree is removed too if the run created it.
+for d in /run/containerd /var/lib/cni /var/log/containers /var/lib/kubelet; do
     [ -e "$d" ] && existed[$d]=1
 done
 netns="loopcsi-e2e-${work##*.}"
@@ -206,7 +208,8 @@ teardown() {
     for dev in $(our_loops); do losetup -d "$dev"; done
     [ -e "/run/netns/$netns" ] && ip netns delete "$netns"
     [ -d /var/log/containers ] && find /var/log/containers -lname "$work/*" -delete
-    for d in /run/containerd /var/lib/cni /var/log/containers; do
+    [ -z "${existed[/var/lib/kubelet]:-}" ] && rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+    for d in /run/containerd /var/lib/cni /var/log/containers /var/lib/kubelet; do
         [ -z "${existed[$d]:-}" ] && [ -d "$d" ] && find "$d" -depth -type d -empty -delete
     done
     # The leak check: nothing of ours may be left.
@@ -411,7 +414,8 @@ clusterDomain: cluster.local
 podLogsDir: $work/pod-logs
 EOF
 start kubelet "$k8s/kubelet" --config "$work/kubelet.yaml" --root-dir "$kubelet_dir" \
-    --kubeconfig "$work/pki/admin.kubeconfig" --hostname-override "$node" --node-ip "$gw" -v 2
+    --kubeconfig "$work/pki/admin.kubeconfig" --hostname-override "$node" --node-ip "$gw" -v 2 \
+    --cert-dir "$kubelet_dir/pki"
 until_true 180 "node Ready" kubectl wait --for=condition=Ready "node/$node" --timeout=5s ||
     fail "the node did not become Ready (see $work/logs/kubelet.log)"
 log "node Ready in $((SECONDS - t)) s"

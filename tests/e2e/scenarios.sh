@@ -80,36 +80,33 @@ plugin_ready_and_new() {
     [ "$ready" = True ]
 }
 
+# write_then_read PREFIX MODE CLASS WRITE READ: a claim PREFIX-pvc; a pod PREFIX-writer runs WRITE
+# (reading the token on its standard input) and exits; after it is deleted, a
+# pod PREFIX-app prints what READ reads and keeps running; its output must be the token.
+write_then_read() {
+    local prefix="$1" mode="$2" class="$3" write="$4" read="$5" t=$SECONDS got
+    local token="$prefix-$RANDOM-$RANDOM"
+    pvc "$prefix-pvc" "$class" "$([ "$mode" = block ] && echo Block || echo Filesystem)"
+    [ "$(kubectl get pvc "$prefix-pvc" -o jsonpath='{.status.phase}')" = Pending ] ||
+        fail "$prefix: a WaitForFirstConsumer claim was bound before any pod used it"
+    app_pod "$prefix-writer" "$prefix-pvc" "$mode" "echo $token | $write && sync"
+    wait_phase "$prefix-writer" Succeeded
+    kubectl delete pod "$prefix-writer" --timeout=120s >/dev/null || fail "$prefix: $prefix-writer stuck deleting"
+    app_pod "$prefix-app" "$prefix-pvc" "$mode" "$read; while true; do sleep 1; done"
+    wait_phase "$prefix-app" Running
+    until_true 30 "$prefix-app log" has_log "$prefix-app" || true
+    got="$(kubectl logs "$prefix-app" | tr -d '\0')"
+    [ "$got" = "$token" ] || fail "$prefix: the new pod read '$got', not '$token'"
+    pass "$prefix ($mode, $class, WaitForFirstConsumer): $prefix-writer wrote '$token', $prefix-app read '$got' after $prefix-writer was deleted; pv $(kubectl get pvc "$prefix-pvc" -o jsonpath='{.spec.volumeName}'); $((SECONDS - t)) s"
+}
+
 scenario_filesystem() {
-    local t=$SECONDS token="fs-$RANDOM-$RANDOM"
-    pvc fs-pvc loopcsi-ext4 Filesystem
-    [ "$(kubectl get pvc fs-pvc -o jsonpath='{.status.phase}')" = Pending ] ||
-        fail "filesystem: a WaitForFirstConsumer claim was bound before any pod used it"
-    app_pod fs-writer fs-pvc fs "echo $token > /data/token && sync"
-    wait_phase fs-writer Succeeded
-    kubectl delete pod fs-writer --timeout=120s >/dev/null || fail "filesystem: fs-writer stuck deleting"
-    app_pod fs-app fs-pvc fs 'cat /data/token; while true; do sleep 1; done'
-    wait_phase fs-app Running
-    until_true 30 "fs-app log" has_log fs-app || true
-    local got
-    got="$(kubectl logs fs-app)"
-    [ "$got" = "$token" ] || fail "filesystem: the new pod read '$got', not '$token'"
-    pass "filesystem (ext4, WaitForFirstConsumer): fs-writer wrote '$token', fs-app read '$got' after fs-writer was deleted; pv $(kubectl get pvc fs-pvc -o jsonpath='{.spec.volumeName}'); $((SECONDS - t)) s"
+    write_then_read fs fs loopcsi-ext4 'cat > /data/token' 'cat /data/token'
 }
 
 scenario_block() {
-    local t=$SECONDS token="blk-$RANDOM-$RANDOM"
-    pvc blk-pvc loopcsi-ext4 Block
-    app_pod blk-writer blk-pvc block "echo $token | dd of=/dev/xvda bs=512 count=1 conv=sync 2>/dev/null && sync"
-    wait_phase blk-writer Succeeded
-    kubectl delete pod blk-writer --timeout=120s >/dev/null || fail "block: blk-writer stuck deleting"
-    app_pod blk-app blk-pvc block 'dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -n1; while true; do sleep 1; done'
-    wait_phase blk-app Running
-    until_true 30 "blk-app log" has_log blk-app || true
-    local got
-    got="$(kubectl logs blk-app | tr -d '\0')"
-    [ "$got" = "$token" ] || fail "block: the new pod read '$got', not '$token'"
-    pass "block (raw device): blk-writer wrote '$token' at offset 0, blk-app read '$got'; $((SECONDS - t)) s"
+    write_then_read blk block loopcsi-ext4 'dd of=/dev/xvda bs=512 count=1 conv=sync 2>/dev/null' \
+        'dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -n1'
 }
 
 # The bug that motivated the tier: after the plugin pod restarts, the driver must still know
