@@ -40,6 +40,26 @@ async fn stats(
         .into_inner()
 }
 
+/// Creates a volume named `name` and stages and publishes it, as the CO does for a pod.
+async fn in_use_volume(
+    d: &mut TestDriver,
+    name: &str,
+    bytes: i64,
+    cap: &loopcsi::csi::VolumeCapability,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let id = d
+        .create(create_req(name, bytes, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = (d.staging("s"), d.target("t"));
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    (id, staging, target)
+}
+
 /// Item 3: a raw block volume is published as a bind of its device node, which mountinfo
 /// shows with devtmpfs's numbers. With its metadata and node records gone, only that bind
 /// says the device is in use: neither recovery nor the reconciler may detach it or delete the
@@ -104,16 +124,7 @@ async fn unreadable_metadata_never_strands_or_duplicates_a_volume() {
     ] {
         let mut d = TestDriver::start().await;
         let cap = mount_cap("ext4", snw());
-        let id = d
-            .create(create_req("pvc-x", 32 * MIB, cap.clone()))
-            .await
-            .unwrap()
-            .volume_id;
-        let (staging, target) = (d.staging("s"), d.target("t"));
-        d.stage(&id, &staging, cap.clone()).await.unwrap();
-        d.publish(&id, &staging, &target, cap.clone(), false)
-            .await
-            .unwrap();
+        let (id, staging, target) = in_use_volume(&mut d, "pvc-x", 32 * MIB, &cap).await;
         std::fs::write(meta_path(&d, &id), damage).unwrap();
         d.restart().await;
         assert!(
@@ -158,19 +169,12 @@ async fn unreadable_metadata_never_strands_or_duplicates_a_volume() {
 async fn an_image_deleted_under_a_live_volume_is_reported_and_rescued() {
     let mut d = TestDriver::start().await;
     let cap = mount_cap("ext4", snw());
-    let id = d
-        .create(create_req("pvc-gone", 32 * MIB, cap.clone()))
-        .await
-        .unwrap()
-        .volume_id;
-    let (staging, target) = (d.staging("s"), d.target("t"));
-    d.stage(&id, &staging, cap.clone()).await.unwrap();
-    d.publish(&id, &staging, &target, cap.clone(), false)
-        .await
-        .unwrap();
+    let (id, staging, target) = in_use_volume(&mut d, "pvc-gone", 32 * MIB, &cap).await;
     std::fs::write(target.join("precious"), b"the only copy").unwrap();
     nix::unistd::sync();
     let device = d.loop_device_of(&id).unwrap();
+    // The identity of what it holds: the number may be reused by another test once freed.
+    let held = device.status().unwrap();
     std::fs::remove_file(d.image_path(&id)).unwrap();
 
     let response = stats(&mut d, &id, &target).await;
@@ -185,7 +189,7 @@ async fn an_image_deleted_under_a_live_volume_is_reported_and_rescued() {
         "{report:?}"
     );
     assert!(
-        device.backing_file().is_some(),
+        device.status().unwrap() == held,
         "nothing detached the only copy"
     );
 
@@ -208,7 +212,7 @@ async fn an_image_deleted_under_a_live_volume_is_reported_and_rescued() {
     );
     assert!(said.contains("rescued volume"), "{said}");
     assert!(
-        device.backing_file().is_none(),
+        device.status().unwrap() != held,
         "the old device is released"
     );
     d.unstage(&id, &staging).await.unwrap();
@@ -232,16 +236,7 @@ async fn an_image_deleted_under_a_live_volume_is_reported_and_rescued() {
 async fn delete_after_a_reboot_respects_the_node_records() {
     let mut d = TestDriver::start().await;
     let cap = mount_cap("xfs", snw());
-    let id = d
-        .create(create_req("pvc-reboot", 300 * MIB, cap.clone()))
-        .await
-        .unwrap()
-        .volume_id;
-    let (staging, target) = (d.staging("s"), d.target("t"));
-    d.stage(&id, &staging, cap.clone()).await.unwrap();
-    d.publish(&id, &staging, &target, cap.clone(), false)
-        .await
-        .unwrap();
+    let (id, staging, target) = in_use_volume(&mut d, "pvc-reboot", 300 * MIB, &cap).await;
     std::fs::write(target.join("kept"), b"across the reboot").unwrap();
     d.stop().await;
     d.simulate_reboot();
