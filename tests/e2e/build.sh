@@ -13,6 +13,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/versions.env"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/loopcsi-e2e"
 mkdir -p "$cache"
+# One build at a time per cache: concurrent runs wait for the first instead of building into the
+# same directories.
+exec 9>"$cache/.build.lock"
+flock 9
 export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
 export CGO_ENABLED=0
 

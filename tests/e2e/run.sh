@@ -13,7 +13,9 @@
 # first failure. Whatever happens, the EXIT trap tears everything down (processes, containers,
 # mounts, loop devices, the network namespace, the work directory) and checks nothing is left.
 #
-# Environment: E2E_KEEP=1 keeps the logs (in the work directory) after a passing run too;
+# Environment: E2E_ONLY=REGEX runs only the scenarios whose names match (the cluster and the
+# deploy step always run); E2E_KEEP=1 keeps the logs (in the work directory) after a passing
+# run too;
 # E2E_LOOPCSI_BINARY=PATH puts that driver binary in the image instead of this tree's release
 # build (to show a scenario fails on an older driver); XDG_CACHE_HOME moves the build cache.
 set -euo pipefail
@@ -476,6 +478,24 @@ plugin_pod="$(kubectl -n loopcsi get pods -o jsonpath='{.items[0].metadata.name}
 pass "deploy: kubectl apply -k; $plugin_pod $(kubectl -n loopcsi get pod "$plugin_pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.ready} {end}'); CSINode registered; $((SECONDS - t)) s"
 
 # ---------------------------------------------------------------- scenarios
-. "$here/scenarios.sh"
-run_scenarios
+# Each file in scenarios/ appends the names of its scenarios to E2E_SCENARIOS and defines
+# scenario_<name>; files run in the order of their names, scenarios in the order listed. A
+# scenario leaves the cluster as it found it (its pods and claims deleted) unless the next one in
+# its file says it takes them over. E2E_ONLY=REGEX runs only the scenarios whose names match.
+. "$here/helpers.sh"
+E2E_SCENARIOS=()
+for f in "$here"/scenarios/*.sh; do
+    # shellcheck source=/dev/null
+    . "$f"
+done
+for s in "${E2E_SCENARIOS[@]}"; do
+    if [ -n "${E2E_ONLY:-}" ] && ! [[ "$s" =~ $E2E_ONLY ]]; then
+        log "scenario $s skipped (E2E_ONLY=$E2E_ONLY)"
+        continue
+    fi
+    log "scenario $s"
+    t=$SECONDS
+    "scenario_$s"
+    log "scenario $s passed in $((SECONDS - t)) s"
+done
 log "all scenarios passed; run time $((SECONDS - run_start)) s"
