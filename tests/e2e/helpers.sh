@@ -29,7 +29,8 @@ spec:
 EOF
 }
 
-# pvc NAME CLASS MODE: a 64 MiB ReadWriteOnce claim (MODE is Filesystem or Block).
+# pvc NAME CLASS MODE [SIZE] [ACCESS_MODE]: a claim (MODE is Filesystem or Block; SIZE defaults
+# to 64Mi, ACCESS_MODE to ReadWriteOnce).
 pvc() {
     kubectl apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -38,8 +39,8 @@ metadata: {name: $1, namespace: default}
 spec:
   storageClassName: $2
   volumeMode: $3
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
+  accessModes: [${5:-ReadWriteOnce}]
+  resources: {requests: {storage: ${4:-64Mi}}}
 EOF
 }
 
