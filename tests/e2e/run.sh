@@ -93,12 +93,13 @@ csinode_registered() {
     kubectl get csinode "$node" -o jsonpath='{.spec.drivers[*].name}' | grep -qw loopcsi.dev
 }
 
-# start NAME COMMAND...: run COMMAND in the network namespace, logging to $work/logs/NAME.log.
+# start NAME COMMAND...: run COMMAND in the network namespace, appending to $work/logs/NAME.log
+# (a restarted daemon keeps its earlier log).
 start() {
     local name="$1"
     shift
     # nsenter execs COMMAND after entering the namespace, so $! is COMMAND's own pid.
-    nsenter --net="/run/netns/$netns" -- "$@" >"$work/logs/$name.log" 2>&1 &
+    nsenter --net="/run/netns/$netns" -- "$@" >>"$work/logs/$name.log" 2>&1 &
     pids[$name]=$!
     log "started $name (pid ${pids[$name]})"
 }
@@ -379,9 +380,13 @@ state = "$work/containerd/state"
     bin_dir = "/usr/lib/cni"
     conf_dir = "$work/cni/net.d"
 EOF
-start containerd containerd --config "$work/containerd/config.toml"
-until_true 60 "containerd socket" ctr --address "$work/containerd/containerd.sock" version ||
-    fail "containerd did not start"
+# The node's two daemons, as functions: the reboot scenario stops them and starts them again.
+start_containerd() {
+    start containerd containerd --config "$work/containerd/config.toml"
+    until_true 60 "containerd socket" ctr --address "$work/containerd/containerd.sock" version ||
+        fail "containerd did not start"
+}
+start_containerd
 for image in "$work"/images/*.tar; do
     ctr --address "$work/containerd/containerd.sock" -n k8s.io images import "$image" >/dev/null
 done
@@ -415,11 +420,14 @@ imageGCLowThresholdPercent: 99
 clusterDomain: cluster.local
 podLogsDir: $work/pod-logs
 EOF
-start kubelet "$k8s/kubelet" --config "$work/kubelet.yaml" --root-dir "$kubelet_dir" \
-    --kubeconfig "$work/pki/admin.kubeconfig" --hostname-override "$node" --node-ip "$gw" -v 2 \
-    --cert-dir "$kubelet_dir/pki"
-until_true 180 "node Ready" kubectl wait --for=condition=Ready "node/$node" --timeout=5s ||
-    fail "the node did not become Ready (see $work/logs/kubelet.log)"
+start_kubelet() {
+    start kubelet "$k8s/kubelet" --config "$work/kubelet.yaml" --root-dir "$kubelet_dir" \
+        --kubeconfig "$work/pki/admin.kubeconfig" --hostname-override "$node" --node-ip "$gw" -v 2 \
+        --cert-dir "$kubelet_dir/pki"
+    until_true 180 "node Ready" kubectl wait --for=condition=Ready "node/$node" --timeout=5s ||
+        fail "the node did not become Ready (see $work/logs/kubelet.log)"
+}
+start_kubelet
 log "node Ready in $((SECONDS - t)) s"
 pass "cluster: $(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.kubeletVersion} {.status.nodeInfo.containerRuntimeVersion}')"
 
