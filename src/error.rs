@@ -15,6 +15,11 @@ pub enum Error {
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: String },
 
+    /// The content source of a CreateVolume is not in this node's pool (it may be in another
+    /// node's: loopcsi volumes and snapshots live on one node). The message says so.
+    #[error("{0}")]
+    SourceNotFound(String),
+
     /// An object exists already, but not the way the request asks for it.
     #[error("{0}")]
     AlreadyExists(String),
@@ -128,7 +133,7 @@ impl Error {
         }
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound { .. } => Code::NotFound,
+            Error::NotFound { .. } | Error::SourceNotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Pending(_) | Error::InvalidToken(_) => Code::Aborted,
             Error::OutOfRange(_) => Code::OutOfRange,

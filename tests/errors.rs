@@ -697,13 +697,20 @@ async fn create_volume_parameters_source_and_mutable_parameters() {
             Source::Snapshot(SnapshotSource {
                 snapshot_id: unknown.clone(),
             }),
-            vec!["snapshot", unknown.as_str()],
+            // A well-formed id of no snapshot here may be another node's: the message says which
+            // node's pool was looked in.
+            vec![
+                "snapshot",
+                unknown.as_str(),
+                "in the pool of node",
+                "only on that node",
+            ],
         ),
         (
             Source::Volume(VolumeSource {
                 volume_id: unknown.clone(),
             }),
-            vec!["volume", unknown.as_str()],
+            vec!["volume", unknown.as_str(), "in the pool of node"],
         ),
     ] {
         let mut req = create_req("p-source", 16 * MIB, cap.clone());

@@ -183,6 +183,23 @@ impl ControllerService {
     }
 
     /// `requisite` must include this node: the volume can only ever live here.
+    /// CreateVolume's content source is NOT_FOUND (CSI: "the specified source does not exist").
+    /// In a cluster the usual cause is a source on another node: the provisioner of the node the
+    /// scheduler picked asks only its own driver, and a loopcsi snapshot or volume lives in one
+    /// node's pool. The message says which node looked, so a restore on the wrong node explains
+    /// itself in the claim's events.
+    fn source_elsewhere(&self, err: Error) -> Error {
+        match err {
+            Error::NotFound { what, id } => Error::SourceNotFound(format!(
+                "volume_content_source: {what} {id} does not exist in the pool of node {node}; \
+                 a loopcsi {what} lives on one node, and a volume can be restored or cloned \
+                 from it only on that node",
+                node = self.driver.node_id
+            )),
+            other => other,
+        }
+    }
+
     fn check_topology(&self, req: Option<&csi::TopologyRequirement>) -> Result<()> {
         let Some(req) = req else { return Ok(()) };
         if req.requisite.is_empty() || req.requisite.iter().any(|t| self.driver.is_this_node(t)) {
@@ -244,7 +261,12 @@ impl Controller for ControllerService {
                         claim: params.claim,
                         source,
                     },
-                    |source| domain.node.prepare_source(source),
+                    |source| {
+                        domain
+                            .node
+                            .prepare_source(source)
+                            .map_err(|err| this.source_elsewhere(err))
+                    },
                 )?;
                 tracing::Span::current().record("volume.id", tracing::field::display(meta.id));
                 tracing::info!(created = ?created, capacity_bytes = meta.capacity_bytes, volume.kind = ?meta.kind, "volume ready");
