@@ -115,12 +115,12 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-# Loop devices whose backing file is one of our pool's images, by identity (device and inode of
-# the backing file as the kernel records it), never by the path the kernel renders.
-our_loops() {
-    [ -d "$pool" ] || return 0
+# loops_backed_by DIR...: loop devices whose backing file is an image under one of the DIRs, by
+# identity (device and inode of the backing file as the kernel records it), never by the path the
+# kernel renders.
+loops_backed_by() {
     local ids
-    ids="$(find "$pool" -type f -name '*.img' -printf '%D %i\n' 2>/dev/null | while read -r d i; do
+    ids="$(find "$@" -type f -name '*.img' -printf '%D %i\n' 2>/dev/null | while read -r d i; do
         # st_dev in the kernel's encoding: major in bits 8-19, minor in bits 0-7 and 20-31.
         printf '%d:%d %s\n' "$(((d >> 8) & 0xfff))" "$(((d & 0xff) | ((d >> 12) & 0xfff00)))" "$i"
     done)"
@@ -132,6 +132,16 @@ for d in json.load(sys.stdin).get("loopdevices", []):
     if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
         print(d["name"])
 ' "$ids"
+}
+
+# Loop devices backed by an image of any node's pool (node 1's, and the tmpfs pools of the nodes
+# that nodes.sh adds).
+our_loops() {
+    local dirs=()
+    [ -d "$pool" ] && dirs+=("$pool")
+    [ -d "$work/nodes" ] && dirs+=("$work/nodes")
+    [ "${#dirs[@]}" -gt 0 ] || return 0
+    loops_backed_by "${dirs[@]}"
 }
 
 # Mounts at or under our work dir, deepest first.
@@ -148,6 +158,9 @@ pids_naming() {
         grep -qsF -- "$1" "/proc/$pid/cmdline" && echo "$pid"
     done
 }
+
+# shellcheck source=nodes.sh
+. "$here/nodes.sh"
 
 teardown() {
     local rc=$?
@@ -166,6 +179,9 @@ teardown() {
         kubectl delete namespace loopcsi --wait=false >/dev/null 2>&1
         until_true 60 "plugin pods gone" no_pods loopcsi
     fi
+    # Nodes added by a scenario (nodes.sh), before node 1 whose network namespace they share.
+    local extra
+    for extra in "${extra_nodes[@]}"; do remove_node "$extra"; done
     local name
     for name in kubelet snapshot-controller kube-scheduler kube-controller-manager; do
         [ -n "${pids[$name]:-}" ] && stop_pid "${pids[$name]}"
@@ -390,7 +406,7 @@ start_containerd
 for image in "$work"/images/*.tar; do
     ctr --address "$work/containerd/containerd.sock" -n k8s.io images import "$image" >/dev/null
 done
-rm -rf "$work/images"
+# The archives stay: nodes that a scenario adds import them too.
 log "images imported: $(ctr --address "$work/containerd/containerd.sock" -n k8s.io images ls -q | tr '\n' ' ')"
 
 cat >"$work/kubelet.yaml" <<EOF
