@@ -61,12 +61,18 @@ add_node() {
         mount --make-private "$work/mntns"
     fi
     touch "$work/mntns/$name"
-    unshare --mount="$work/mntns/$name" --propagation slave true
-    # The node's own kubelet and pool directories at the paths every node uses, and its own
-    # device-plugin directory: the kubelet always serves /var/lib/kubelet/device-plugins/
-    # kubelet.sock, whatever its root dir, and two kubelets must not take each other's socket.
+    # Private: nothing node 1 mounts later shows up in this node, as on another machine.
+    unshare --mount="$work/mntns/$name" --propagation private true
+    # The node's own kubelet and pool directories at the paths every node uses. The copy of node
+    # 1's kubelet-dir mounts goes first, and the new kubelet dir is shared from the start, for the
+    # plugin's Bidirectional mounts (containerd judges the lowest mount at a path, so a private
+    # one under a shared one fails the plugin). And its own device-plugin directory: the kubelet
+    # always serves /var/lib/kubelet/device-plugins/kubelet.sock, whatever its root dir, and two
+    # kubelets must not take each other's socket.
     nsenter --mount="$work/mntns/$name" -- sh -ec '
+        if mountpoint -q "$2"; then umount -R "$2"; fi
         mount --bind "$1" "$2"
+        mount --make-rshared "$2"
         mount --bind "$3" "$4"
         mkdir -p /var/lib/kubelet/device-plugins
         mount -t tmpfs -o size=1m,mode=0755 loopcsi-e2e-device-plugins /var/lib/kubelet/device-plugins
@@ -99,6 +105,10 @@ add_node() {
 # remove_node NAME: the node's kubelet, containers and containerd stopped, its namespace and pool
 # released, its loop devices (found by identity) detached, its Node object and pods deleted.
 remove_node() {
+    # Like the teardown, it goes on past what fails (a task that already ended cannot be killed);
+    # the leak check judges the result. `local -` restores set -e when the function returns.
+    local -
+    set +e
     local name="$1" d id pid
     d="$(node_dir "$name")"
     [ -n "${pids[kubelet-$name]:-}" ] && stop_pid "${pids[kubelet-$name]}"

@@ -165,7 +165,7 @@ pids_naming() {
 teardown() {
     local rc=$?
     set +e
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM ERR
     log "teardown (exit status $rc)"
     if [ -n "${pids[kubelet]:-}" ] && [ -S "$work/containerd/containerd.sock" ]; then
         # Let the kubelet remove the pods it runs (volumes unpublished, sandboxes' network
@@ -254,6 +254,9 @@ teardown() {
     exit "$rc"
 }
 trap teardown EXIT
+# A step that fails without calling `fail` (set -e) still says which command it was.
+set -E
+trap 'log "failed (status $?) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT TERM
 mkdir -p "$work/logs" "$work/pki" "$pool" "$kubelet_dir"
 
