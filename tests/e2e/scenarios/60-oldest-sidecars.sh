@@ -52,6 +52,14 @@ provisioner_panic_logged() {
     return 1
 }
 
+# The provisioner in POD has either restarted or logged the line it writes right after
+# ControllerGetCapabilities returned (whether the driver has PUBLISH_UNPUBLISH_VOLUME): a pod
+# counts as Ready while a crash-looping container happens to run, so Ready alone proves nothing.
+provisioner_settled() {
+    [ "$(provisioner_status "$1" restartCount)" != 0 ] ||
+        kubectl -n loopcsi logs "$1" -c csi-provisioner 2>/dev/null | grep -q 'PUBLISH_UNPUBLISH_VOLUME'
+}
+
 pv_gone() { ! kubectl get pv "$1" >/dev/null 2>&1; }
 
 scenario_oldest_provisioner() {
@@ -88,7 +96,14 @@ scenario_oldest_provisioner() {
     [ "$image" = "$oldest" ] || fail "oldest: the provisioner container runs $image, not $oldest"
     until_true 120 "CSINode lists loopcsi.dev" csinode_registered ||
         fail "oldest: the kubelet does not list loopcsi.dev"
-    pass "oldest: $pod Ready in $((SECONDS - t)) s with $image and --no-get-snapshot-capability; provisioner restarts $(provisioner_status "$pod" restartCount)"
+    until_true 60 "the $OLDEST_PROVISIONER_VERSION provisioner past ControllerGetCapabilities, or restarted" \
+        provisioner_settled "$pod" || fail "oldest: the provisioner neither restarted nor got past ControllerGetCapabilities in 60 s"
+    restarts="$(provisioner_status "$pod" restartCount)"
+    if [ "$restarts" != 0 ]; then
+        until_true 30 "the provisioner's panic" provisioner_panic_logged "$pod" "$log" || true
+        fail "oldest: with --no-get-snapshot-capability the $OLDEST_PROVISIONER_VERSION provisioner still restarted $restarts times (last exit code $(provisioner_status "$pod" lastState.terminated.exitCode)): $(grep -m1 -A3 'panic:' "$log")"
+    fi
+    pass "oldest: $pod Ready in $((SECONDS - t)) s with $image and --no-get-snapshot-capability; the provisioner got past ControllerGetCapabilities ('$(kubectl -n loopcsi logs "$pod" -c csi-provisioner | grep -m1 -o 'CSI driver does not support PUBLISH_UNPUBLISH_VOLUME')'), restarts 0"
 
     # 3. It provisions (WaitForFirstConsumer, so through the scheduler and the node's capacity)
     # and deletes.
