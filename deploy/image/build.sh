@@ -9,8 +9,9 @@
 # --binary  the driver to put in the image (default: `cargo build --release --locked` of this tree,
 #           target/release/loopcsi). It must be linked against the glibc of the Dockerfile's
 #           Debian release, as a build on that release is.
-# --name    the image reference (default loopcsi:v<Cargo.toml version>, which containerd and the
-#           kubelet both read as docker.io/library/loopcsi:v<version>: the manifests' name).
+# --name    the image reference (default docker.io/library/loopcsi:v<Cargo.toml version>: the
+#           manifests' image loopcsi:v<version> as the kubelet and containerd's CRI normalise it;
+#           `ctr images import` names the image exactly as given, so the default is spelled out).
 # --debs    where the fetched .deb files are kept between builds (default
 #           ${XDG_CACHE_HOME:-$HOME/.cache}/loopcsi-image/debs-<release>).
 #
@@ -59,7 +60,7 @@ fi
 
 if [ -z "$name" ]; then
     version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -1)"
-    name="loopcsi:v$version"
+    name="docker.io/library/loopcsi:v$version"
 fi
 if [ -z "$binary" ]; then
     (cd "$repo" && cargo build --release --locked --bin loopcsi)
