@@ -125,6 +125,14 @@ pub struct Config {
     /// renamed; the new id is then recorded. Leave it off afterwards.
     #[arg(long, env = "ALLOW_NODE_ID_CHANGE")]
     pub allow_node_id_change: bool,
+
+    /// Leave GET_SNAPSHOT (an alpha capability of CSI v1.12) out of ControllerGetCapabilities;
+    /// GetSnapshot itself is still served. For sidecars built on csi-lib-utils v0.20.0 with a
+    /// CSI spec older than v1.12 (external-provisioner v5.2.0, external-resizer v1.13): they
+    /// crash at startup logging the capability list, on an enum value they do not know (see
+    /// docs/kubernetes.md, "Sidecar and Kubernetes versions").
+    #[arg(long)]
+    pub no_get_snapshot_capability: bool,
 }
 
 impl Config {
@@ -216,6 +224,7 @@ mod tests {
             metrics_address: None,
             buffered_io: false,
             allow_node_id_change: false,
+            no_get_snapshot_capability: false,
         }
     }
 

@@ -423,7 +423,11 @@ mod tests {
             "context=\"system_u:object_r:container_file_t:s0:c1,c2\"",
         ]))
         .unwrap();
-        assert_eq!(ctx.data.len(), 1);
+        // The kernel gets the option as given, quotes and the comma inside them included.
+        assert_eq!(
+            ctx.data_string().as_deref(),
+            Some("context=\"system_u:object_r:container_file_t:s0:c1,c2\"")
+        );
         assert!(MountOptions::parse(&flags(&["context=\"a\" ,x\""])).is_err());
         assert!(MountOptions::parse(&[("x".repeat(5000))]).is_err());
     }

@@ -436,7 +436,9 @@ impl Controller for ControllerService {
             .await
     }
 
-    /// ControllerGetCapabilities: what works today; nothing else is advertised.
+    /// ControllerGetCapabilities: what works today; nothing else is advertised. GET_SNAPSHOT
+    /// (alpha in CSI v1.12) is left out under `--no-get-snapshot-capability`, for sidecars that
+    /// crash on an enum value their CSI spec does not know; GetSnapshot is served either way.
     async fn controller_get_capabilities(
         &self,
         _request: Request<csi::ControllerGetCapabilitiesRequest>,
@@ -449,19 +451,24 @@ impl Controller for ControllerService {
                 },
             )),
         };
+        let advertised = [
+            Type::CreateDeleteVolume,
+            Type::ListVolumes,
+            Type::GetCapacity,
+            Type::SingleNodeMultiWriter,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
+            Type::GetVolume,
+            Type::VolumeCondition,
+        ];
         let reply = csi::ControllerGetCapabilitiesResponse {
-            capabilities: vec![
-                rpc(Type::CreateDeleteVolume),
-                rpc(Type::ListVolumes),
-                rpc(Type::GetCapacity),
-                rpc(Type::SingleNodeMultiWriter),
-                rpc(Type::CreateDeleteSnapshot),
-                rpc(Type::ListSnapshots),
-                rpc(Type::GetSnapshot),
-                rpc(Type::CloneVolume),
-                rpc(Type::GetVolume),
-                rpc(Type::VolumeCondition),
-            ],
+            capabilities: advertised
+                .into_iter()
+                .filter(|kind| *kind != Type::GetSnapshot || self.driver.advertise_get_snapshot)
+                .map(rpc)
+                .collect(),
         };
         self.driver
             .answer(rpc_span!("ControllerGetCapabilities"), Ok(reply))

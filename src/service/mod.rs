@@ -44,6 +44,8 @@ pub struct Driver {
     pub driver_name: String,
     pub node_id: String,
     pub max_volumes_per_node: i64,
+    /// Whether ControllerGetCapabilities lists GET_SNAPSHOT (`--no-get-snapshot-capability`).
+    pub advertise_get_snapshot: bool,
     readiness: watch::Receiver<Readiness>,
     /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
     token_key: std::collections::hash_map::RandomState,
@@ -142,6 +144,7 @@ impl Driver {
             driver_name: config.driver_name.clone(),
             node_id: config.node_id.clone(),
             max_volumes_per_node: config.max_volumes_per_node,
+            advertise_get_snapshot: !config.no_get_snapshot_capability,
             readiness: rx,
             token_key: std::collections::hash_map::RandomState::new(),
             background: background.abort_handle(),

@@ -96,6 +96,7 @@ pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
         metrics_address: None,
         buffered_io: false,
         allow_node_id_change: false,
+        no_get_snapshot_capability: false,
     }
 }
 

@@ -142,6 +142,8 @@ etcd | all)
 sidecars | all)
     build_in "$cache/csi-provisioner-$PROVISIONER_VERSION" "csi-provisioner $PROVISIONER_VERSION" \
         go_build "$PROVISIONER_MODULE" "$PROVISIONER_VERSION" "$PROVISIONER_MODULE/cmd/csi-provisioner"
+    build_in "$cache/csi-provisioner-$OLDEST_PROVISIONER_VERSION" "csi-provisioner $OLDEST_PROVISIONER_VERSION" \
+        go_build "$OLDEST_PROVISIONER_MODULE" "$OLDEST_PROVISIONER_VERSION" "$OLDEST_PROVISIONER_MODULE/cmd/csi-provisioner"
     build_in "$cache/csi-resizer-$RESIZER_VERSION" "csi-resizer $RESIZER_VERSION" \
         go_build "$RESIZER_MODULE" "$RESIZER_VERSION" "$RESIZER_MODULE/cmd/csi-resizer"
     build_in "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION" "csi-snapshotter $SNAPSHOTTER_VERSION" \

@@ -3,19 +3,19 @@
 #
 #   tests/e2e/images.sh OUT_DIR RELEASE_BINARY SIDECAR_DIR...
 #
-#   loopcsi.tar  loopcsi.dev/loopcsi:e2e — the release binary at /usr/local/bin/loopcsi plus the
-#                Debian packages the Dockerfile installs (e2fsprogs xfsprogs util-linux) and the
-#                packages of the shared libraries their programs and the binary load, unpacked
-#                with dpkg-deb (the image is the Dockerfile's minus what debian-slim adds and the
-#                driver never runs).
+#   loopcsi.tar  loopcsi.dev/loopcsi:e2e — built by deploy/image/build.sh, the users' command:
+#                the Dockerfile's runtime stage assembled from RELEASE_BINARY and Debian packages.
 #   busybox.tar  loopcsi.dev/e2e/busybox:1.35 — Debian's busybox-static, the app pods' image.
-#   pause.tar    loopcsi.dev/e2e/pause:e2e — the pod sandbox (standins/pause).
-#   <name>.tar   loopcsi.dev/e2e/<name>:<version> — one per sidecar binary in each SIDECAR_DIR.
+#   pause-e2e.tar  loopcsi.dev/e2e/pause:e2e — the pod sandbox (standins/pause, a SIDECAR_DIR).
+#   <name>-<version>.tar  loopcsi.dev/e2e/<name>:<version> — one per binary in each SIDECAR_DIR
+#                (named <name>-<version>: the version is what follows the last dash), so two
+#                versions of one sidecar can be imported side by side.
 #
 # Debian packages are fetched with `apt-get download` into $E2E_DEBS (default OUT_DIR/debs; run.sh
 # keeps them in the build cache).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+oci="$here/../../deploy/image/oci.py"
 out="$1"
 binary="$2"
 shift 2
@@ -32,50 +32,10 @@ fetch() {
     done
 }
 
-# owner FILE: the Debian package that installs FILE (the host is the Dockerfile's Debian release;
-# dpkg knows each file under the path its package ships, /lib/... or /usr/lib/...).
-owner() {
-    local f="$1" alt
-    case "$f" in
-    /usr/*) alt="${f#/usr}" ;;
-    *) alt="/usr$f" ;;
-    esac
-    dpkg -S "$f" 2>/dev/null | head -1 | cut -d: -f1 ||
-        dpkg -S "$alt" 2>/dev/null | head -1 | cut -d: -f1
-}
-
-# --- loopcsi: the packages the Dockerfile installs, then the packages of every library loaded.
-rootfs="$out/rootfs-loopcsi"
-rm -rf "$rootfs"
-mkdir -p "$rootfs/usr/local/bin" "$rootfs/tmp" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev"
-chmod 1777 "$rootfs/tmp"
-packages="$(sed -n 's/.*apt-get install -y --no-install-recommends \(.*\) \\$/\1/p' "$here/../../Dockerfile")"
-[ -n "$packages" ] || { echo "images.sh: no package list found in the Dockerfile" >&2; exit 1; }
-install -m 0755 "$binary" "$rootfs/usr/local/bin/loopcsi"
-declare -A done_pkgs=()
-todo="$packages"
-while [ -n "$todo" ]; do
-    next=""
-    for p in $todo; do
-        [ -n "${done_pkgs[$p]:-}" ] && continue
-        done_pkgs[$p]=1
-        fetch "$p"
-        dpkg-deb -x "$(compgen -G "$debs/${p}_*.deb" | head -1)" "$rootfs"
-    done
-    # Libraries the unpacked programs (and the driver) load, resolved on the host.
-    for lib in $(find "$rootfs" -type f -perm -u+x -print0 | xargs -0 ldd 2>/dev/null |
-        sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p; s/^\s*\(\/lib64\/[^ ]*\) .*/\1/p' | sort -u); do
-        p="$(owner "$(readlink -f "$lib")")"
-        [ -z "$p" ] && p="$(owner "$lib")"
-        [ -n "$p" ] && [ -z "${done_pkgs[${p%%:*}]:-}" ] && next="$next ${p%%:*}"
-    done
-    todo="$(echo "$next" | tr ' ' '\n' | sort -u | tr '\n' ' ' | sed 's/^ *//')"
-done
-echo "loopcsi image packages: ${!done_pkgs[*]}" >&2
-rm -rf "$rootfs/usr/share/doc" "$rootfs/usr/share/man" "$rootfs/usr/share/locale"
-python3 "$here/oci.py" --rootfs "$rootfs" --name loopcsi.dev/loopcsi:e2e \
-    --entrypoint /usr/local/bin/loopcsi --out "$out/loopcsi.tar"
-rm -rf "$rootfs"
+# --- loopcsi: the user's image builder (the Dockerfile's runtime stage from Debian packages),
+# under the tier's own name.
+"$here/../../deploy/image/build.sh" --binary "$binary" --name loopcsi.dev/loopcsi:e2e \
+    --debs "$debs" "$out/loopcsi.tar"
 
 # --- busybox: the static busybox and a link per applet.
 rootfs="$out/rootfs-busybox"
@@ -88,7 +48,7 @@ rm -rf "$rootfs.deb"
 for applet in $("$rootfs/bin/busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
 done
-python3 "$here/oci.py" --rootfs "$rootfs" --name loopcsi.dev/e2e/busybox:1.35 \
+python3 "$oci" --rootfs "$rootfs" --name loopcsi.dev/e2e/busybox:1.35 \
     --entrypoint /bin/sh --out "$out/busybox.tar"
 rm -rf "$rootfs"
 
@@ -103,8 +63,8 @@ for dir in "$@"; do
         mkdir -p "$rootfs/tmp"
         chmod 1777 "$rootfs/tmp"
         install -m 0755 "$bin" "$rootfs/$name"
-        python3 "$here/oci.py" --rootfs "$rootfs" --name "loopcsi.dev/e2e/$name:$version" \
-            --entrypoint "/$name" --out "$out/$name.tar"
+        python3 "$oci" --rootfs "$rootfs" --name "loopcsi.dev/e2e/$name:$version" \
+            --entrypoint "/$name" --out "$out/$name-$version.tar"
         rm -rf "$rootfs"
     done
 done

@@ -279,7 +279,8 @@ standins="$work/bin/standins-e2e"
 (cd "$here/standins" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$standins/" ./...)
 E2E_DEBS="$cache/debs-$(. /etc/os-release && echo "$VERSION_CODENAME")" \
     "$here/images.sh" "$work/images" "$binary" "$standins" \
-    "$cache/csi-provisioner-$PROVISIONER_VERSION" "$cache/csi-resizer-$RESIZER_VERSION" \
+    "$cache/csi-provisioner-$PROVISIONER_VERSION" "$cache/csi-provisioner-$OLDEST_PROVISIONER_VERSION" \
+    "$cache/csi-resizer-$RESIZER_VERSION" \
     "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION"
 log "images built in $((SECONDS - t)) s"
 

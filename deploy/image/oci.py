@@ -2,8 +2,12 @@
 """Writes a single-layer OCI image archive (an OCI image layout in a tar) from a root file system
 directory, with no Docker daemon and no registry: `ctr -n k8s.io images import` reads it.
 
-    oci.py --rootfs DIR --name loopcsi.dev/loopcsi:v0.1.0 --entrypoint /usr/local/bin/loopcsi \
-        [--env PATH=...] --out image.tar
+    oci.py --rootfs DIR --name loopcsi:v0.1.0 --entrypoint loopcsi [--env PATH=...] \
+        [--annotation KEY=VALUE]... [--created-by TEXT] --out image.tar
+
+The config's Env always starts with Debian's PATH (what a debian image sets); --annotation goes
+on the manifest (e.g. org.opencontainers.image.base.name). Used by deploy/image/build.sh and by
+the e2e tier's test images (tests/e2e/images.sh).
 
 Files are stored as root:root with their modes and a fixed mtime, so the same tree gives the same
 digest.
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="the full reference, e.g. host/repo:tag")
     parser.add_argument("--entrypoint", required=True, action="append")
     parser.add_argument("--env", action="append", default=[])
+    parser.add_argument("--annotation", action="append", default=[], help="KEY=VALUE, on the manifest")
+    parser.add_argument("--created-by", default="deploy/image/oci.py")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -71,7 +77,7 @@ def main() -> None:
         "os": "linux",
         "config": {"Entrypoint": args.entrypoint, "Env": env, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": "tests/e2e/oci.py"}],
+        "history": [{"created_by": args.created_by}],
     }
     with tarfile.open(args.out + ".tmp", mode="w", format=tarfile.PAX_FORMAT) as out:
         file(out, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
@@ -85,6 +91,8 @@ def main() -> None:
             "config": config_desc,
             "layers": [layer_desc],
         }
+        if args.annotation:
+            manifest["annotations"] = dict(a.split("=", 1) for a in args.annotation)
         manifest_desc = blob(
             out, json.dumps(manifest, sort_keys=True).encode(), "application/vnd.oci.image.manifest.v1+json"
         )
