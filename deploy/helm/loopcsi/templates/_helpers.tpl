@@ -34,3 +34,12 @@ from it, as components/kubelet-dir rewrites them in the kustomize base.
 {{- define "loopcsi.image" -}}
 {{ .repository }}:{{ .tag }}
 {{- end }}
+
+{{/*
+Helm's labels on the node plugin's pods: only those that stay the same across upgrades, so that
+a new chart version alone does not restart every node plugin.
+*/}}
+{{- define "loopcsi.podHelmLabels" -}}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
