@@ -11,10 +11,17 @@ helm_cmd() {
         in_ns "$cache/helm-$HELM_VERSION/helm" --kubeconfig "$work/pki/admin.kubeconfig" "$@"
 }
 namespace_gone() { ! kubectl get namespace loopcsi >/dev/null 2>&1; }
-# How often the kubelet has registered the driver (its csi_plugin.go logs each registration): a
-# new plugin pod's registrar makes it register again. CSINode alone cannot tell, since it may
-# still list the driver of the pod that went (the e2e stand-in registrar leaves its socket).
-registrations() { grep -c 'Register new plugin with name: loopcsi.dev' "$work/logs/kubelet.log" || true; }
+# How often the kubelet was asked to register the driver at the socket the driver serves (its
+# csi_plugin.go logs each attempt; CSINode then shows whether it succeeded). A new plugin pod's
+# registrar asks again. CSINode alone cannot tell, since it may still list the driver of the pod
+# that went (the e2e stand-in registrar leaves its socket behind).
+registrations() {
+    grep -c "Register new plugin with name: loopcsi.dev at endpoint: $kubelet_dir/plugins/loopcsi.dev/csi.sock\$" \
+        "$work/logs/kubelet.log" || true
+}
+kubelet_registration_log() {
+    grep -E 'Register new plugin with name: loopcsi.dev|RegisterPlugin error' "$work/logs/kubelet.log" | tail -2 | cut -c1-300
+}
 registered_since() { [ "$(registrations)" -gt "$1" ]; }
 # The objects of the release (by Helm's instance label), of every kind the chart makes.
 release_objects() {
@@ -69,9 +76,9 @@ EOF
     until_true 300 "loopcsi DaemonSet ready" daemonset_ready ||
         fail "helm: the DaemonSet did not become ready: $(kubectl -n loopcsi get pods -o wide 2>&1)"
     until_true 120 "the kubelet registers loopcsi.dev again" registered_since "$regs" ||
-        fail "helm: the kubelet did not register loopcsi.dev from the Helm release ($(registrations) registrations, $regs before)"
+        fail "helm: the kubelet was not asked to register loopcsi.dev at $kubelet_dir/plugins/loopcsi.dev/csi.sock again; its log: $(kubelet_registration_log)"
     until_true 60 "CSINode lists loopcsi.dev" csinode_registered ||
-        fail "helm: the kubelet registered loopcsi.dev but CSINode does not list it"
+        fail "helm: the kubelet did not register loopcsi.dev (CSINode does not list it); its log: $(kubelet_registration_log)"
     local pod managed pool_path
     pod="$(kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node -o jsonpath='{.items[0].metadata.name}')"
     managed="$(kubectl -n loopcsi get ds loopcsi-node -o jsonpath='{.metadata.labels.app\.kubernetes\.io/managed-by}')"
@@ -79,7 +86,7 @@ EOF
     if [ "$managed" != Helm ] || [ "$pool_path" != "$pool" ]; then
         fail "helm: the DaemonSet is not the release's (managed-by '$managed', pool '$pool_path')"
     fi
-    pass "helm: helm install ($(helm_cmd list -n loopcsi -o json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["chart"], r["status"])')); $pod $(kubectl -n loopcsi get pod "$pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.ready} {end}'); registered with the kubelet (registration $(registrations)), CSINode lists it; pool $pool_path; $((SECONDS - t)) s"
+    pass "helm: helm install ($(helm_cmd list -n loopcsi -o json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["chart"], r["status"])')); $pod $(kubectl -n loopcsi get pod "$pod" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.ready} {end}'); registered with the kubelet (attempt $(registrations) at the served socket), CSINode lists it; pool $pool_path; $((SECONDS - t)) s"
 
     # 3. A volume through the release's driver and StorageClass.
     write_then_read hfs fs loopcsi-ext4 'cat > /data/token' 'cat /data/token'
