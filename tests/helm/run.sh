@@ -50,7 +50,7 @@ pass "helm $version ($helm)"
 for values in "" "$here/values-all.yaml"; do
     out="$("$helm" lint --strict "$chart" ${values:+-f "$values"} 2>&1)" ||
         fail "helm lint --strict ${values:+-f $values} failed: $out"
-    pass "helm lint --strict ${values:+-f ${values#"$repo"/}}: $(printf '%s' "$out" | tail -1)"
+    pass "helm lint --strict${values:+ -f ${values#"$repo"/}}: $(printf '%s' "$out" | tail -1)"
 done
 
 # refused WHY EXPECTED VALUES_YAML: the chart must refuse to render with these values, and say
