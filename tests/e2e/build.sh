@@ -133,6 +133,18 @@ PY
     rm -rf "$src"
 }
 
+# helm: its main package with the version stamped as helm's Makefile does (helm version, and the
+# user agent, report it). Helm's go.mod has no replace directives: one require is enough.
+build_helm() {
+    local out="$1" src="$1/src"
+    mkdir -p "$src"
+    printf 'module loopcsi.dev/e2e/helm\ngo 1.26\nrequire %s %s\n' "$HELM_MODULE" "$HELM_VERSION" >"$src/go.mod"
+    (cd "$src" && go build -mod=mod -o "$out/" \
+        -ldflags "-s -w -X $HELM_MODULE/internal/version.version=$HELM_VERSION -X $HELM_MODULE/internal/version.metadata=" \
+        "$HELM_MODULE/cmd/helm")
+    rm -rf "$src"
+}
+
 what="${1:-all}"
 case "$what" in
 kubernetes | all)
@@ -151,6 +163,8 @@ sidecars | all)
     build_in "$cache/snapshot-controller-$SNAPSHOTTER_VERSION" "snapshot-controller $SNAPSHOTTER_VERSION" \
         go_build "$SNAPSHOTTER_MODULE" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_MODULE/cmd/snapshot-controller"
     ;;&
+helm | all)
+    build_in "$cache/helm-$HELM_VERSION" "helm $HELM_VERSION" build_helm ;;&
 crds | all)
     # The snapshot CRDs ship in the snapshotter's client module (config/crd).
     go mod download -json "$SNAPSHOTTER_CLIENT_MODULE@$SNAPSHOTTER_VERSION" >/dev/null
