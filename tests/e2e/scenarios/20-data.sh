@@ -373,6 +373,7 @@ EOF
     # The pod's user is not root and not in the volume's original group: it can write only
     # because the kubelet gave the volume to group 2000 (group-writable, setgid), and the setgid
     # bit makes what it creates group 2000 too.
+    ! grep -q 'WRITE FAILED' <<<"$got" || fail "fsgroup: uid 1000 with fsGroup 2000 could not write to the volume: $(tr '\n' ' ' <<<"$got")"
     grep -qx 'id: 1000 1000 2000' <<<"$got" || fail "fsgroup: the pod runs as '$got', not uid 1000 with groups 1000 2000"
     grep -qx '/data 0:2000 drwxrwsr-x' <<<"$got" || fail "fsgroup: the volume root is not group 2000 with setgid: $got"
     grep -qx '/data/dir 1000:2000 drwxr-sr-x' <<<"$got" || fail "fsgroup: the pod's directory is not 1000:2000 setgid: $got"
