@@ -81,13 +81,13 @@ plugin_ready_and_new() {
     [ "$ready" = True ]
 }
 
-# write_then_read PREFIX MODE CLASS WRITE READ: a claim PREFIX-pvc; a pod PREFIX-writer runs WRITE
-# (reading the token on its standard input) and exits; after it is deleted, a
-# pod PREFIX-app prints what READ reads and keeps running; its output must be the token.
+# write_then_read PREFIX MODE CLASS WRITE READ [SIZE]: a claim PREFIX-pvc (SIZE, default 64Mi); a
+# pod PREFIX-writer runs WRITE (reading the token on its standard input) and exits; after it is
+# deleted, a pod PREFIX-app prints what READ reads and keeps running; its output must be the token.
 write_then_read() {
-    local prefix="$1" mode="$2" class="$3" write="$4" read="$5" t=$SECONDS got
+    local prefix="$1" mode="$2" class="$3" write="$4" read="$5" size="${6:-64Mi}" t=$SECONDS got
     local token="$prefix-$RANDOM-$RANDOM"
-    pvc "$prefix-pvc" "$class" "$([ "$mode" = block ] && echo Block || echo Filesystem)"
+    pvc "$prefix-pvc" "$class" "$([ "$mode" = block ] && echo Block || echo Filesystem)" "$size"
     [ "$(kubectl get pvc "$prefix-pvc" -o jsonpath='{.status.phase}')" = Pending ] ||
         fail "$prefix: a WaitForFirstConsumer claim was bound before any pod used it"
     app_pod "$prefix-writer" "$prefix-pvc" "$mode" "echo $token | $write && sync"
@@ -98,5 +98,5 @@ write_then_read() {
     until_true 30 "$prefix-app log" has_log "$prefix-app" || true
     got="$(kubectl logs "$prefix-app" | tr -d '\0')"
     [ "$got" = "$token" ] || fail "$prefix: the new pod read '$got', not '$token'"
-    pass "$prefix ($mode, $class, WaitForFirstConsumer): $prefix-writer wrote '$token', $prefix-app read '$got' after $prefix-writer was deleted; pv $(kubectl get pvc "$prefix-pvc" -o jsonpath='{.spec.volumeName}'); $((SECONDS - t)) s"
+    pass "$prefix ($mode, $class, $size, WaitForFirstConsumer): $prefix-writer wrote '$token', $prefix-app read '$got' after $prefix-writer was deleted; pv $(kubectl get pvc "$prefix-pvc" -o jsonpath='{.spec.volumeName}'); $((SECONDS - t)) s"
 }

@@ -174,6 +174,8 @@ teardown() {
         # plugin deletes the volumes), then the plugin.
         kubectl delete pods --all -n default --wait=false >/dev/null 2>&1
         until_true 60 "app pods gone" no_pods default
+        # Snapshots before claims and before the plugin: their snapshotter deletes their files.
+        kubectl delete volumesnapshots --all -n default --wait=false >/dev/null 2>&1
         kubectl delete pvc --all -n default --wait=false >/dev/null 2>&1
         until_true 60 "volumes deleted" no_pvs
         kubectl delete namespace loopcsi --wait=false >/dev/null 2>&1
