@@ -130,7 +130,10 @@ delete_and_check() {
     until_true 300 "the $label pods gone" no_pods_labelled "$label" ||
         fail "$what: pods stuck deleting: $(kubectl get pods -l "e2e=$label" -o wide | tail -5; tail -3 "$work/logs/kubelet.log")"
     local pods_gone=$((SECONDS - t))
-    until_true 300 "the $label PVs gone" pvs_fewer 1 "${pvs[@]}" ||
+    # Generous: after several kills the kubelet holds the driver, and the provisioner (which
+    # exits when the driver's socket goes away), in CrashLoopBackOff (80 s by the fourth), and a
+    # DeleteVolume refused while the kubelet still unstages is retried with growing back-off.
+    until_true 600 "the $label PVs gone" pvs_fewer 1 "${pvs[@]}" ||
         fail "$what: PVs left: $(kubectl get pv "${pvs[@]}" 2>&1 | tail -5)"
     local h left="" loops mounts
     for h in "${handles[@]}"; do
