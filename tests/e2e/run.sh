@@ -144,6 +144,22 @@ our_loops() {
     loops_backed_by "${dirs[@]}"
 }
 
+# Loop devices the kubelet attaches to hold our raw block volumes' devices open: backed by the
+# device node of one of our_loops (matched by the node's device and inode). A kubelet that dies
+# leaves them, and they keep our loop devices attached.
+kubelet_block_loops() {
+    local ids
+    ids="$(our_loops | xargs -r stat -c '%Hd:%Ld %i')"
+    [ -n "$ids" ] || return 0
+    losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO 2>/dev/null | python3 -c '
+import json, sys
+ids = {tuple(l.split()) for l in sys.argv[1].splitlines()}
+for d in json.load(sys.stdin).get("loopdevices", []):
+    if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
+        print(d["name"])
+' "$ids"
+}
+
 # Mounts at or under our work dir, deepest first.
 our_mounts() {
     awk -v w="$work" '$5 == w || index($5, w "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
@@ -167,7 +183,8 @@ teardown() {
     set +e
     trap - EXIT INT TERM ERR
     log "teardown (exit status $rc)"
-    if [ -n "${pids[kubelet]:-}" ] && [ -S "$work/containerd/containerd.sock" ]; then
+    if [ -n "${pids[kubelet]:-}" ] && kill -0 "${pids[kubelet]}" 2>/dev/null &&
+        [ -S "$work/containerd/containerd.sock" ]; then
         # Let the kubelet remove the pods it runs (volumes unpublished, sandboxes' network
         # namespaces removed by the CRI), bounded; what is left is forced below.
         # The apps first (their volumes need the plugin to unpublish), then their claims (the
@@ -226,7 +243,7 @@ teardown() {
     local m
     for m in $(our_mounts); do umount "$m" 2>/dev/null || umount -l "$m"; done
     local dev
-    for dev in $(our_loops); do losetup -d "$dev"; done
+    for dev in $(kubelet_block_loops) $(our_loops); do losetup -d "$dev"; done
     [ -e "/run/netns/$netns" ] && ip netns delete "$netns"
     [ -d /var/log/containers ] && find /var/log/containers -lname "$work/*" -delete
     [ -z "${existed[/var/lib/kubelet]:-}" ] && rm -f /var/lib/kubelet/device-plugins/kubelet.sock
