@@ -174,3 +174,61 @@ async fn orphans_are_collected_and_foreign_devices_left_alone() {
     d.delete(&keep).await.unwrap();
     d.assert_clean();
 }
+
+/// Seen in the e2e tier during a rolling update of the DaemonSet: NodeUnstageVolume unmounted the
+/// staging, found the loop device still held by another holder and failed; the reconciler, seeing
+/// a stage record and no mount, re-attached and re-mounted the staging before the kubelet's retry.
+/// The unstage now records its intent first, and neither a reconciliation round nor a restart of
+/// the driver puts back what the CO is taking down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unstage_is_not_undone_by_the_reconciler() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = d
+        .create(create_req("unstaging", 32 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = d.staging("s");
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    let dev = d.loop_device_of(&id).unwrap();
+
+    // Another holder keeps the device open: the unmount succeeds, the detach cannot finish.
+    let holder = std::fs::File::open(dev.path()).unwrap();
+    let err = d.unstage(&id, &staging).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(!mounted(&staging), "the unstage unmounted before it failed");
+
+    d.stop().await;
+    let report = reconcile_round(&d);
+    assert!(report.repaired.is_empty(), "{report:?}");
+    assert!(
+        report
+            .unrepairable
+            .iter()
+            .any(|r| r.contains(&id) && r.contains("NodeUnstageVolume") && r.contains("retry")),
+        "{report:?}"
+    );
+    assert!(
+        !mounted(&staging),
+        "the reconciler re-mounted an unstaging volume"
+    );
+
+    // The holder goes; the driver restarts (its startup recovery reconciles too) and the CO's
+    // retry of the unstage finishes it.
+    drop(holder);
+    d.restart().await;
+    assert!(
+        !mounted(&staging),
+        "startup recovery re-mounted an unstaging volume"
+    );
+    d.unstage(&id, &staging).await.unwrap();
+    assert!(d.loop_device_of(&id).is_none());
+
+    // A new stage after all that is an ordinary stage.
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    assert!(mounted(&staging));
+    d.unstage(&id, &staging).await.unwrap();
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}

@@ -300,6 +300,7 @@ impl NodeOps {
             path: staging.to_path_buf(),
             capability: cap.clone(),
             image,
+            unstaging: false,
         };
         if record.staged.as_ref() == Some(&wanted) {
             return self.ensure_staged(&meta, staging, cap, observed).map(drop);
@@ -561,6 +562,15 @@ impl NodeOps {
             )));
         }
         if let Some(dev) = observed.device {
+            // The intent first: if the device is still held after the unmount, this call fails
+            // and the CO retries it; until then the reconciler must not re-mount the staging.
+            if let Some(staged) = record.staged.as_ref().filter(|s| !s.unstaging) {
+                let unstaging = StageRecord {
+                    unstaging: true,
+                    ..staged.clone()
+                };
+                records::save_staged(&self.records_dir(id), &unstaging)?;
+            }
             if observed.fs_mounted_at(staging) {
                 mount::unmount(staging).map_err(busy_is_precondition)?;
                 crate::faults::crash_point("unstage.unmounted");
@@ -652,6 +662,14 @@ impl NodeOps {
             )));
         }
         let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
+        if staged.unstaging {
+            // Staged again for this publish: the unstage the CO began is over.
+            let restaged = StageRecord {
+                unstaging: false,
+                ..staged.clone()
+            };
+            records::save_staged(&self.records_dir(id), &restaged)?;
+        }
         bind_target(
             meta.kind,
             &dev,
@@ -693,6 +711,7 @@ impl NodeOps {
             path: staging.to_path_buf(),
             capability: cap.clone(),
             image: FileId::at(&self.pool.layout().image(id))?,
+            unstaging: false,
         };
         records::save_staged(&self.records_dir(id), &adopted)?;
         tracing::warn!(volume.id = %id, staging = %staging.display(), "rewrote an unreadable stage record from the kernel's view");

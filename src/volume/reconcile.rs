@@ -137,6 +137,16 @@ impl NodeOps {
         let Some(staged) = record.staged.clone() else {
             return Ok(());
         };
+        if staged.unstaging {
+            // NodeUnstageVolume began and did not finish (its device was still held): the CO
+            // retries it. Re-mounting now would undo what the CO asked for and race its retry.
+            report.unrepairable(format!(
+                "volume {id}: NodeUnstageVolume of {} began and has not finished; waiting for the \
+                 CO's retry (nothing is re-mounted meanwhile)",
+                staged.path.display()
+            ));
+            return Ok(());
+        }
         let image = self.pool.layout().image(&id);
         let observed = self.observe(&id, &record, Some(&staged.path))?;
         if let (Some(dev), false) = (observed.device, observed.image_present) {

@@ -28,6 +28,13 @@ pub(crate) struct StageRecord {
     /// replaced behind the driver's back. Absent in records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) image: Option<FileId>,
+    /// Written by NodeUnstageVolume before it unmounts and detaches; the record goes when it
+    /// finishes. While set, the CO is taking the staging down: an unstage that failed part-way
+    /// (the device still held after the unmount) is retried by the CO, and the reconciler must
+    /// not put back what the CO asked to remove. Only NodeStageVolume or NodePublishVolume
+    /// stage the volume again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) unstaging: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +216,7 @@ mod tests {
             path: "/s".into(),
             capability: cap.clone(),
             image: Some(FileId { dev: 1, ino: 2 }),
+            unstaging: false,
         };
         save_staged(&dir, &staged).unwrap();
         for target in ["/b", "/a"] {
