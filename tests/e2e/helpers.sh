@@ -3,10 +3,11 @@
 # provides kubectl, until_true, pass, fail, log, our_loops, $pool, $kubelet_dir, $work, $node).
 # The scenarios themselves are in scenarios/*.sh.
 
-# app_pod NAME PVC MODE SCRIPT: a busybox pod using PVC at /data (MODE=fs) or as the block device
-# /dev/xvda (MODE=block), running SCRIPT. It stops at once on SIGTERM.
+# app_pod NAME PVC MODE SCRIPT [AFFINITY]: a busybox pod using PVC at /data (MODE=fs) or as the
+# block device /dev/xvda (MODE=block), running SCRIPT, with the pod's affinity AFFINITY (a YAML
+# flow mapping) if given. It stops at once on SIGTERM.
 app_pod() {
-    local name="$1" pvc="$2" mode="$3" script="$4" mount
+    local name="$1" pvc="$2" mode="$3" script="$4" affinity="${5:-}" mount
     if [ "$mode" = block ]; then
         mount="volumeDevices: [{name: v, devicePath: /dev/xvda}]"
     else
@@ -18,7 +19,8 @@ kind: Pod
 metadata: {name: $name, namespace: default}
 spec:
   restartPolicy: Never
-  terminationGracePeriodSeconds: 5
+  terminationGracePeriodSeconds: 5${affinity:+
+  affinity: $affinity}
   containers:
     - name: app
       image: loopcsi.dev/e2e/busybox:1.35

@@ -115,6 +115,19 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
+# loops_with_backing IDS: loop devices whose backing file is one of IDS ("MAJ:MIN INODE" lines),
+# by the identity the kernel records for it, never by the path it renders.
+loops_with_backing() {
+    [ -n "$1" ] || return 0
+    losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO 2>/dev/null | python3 -c '
+import json, sys
+ids = {tuple(l.split()) for l in sys.argv[1].splitlines()}
+for d in json.load(sys.stdin).get("loopdevices", []):
+    if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
+        print(d["name"])
+' "$1"
+}
+
 # loops_backed_by DIR...: loop devices whose backing file is an image under one of the DIRs, by
 # identity (device and inode of the backing file as the kernel records it), never by the path the
 # kernel renders.
@@ -124,14 +137,7 @@ loops_backed_by() {
         # st_dev in the kernel's encoding: major in bits 8-19, minor in bits 0-7 and 20-31.
         printf '%d:%d %s\n' "$(((d >> 8) & 0xfff))" "$(((d & 0xff) | ((d >> 12) & 0xfff00)))" "$i"
     done)"
-    [ -n "$ids" ] || return 0
-    losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO 2>/dev/null | python3 -c '
-import json, sys
-ids = {tuple(l.split()) for l in sys.argv[1].splitlines()}
-for d in json.load(sys.stdin).get("loopdevices", []):
-    if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
-        print(d["name"])
-' "$ids"
+    loops_with_backing "$ids"
 }
 
 # Loop devices backed by an image of any node's pool (node 1's, and the tmpfs pools of the nodes
@@ -150,14 +156,7 @@ our_loops() {
 kubelet_block_loops() {
     local ids
     ids="$(our_loops | xargs -r stat -c '%Hd:%Ld %i')"
-    [ -n "$ids" ] || return 0
-    losetup --json --list -O NAME,BACK-MAJ:MIN,BACK-INO 2>/dev/null | python3 -c '
-import json, sys
-ids = {tuple(l.split()) for l in sys.argv[1].splitlines()}
-for d in json.load(sys.stdin).get("loopdevices", []):
-    if (d["back-maj:min"].strip(), str(d["back-ino"])) in ids:
-        print(d["name"])
-' "$ids"
+    loops_with_backing "$ids"
 }
 
 # Mounts at or under our work dir, deepest first.

@@ -20,22 +20,7 @@ placed_pod() {
     else
         affinity="preferredDuringSchedulingIgnoredDuringExecution: [{weight: 100, preference: $term}]"
     fi
-    kubectl apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: $name, namespace: default}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 5
-  affinity: {nodeAffinity: {$affinity}}
-  containers:
-    - name: app
-      image: loopcsi.dev/e2e/busybox:1.35
-      imagePullPolicy: Never
-      command: [sh, -c, 'trap "exit 0" TERM; $script']
-      volumeMounts: [{name: v, mountPath: /data}]
-  volumes: [{name: v, persistentVolumeClaim: {claimName: $pvc}}]
-EOF
+    app_pod "$name" "$pvc" fs "$script" "{nodeAffinity: {$affinity}}"
 }
 
 pod_node() { kubectl get pod "$1" -o jsonpath='{.spec.nodeName}'; }
