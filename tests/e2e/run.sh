@@ -272,9 +272,10 @@ teardown() {
     exit "$rc"
 }
 trap teardown EXIT
-# A step that fails without calling `fail` (set -e) still says which command it was.
+# A step that fails without calling `fail` (set -e) still says which command it was; code that
+# runs with set +e on purpose (the teardown, remove_node) is not reported.
 set -E
-trap 'log "failed (status $?) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
+trap 'rc=$?; [[ $- != *e* ]] || log "failed (status $rc) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT TERM
 mkdir -p "$work/logs" "$work/pki" "$pool" "$kubelet_dir"
 
