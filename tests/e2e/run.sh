@@ -275,7 +275,7 @@ trap teardown EXIT
 # A step that fails without calling `fail` (set -e) still says which command it was; code that
 # runs with set +e on purpose (the teardown, remove_node) is not reported.
 set -E
-trap 'rc=$?; [[ $- != *e* ]] || log "failed (status $rc) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
+trap 'e2e_err=$?; [[ $- != *e* ]] || log "failed (status $e2e_err) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT TERM
 mkdir -p "$work/logs" "$work/pki" "$pool" "$kubelet_dir"
 
