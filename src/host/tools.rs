@@ -131,10 +131,16 @@ impl Tools {
         let resize2fs = Self::optional(&self.resize2fs, "resize2fs")?;
         match self.run(resize2fs, &[device.as_os_str()], &[]) {
             Err(Error::Tool { stderr, .. }) if stderr.contains("Permission denied") => {
+                // A privileged container has every capability of its host's bounding set, so
+                // "run it privileged" is not always the remedy: some hosts drop the capability
+                // for every process. The next stage grows the file system offline.
                 Err(Error::FailedPrecondition(format!(
                     "the kernel refused to grow the mounted ext4 on {}: the driver process lacks \
-                     CAP_SYS_RESOURCE (run the node plugin privileged); resize2fs said: {stderr}",
-                    device.display()
+                     CAP_SYS_RESOURCE (run the node plugin privileged, on a host that grants it); \
+                     the file system grows offline when the volume is next staged (stop its pods, \
+                     then start them again); resize2fs said: {}",
+                    device.display(),
+                    stderr.trim().replace('\n', "; ")
                 )))
             }
             other => other.map(drop),
