@@ -166,7 +166,10 @@ driver_pid() {
     for id in $(ctr_k8s containers ls -q 'labels."io.kubernetes.container.name"==loopcsi,labels."io.kubernetes.pod.namespace"==loopcsi'); do
         pid="$(ctr_k8s tasks ls | awk -v id="$id" '$1 == id && $3 == "RUNNING" {print $2}')"
         # (Containers of killed drivers stay, stopped, until the kubelet collects them.)
-        if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q '^/usr/local/bin/loopcsi serve '; then
+        # The image's entrypoint is `loopcsi` (found on PATH, as the Dockerfile has it): the
+        # process is known by its executable and its subcommand, not by how argv[0] is spelled.
+        if [ -n "$pid" ] && [ "$(basename "$(readlink "/proc/$pid/exe")")" = loopcsi ] &&
+            tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*loopcsi serve '; then
             echo "$pid"
         fi
     done
