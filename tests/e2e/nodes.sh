@@ -112,7 +112,11 @@ remove_node() {
     local name="$1" d id pid
     d="$(node_dir "$name")"
     [ -n "${pids[kubelet-$name]:-}" ] && stop_pid "${pids[kubelet-$name]}"
+    local netnses=""
     if [ -S "$d/containerd/containerd.sock" ]; then
+        # The sandboxes' network namespace files: their mounts live in the node's mount
+        # namespace and go with it, but the files are in the host's /run and stay.
+        netnses="$(sandbox_netns ctr_node "$name")"
         for id in $(ctr_node "$name" tasks ls -q 2>/dev/null); do
             ctr_node "$name" tasks kill -s SIGKILL "$id" >/dev/null 2>&1
         done
@@ -132,6 +136,8 @@ remove_node() {
         umount "$work/mntns/$name" 2>/dev/null
         rm -f "$work/mntns/$name"
     fi
+    # shellcheck disable=SC2086  # one path per word
+    remove_netns_files $netnses
     local dev
     for dev in $(loops_backed_by "$(node_pool_fs "$name")"); do losetup -d "$dev"; done
     mountpoint -q "$(node_pool_fs "$name")" && umount "$(node_pool_fs "$name")"

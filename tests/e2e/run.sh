@@ -159,6 +159,28 @@ kubelet_block_loops() {
     loops_with_backing "$ids"
 }
 
+# sandbox_netns CTR...: the network namespace files of the pod sandboxes that the command CTR...
+# (ctr against one containerd) knows.
+sandbox_netns() {
+    local id
+    "$@" containers ls -q 2>/dev/null | while read -r id; do
+        "$@" containers info "$id" 2>/dev/null |
+            python3 -c 'import json,sys; [print(n["path"]) for n in json.load(sys.stdin)["Spec"]["linux"]["namespaces"] if n["type"]=="network" and n.get("path")]' 2>/dev/null
+    done | sort -u
+}
+# remove_netns_files PATH...: the CNI network namespace files among PATHs, unmounted and removed
+# (the CRI makes them; a killed sandbox leaves them).
+remove_netns_files() {
+    local ns
+    for ns in "$@"; do
+        case "$ns" in /var/run/netns/cni-* | /run/netns/cni-*)
+            umount "$ns" 2>/dev/null
+            rm -f "$ns"
+            ;;
+        esac
+    done
+}
+
 # Mounts at or under our work dir, deepest first.
 our_mounts() {
     awk -v w="$work" '$5 == w || index($5, w "/") == 1 {print $5}' /proc/self/mountinfo | sort -r
@@ -208,10 +230,7 @@ teardown() {
         local id
         # The sandboxes' network namespaces, removed after the containers are gone.
         local netnses
-        netnses="$(ctr_k8s containers ls -q 2>/dev/null | while read -r id; do
-            ctr_k8s containers info "$id" 2>/dev/null |
-                python3 -c 'import json,sys; [print(n["path"]) for n in json.load(sys.stdin)["Spec"]["linux"]["namespaces"] if n["type"]=="network" and n.get("path")]' 2>/dev/null
-        done | sort -u)"
+        netnses="$(sandbox_netns ctr_k8s)"
         for id in $(ctr_k8s tasks ls -q 2>/dev/null); do
             ctr_k8s tasks kill -s SIGKILL "$id" >/dev/null 2>&1
         done
@@ -223,13 +242,7 @@ teardown() {
             ctr_k8s containers rm "$id" >/dev/null 2>&1
         done
         local ns
-        for ns in $netnses; do
-            case "$ns" in /var/run/netns/cni-* | /run/netns/cni-*)
-                umount "$ns" 2>/dev/null
-                rm -f "$ns"
-                ;;
-            esac
-        done
+        remove_netns_files $netnses
     fi
     [ -n "${pids[containerd]:-}" ] && stop_pid "${pids[containerd]}"
     # Shims (and anything else) started for our containerd: found by its socket path in their
