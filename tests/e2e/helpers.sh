@@ -31,8 +31,9 @@ spec:
 EOF
 }
 
-# pvc NAME CLASS MODE [SIZE] [ACCESS_MODE]: a claim (MODE is Filesystem or Block; SIZE defaults
-# to 64Mi, ACCESS_MODE to ReadWriteOnce).
+# pvc NAME CLASS MODE [SIZE] [ACCESS_MODE] [DATA_SOURCE]: a claim (MODE is Filesystem or Block;
+# SIZE defaults to 64Mi, ACCESS_MODE to ReadWriteOnce; DATA_SOURCE, a YAML flow mapping, is its
+# dataSource).
 pvc() {
     kubectl apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -42,7 +43,8 @@ spec:
   storageClassName: $2
   volumeMode: $3
   accessModes: [${5:-ReadWriteOnce}]
-  resources: {requests: {storage: ${4:-64Mi}}}
+  resources: {requests: {storage: ${4:-64Mi}}}${6:+
+  dataSource: $6}
 EOF
 }
 

@@ -13,17 +13,7 @@ E2E_SCENARIOS+=(xfs snapshot clone expansion_xfs expansion_ext4 rwop fsgroup cap
 data_claim() {
     local group=""
     [ "$5" = VolumeSnapshot ] && group="apiGroup: snapshot.storage.k8s.io, "
-    kubectl apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $1, namespace: default}
-spec:
-  storageClassName: $2
-  volumeMode: $3
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: $4}}
-  dataSource: {${group}kind: $5, name: $6}
-EOF
+    pvc "$1" "$2" "$3" "$4" ReadWriteOnce "{${group}kind: $5, name: $6}"
 }
 
 data_snapshot() {

@@ -136,16 +136,7 @@ EOF
     snap_id="$(kubectl get volumesnapshotcontent "$(kubectl get volumesnapshot mn-snap -o jsonpath='{.status.boundVolumeSnapshotContentName}')" -o jsonpath='{.status.snapshotHandle}')"
     local restore
     for restore in mn-restore-here mn-restore-there; do
-        kubectl apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $restore-pvc, namespace: default}
-spec:
-  storageClassName: loopcsi-ext4
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 64Mi}}
-  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: mn-snap}
-EOF
+        data_claim "$restore-pvc" loopcsi-ext4 Filesystem 64Mi VolumeSnapshot mn-snap
     done
     # On the snapshot's own node the restore works.
     placed_pod mn-restore-here mn-restore-here-pvc required "$node2" "cat /data/token; while true; do sleep 1; done"
