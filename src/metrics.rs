@@ -36,19 +36,8 @@ struct ActionLabels {
     action: String,
 }
 
-/// What a scrape reads from the pool and the kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Inventory {
-    pub volumes: u64,
-    pub staged: u64,
-    pub published: u64,
-    pub snapshots: u64,
-    pub loop_devices: u64,
-    pub pool_capacity_bytes: u64,
-    pub pool_available_bytes: u64,
-    /// Bytes really allocated by volume and snapshot images (shared extents counted per file).
-    pub allocated_bytes: u64,
-}
+/// What a scrape reads from the pool and the kernel (defined by the domain, which reads it).
+pub use crate::volume::status::Inventory;
 
 pub struct Metrics {
     registry: Registry,

@@ -5,19 +5,18 @@
 //! same orphans without racing its operations in flight.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::host::tools::Tools;
-use crate::volume::node::NodeOps;
 use crate::volume::params::VolumeKind;
-use crate::volume::pool::{self, Layout, Pool, SnapshotMeta, VolumeMeta};
+use crate::volume::pool::{self, SnapshotMeta, VolumeMeta};
 use crate::volume::reconcile::{GcPolicy, ReconcileReport};
 use crate::volume::statedir;
 use crate::volume::status::VolumeStatus;
+use crate::volume::Volumes;
 
 fn require_pool(state_dir: &Path) -> Result<()> {
     if state_dir.join("volumes").is_dir() {
@@ -31,15 +30,10 @@ fn require_pool(state_dir: &Path) -> Result<()> {
 }
 
 /// The pool opened without changing anything, with the metadata files it could not read.
-fn open_read_only(state_dir: &Path) -> Result<(NodeOps, Vec<PathBuf>)> {
+fn open_read_only(state_dir: &Path) -> Result<(Volumes, Vec<PathBuf>)> {
     require_pool(state_dir)?;
-    let layout = Layout::prepare(state_dir)?;
-    if let Some(warning) = layout.durability_warning() {
-        tracing::warn!("{warning}");
-    }
-    let (pool, recovery) = Pool::open_read_only(layout)?;
-    let node = NodeOps::new(Arc::new(pool), Tools::discover()?, true);
-    Ok((node, recovery.unreadable))
+    let (volumes, recovery) = Volumes::open_read_only(state_dir, Tools::discover()?)?;
+    Ok((volumes, recovery.unreadable))
 }
 
 /// A metadata file `status` could not read. It is listed (never silently left out), unhealthy,
@@ -194,7 +188,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<String> {
     let (node, mut unreadable) = open_read_only(state_dir)?;
     unreadable.sort();
     let entries: Vec<Entry> = node
-        .volume_statuses()?
+        .statuses()?
         .into_iter()
         .map(Entry::Volume)
         .chain(
@@ -222,9 +216,7 @@ pub fn gc(state_dir: &Path, dry_run: bool, min_age: Duration) -> Result<Reconcil
         Some(statedir::lock_for_gc(state_dir)?)
     };
     let (node, _) = open_read_only(state_dir)?;
-    let mut report = ReconcileReport::default();
-    node.collect_orphans(GcPolicy { min_age, dry_run }, &mut report)?;
-    Ok(report)
+    node.collect_orphans(GcPolicy { min_age, dry_run })
 }
 
 /// `loopcsi rescue`: copies a staged volume whose image is gone from its loop device into a

@@ -213,7 +213,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, driver: Arc<Driver>) {
                         {
                             let inventory = match driver.ready_domain() {
                                 Some(domain) => {
-                                    tokio::task::spawn_blocking(move || domain.node.inventory())
+                                    tokio::task::spawn_blocking(move || domain.inventory())
                                         .await
                                         .ok()
                                         .and_then(|r| {

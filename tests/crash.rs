@@ -662,16 +662,13 @@ async fn an_abandoned_freeze_is_reported_taken_over_and_thawed() {
 
     // The same, thawed by a reconciliation round (as the running driver does every interval).
     freeze_as_a_dead_driver(&d.state_dir(), &id, &staging);
-    let (pool, _) = loopcsi::volume::pool::Pool::open(
-        loopcsi::volume::pool::Layout::prepare(&d.state_dir()).unwrap(),
-    )
-    .unwrap();
-    let node = loopcsi::volume::node::NodeOps::new(
-        std::sync::Arc::new(pool),
+    let (volumes, _) = loopcsi::volume::Volumes::open(
+        &d.state_dir(),
         loopcsi::host::tools::Tools::discover().unwrap(),
         true,
-    );
-    let report = node.reconcile().unwrap();
+    )
+    .unwrap();
+    let report = volumes.reconcile().unwrap();
     assert_not_frozen(&staging);
     assert!(
         report.repaired.iter().any(|r| r.contains("thawed")),

@@ -7,17 +7,16 @@
 
 mod common;
 
-use std::sync::Arc;
 
 use common::*;
 use loopcsi::host::tools::Tools;
-use loopcsi::volume::node::NodeOps;
+use loopcsi::volume::Volumes;
 use loopcsi::volume::pool::{Layout, Pool};
 
 /// The node side of a driver on `d`'s state dir, as a second view (startup recovery runs).
-fn node_view(d: &TestDriver) -> NodeOps {
-    let (pool, _) = Pool::open(Layout::prepare(&d.state_dir()).unwrap()).unwrap();
-    NodeOps::new(Arc::new(pool), Tools::discover().unwrap(), true)
+fn node_view(d: &TestDriver) -> Volumes {
+    let (volumes, _) = Volumes::open(&d.state_dir(), Tools::discover().unwrap(), true).unwrap();
+    volumes
 }
 
 fn meta_path(d: &TestDriver, id: &str) -> std::path::PathBuf {

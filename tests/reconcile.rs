@@ -5,18 +5,15 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use loopcsi::host::{loopdev, mount, tools::Tools};
-use loopcsi::volume::node::NodeOps;
-use loopcsi::volume::pool::{Layout, Pool};
+use loopcsi::volume::Volumes;
 use loopcsi::volume::reconcile::ReconcileReport;
 
 /// The node side of a running driver on `d`'s state dir (startup recovery has run).
-fn running_node(d: &TestDriver) -> NodeOps {
-    let (pool, _) = Pool::open(Layout::prepare(&d.state_dir()).unwrap()).unwrap();
-    NodeOps::new(Arc::new(pool), Tools::discover().unwrap(), true)
+fn running_node(d: &TestDriver) -> Volumes {
+    let (volumes, _) = Volumes::open(&d.state_dir(), Tools::discover().unwrap(), true).unwrap();
+    volumes
 }
 
 /// One reconciliation round on the driver's state dir, as the running driver does it.

@@ -9,12 +9,13 @@ use crate::csi::{self, controller_server::Controller};
 use crate::error::{shown, Error, Result};
 use crate::rpc_span;
 use crate::service::{
-    capability, required, snapshot_id, volume_id, CapabilityError, Domain, Driver,
+    capability, required, snapshot_id, volume_id, CapabilityError, Driver,
 };
 use crate::volume::params::{
     Capability, CapacityRange, FsType, StorageClassParams, VolumeKind, FSTYPE_KEY,
 };
 use crate::volume::pool::{ContentSource, NewVolume, SnapshotMeta, VolumeMeta};
+use crate::volume::Volumes;
 
 /// CSI size limit for names and ids.
 const MAX_NAME_BYTES: usize = 128;
@@ -55,7 +56,7 @@ fn volume_name(name: &str) -> Result<&str> {
 fn creation_capabilities(
     caps: &[csi::VolumeCapability],
     class_fs: Option<FsType>,
-    domain: &Domain,
+    domain: &Volumes,
 ) -> std::result::Result<(VolumeKind, Vec<Capability>), CapabilityError> {
     if caps.is_empty() {
         return Err(CapabilityError::Malformed(Error::invalid(
@@ -65,7 +66,7 @@ fn creation_capabilities(
     }
     let parsed = caps
         .iter()
-        .map(|c| capability("volume_capabilities", c, Some(domain.node.tools())))
+        .map(|c| capability("volume_capabilities", c, Some(domain)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let kinds = parsed
         .iter()
@@ -82,7 +83,7 @@ fn creation_capabilities(
     if let VolumeKind::Filesystem(fs) = kind {
         // fs_type itself was checked by `capability`; a file system named only by the
         // parameters is checked here, with the same message.
-        if !domain.node.tools().supports(fs) {
+        if !domain.supports(fs) {
             return Err(CapabilityError::Unsupported(Error::invalid(
                 "parameters",
                 format!(
@@ -251,7 +252,7 @@ impl Controller for ControllerService {
                 let mut access_modes: Vec<_> = caps.iter().map(|c| c.access).collect();
                 access_modes.sort();
                 access_modes.dedup();
-                let (meta, created) = domain.pool.create(
+                let (meta, created) = domain.create(
                     NewVolume {
                         name: name.to_string(),
                         capacity,
@@ -261,12 +262,7 @@ impl Controller for ControllerService {
                         claim: params.claim,
                         source,
                     },
-                    |source| {
-                        domain
-                            .node
-                            .prepare_source(source)
-                            .map_err(|err| this.source_elsewhere(err))
-                    },
+                    |err| this.source_elsewhere(err),
                 )?;
                 tracing::Span::current().record("volume.id", tracing::field::display(meta.id));
                 tracing::info!(created = ?created, capacity_bytes = meta.capacity_bytes, volume.kind = ?meta.kind, "volume ready");
@@ -291,8 +287,7 @@ impl Controller for ControllerService {
                 let Some(id) = crate::volume::id::VolumeId::parse(&req.volume_id) else {
                     return Ok(csi::DeleteVolumeResponse {});
                 };
-                let _guard = domain.pool.lock_volume(&id)?;
-                domain.pool.delete(&id)?;
+                domain.delete(&id)?;
                 Ok(csi::DeleteVolumeResponse {})
             })
             .await
@@ -317,10 +312,10 @@ impl Controller for ControllerService {
                         ));
                     }
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    let meta = domain.pool.require(&id)?;
+                    let meta = domain.get(&id)?;
                     let mut problems = Vec::new();
                     for cap in &req.volume_capabilities {
-                        match capability("volume_capabilities", cap, Some(domain.node.tools())) {
+                        match capability("volume_capabilities", cap, Some(domain)) {
                             Ok(parsed) => {
                                 if let Err(why) = parsed.check_against(meta.kind) {
                                     problems.push(why);
@@ -370,7 +365,7 @@ impl Controller for ControllerService {
             .run(rpc_span!("ListVolumes"), move |domain| {
                 let max = page_size(req.max_entries)?;
                 let after = this.driver.redeem_token(&req.starting_token)?;
-                let (page, more) = domain.pool.list(after, max);
+                let (page, more) = domain.list(after, max);
                 let next_token = match (more, page.last()) {
                     (true, Some(last)) => this.driver.issue_token(&last.id),
                     _ => String::new(),
@@ -423,7 +418,7 @@ impl Controller for ControllerService {
                     }
                 }
                 let granularity = crate::volume::params::SIZE_GRANULARITY;
-                let available = domain.pool.usage()?.available_bytes;
+                let available = domain.capacity()?.available_bytes;
                 let available = available - available % granularity;
                 let available = if available < minimum { 0 } else { available };
                 let bytes = i64::try_from(available).unwrap_or(i64::MAX);
@@ -515,8 +510,7 @@ impl Controller for ControllerService {
                 required("source_volume_id", &req.source_volume_id)?;
                 snapshot_parameters(&req.parameters)?;
                 let source = volume_id("source_volume_id", &req.source_volume_id)?;
-                domain.pool.require(&source)?;
-                let (snap, created) = domain.node.create_snapshot(name, &source)?;
+                let (snap, created) = domain.create_snapshot(name, &source)?;
                 tracing::info!(snapshot.id = %snap.id, created = ?created, "snapshot ready");
                 Ok(csi::CreateSnapshotResponse {
                     snapshot: Some(snapshot_reply(&snap)),
@@ -540,7 +534,7 @@ impl Controller for ControllerService {
             .run(rpc, move |domain| {
                 required("snapshot_id", &req.snapshot_id)?;
                 if let Some(id) = crate::volume::id::VolumeId::parse(&req.snapshot_id) {
-                    domain.pool.delete_snapshot(&id)?;
+                    domain.delete_snapshot(&id)?;
                 }
                 Ok(csi::DeleteSnapshotResponse {})
             })
@@ -567,7 +561,7 @@ impl Controller for ControllerService {
                 let (page, more) = if no_match {
                     (Vec::new(), false)
                 } else {
-                    domain.pool.list_snapshots(after, max, |s| {
+                    domain.list_snapshots(after, max, |s| {
                         by_id.flatten().is_none_or(|id| s.id == id)
                             && by_source
                                 .flatten()
@@ -604,7 +598,7 @@ impl Controller for ControllerService {
         self.driver
             .run(rpc, move |domain| {
                 let id = snapshot_id("snapshot_id", &req.snapshot_id)?;
-                let snap = domain.pool.require_snapshot(&id)?;
+                let snap = domain.snapshot(&id)?;
                 Ok(csi::GetSnapshotResponse {
                     snapshot: Some(snapshot_reply(&snap)),
                 })
@@ -639,8 +633,8 @@ impl Controller for ControllerService {
                 rpc_span!("ControllerGetVolume", &req.volume_id),
                 move |domain| {
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    let meta = domain.pool.require(&id)?;
-                    let condition = domain.node.condition(&id)?;
+                    let meta = domain.get(&id)?;
+                    let condition = domain.condition(&id)?;
                     Ok(csi::ControllerGetVolumeResponse {
                         volume: Some(this.volume_reply(&meta)),
                         status: Some(csi::controller_get_volume_response::VolumeStatus {

@@ -22,20 +22,13 @@ use crate::error::{shown, Error, Result};
 use crate::host::lockfile::LockFile;
 use crate::host::tools::Tools;
 use crate::volume::id::VolumeId;
-use crate::volume::node::NodeOps;
 use crate::volume::params::{AccessKind, AccessMode, Capability, FsType};
-use crate::volume::pool::{Layout, Pool};
-
-/// The recovered domain the services act on.
-pub struct Domain {
-    pub pool: Arc<Pool>,
-    pub node: NodeOps,
-}
+use crate::volume::Volumes;
 
 #[derive(Clone)]
 enum Readiness {
     Starting,
-    Ready(Arc<Domain>),
+    Ready(Arc<Volumes>),
     Failed(String),
 }
 
@@ -56,12 +49,12 @@ pub struct Driver {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Startup recovery: loads the pool (removing what a crash left half-made) and builds the domain.
-fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
+/// Startup recovery: loads the pool (removing what a crash left half-made) and opens the door
+/// into the domain.
+fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Volumes> {
     let started = Instant::now();
-    let (pool, recovery) = Layout::prepare(state_dir)
-        .and_then(Pool::open)
-        .inspect_err(|err| {
+    let (volumes, recovery) =
+        Volumes::open(state_dir, tools, direct_io).inspect_err(|err| {
             tracing::error!(error = %err, "state recovery failed");
         })?;
     tracing::info!(
@@ -73,19 +66,14 @@ fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Domain> {
         duration_ms = started.elapsed().as_millis() as u64,
         "state recovered"
     );
-    if let Some(warning) = pool.layout().durability_warning() {
-        tracing::warn!("{warning}");
-    }
-    let pool = Arc::new(pool);
-    let node = NodeOps::new(Arc::clone(&pool), tools, direct_io);
     // Before any RPC: a file system a killed driver left frozen blocks its application.
-    node.thaw_abandoned();
-    Ok(Domain { pool, node })
+    volumes.thaw_abandoned();
+    Ok(volumes)
 }
 
 /// Runs a reconciliation round every `interval`, each on the blocking pool.
 async fn reconcile_forever(
-    domain: Arc<Domain>,
+    domain: Arc<Volumes>,
     interval: std::time::Duration,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
@@ -95,7 +83,7 @@ async fn reconcile_forever(
     loop {
         ticker.tick().await;
         let domain = Arc::clone(&domain);
-        let round = tokio::task::spawn_blocking(move || domain.node.reconcile()).await;
+        let round = tokio::task::spawn_blocking(move || domain.reconcile()).await;
         match round {
             Ok(Ok(report)) => {
                 metrics.observe_reconcile(&report);
@@ -175,7 +163,7 @@ impl Driver {
     }
 
     /// The domain if recovery is over, without waiting.
-    pub fn ready_domain(&self) -> Option<Arc<Domain>> {
+    pub fn ready_domain(&self) -> Option<Arc<Volumes>> {
         match &*self.readiness.borrow() {
             Readiness::Ready(domain) => Some(Arc::clone(domain)),
             _ => None,
@@ -183,7 +171,7 @@ impl Driver {
     }
 
     /// Resolves once recovery is over: the domain, or UNAVAILABLE when recovery failed.
-    async fn domain(&self) -> Result<Arc<Domain>> {
+    async fn domain(&self) -> Result<Arc<Volumes>> {
         let mut rx = self.readiness.clone();
         let state = rx
             .wait_for(|r| !matches!(r, Readiness::Starting))
@@ -205,7 +193,7 @@ impl Driver {
     ) -> std::result::Result<tonic::Response<T>, tonic::Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Domain) -> Result<T> + Send + 'static,
+        F: FnOnce(&Volumes) -> Result<T> + Send + 'static,
     {
         let started = Instant::now();
         let work = async {
@@ -548,7 +536,7 @@ impl From<CapabilityError> for Error {
 pub fn capability(
     field: &'static str,
     cap: &csi::VolumeCapability,
-    tools: Option<&Tools>,
+    volumes: Option<&Volumes>,
 ) -> std::result::Result<Capability, CapabilityError> {
     use csi::volume_capability::access_mode::Mode;
     use csi::volume_capability::AccessType;
@@ -590,8 +578,8 @@ pub fn capability(
                     ))
                 })?),
             };
-            if let (Some(fs), Some(tools)) = (fs, tools) {
-                if !tools.supports(fs) {
+            if let (Some(fs), Some(volumes)) = (fs, volumes) {
+                if !volumes.supports(fs) {
                     return Err(unsupported(format!(
                         "mount.fs_type {} is not available: its mkfs is not installed on this node",
                         fs.name()
@@ -621,8 +609,8 @@ pub fn capability(
 /// A required single capability (NodeStage/NodePublish `volume_capability`).
 pub fn required_capability(
     cap: Option<&csi::VolumeCapability>,
-    tools: &Tools,
+    volumes: &Volumes,
 ) -> Result<Capability> {
     let cap = cap.ok_or_else(|| Error::invalid("volume_capability", "is required"))?;
-    Ok(capability("volume_capability", cap, Some(tools))?)
+    Ok(capability("volume_capability", cap, Some(volumes))?)
 }

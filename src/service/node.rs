@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::rpc_span;
 use crate::service::{co_path, required, required_capability, unclaimed_target, volume_id, Driver};
 use crate::volume::node::VolumeStats;
+use crate::volume::volumes::Publish;
 
 pub struct NodeService {
     driver: Arc<Driver>,
@@ -52,13 +53,13 @@ impl Node for NodeService {
                 rpc_span!("NodeStageVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.pool.layout().root();
+                    let state_dir = domain.state_dir();
                     let staging =
                         co_path("staging_target_path", &req.staging_target_path, state_dir)?;
                     let cap =
-                        required_capability(req.volume_capability.as_ref(), domain.node.tools())?;
+                        required_capability(req.volume_capability.as_ref(), domain)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    domain.node.stage(&id, &staging, &cap)?;
+                    domain.stage(&id, &staging, &cap)?;
                     Ok(csi::NodeStageVolumeResponse {})
                 },
             )
@@ -78,11 +79,11 @@ impl Node for NodeService {
                 rpc_span!("NodeUnstageVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.pool.layout().root();
+                    let state_dir = domain.state_dir();
                     let staging =
                         co_path("staging_target_path", &req.staging_target_path, state_dir)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    domain.node.unstage(&id, &staging)?;
+                    domain.unstage(&id, &staging)?;
                     Ok(csi::NodeUnstageVolumeResponse {})
                 },
             )
@@ -102,9 +103,9 @@ impl Node for NodeService {
         self.driver
             .run(rpc_span!("NodePublishVolume", &req.volume_id), move |domain| {
                 required("volume_id", &req.volume_id)?;
-                let state_dir = domain.pool.layout().root();
+                let state_dir = domain.state_dir();
                 let target = co_path("target_path", &req.target_path, state_dir)?;
-                let cap = required_capability(req.volume_capability.as_ref(), domain.node.tools())?;
+                let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                 if req.staging_target_path.is_empty() {
                     // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
                     return Err(Error::FailedPrecondition(
@@ -117,7 +118,15 @@ impl Node for NodeService {
                 }
                 let id = volume_id("volume_id", &req.volume_id)?;
                 unclaimed_target("target_path", &target)?;
-                domain.node.publish(&id, &staging, &target, &cap, req.readonly)?;
+                domain.publish(
+                    &id,
+                    Publish {
+                        staging: &staging,
+                        target: &target,
+                        capability: &cap,
+                        readonly: req.readonly,
+                    },
+                )?;
                 Ok(csi::NodePublishVolumeResponse {})
             })
             .await
@@ -135,10 +144,10 @@ impl Node for NodeService {
                 rpc_span!("NodeUnpublishVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.pool.layout().root();
+                    let state_dir = domain.state_dir();
                     let target = co_path("target_path", &req.target_path, state_dir)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    domain.node.unpublish(&id, &target)?;
+                    domain.unpublish(&id, &target)?;
                     Ok(csi::NodeUnpublishVolumeResponse {})
                 },
             )
@@ -160,9 +169,9 @@ impl Node for NodeService {
                     required("volume_id", &req.volume_id)?;
                     required("volume_path", &req.volume_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    domain.pool.require(&id)?;
+                    domain.get(&id)?;
                     let path = crate::service::volume_path(&id, &req.volume_path)?;
-                    let stats = domain.node.stats(&id, &path)?;
+                    let (stats, condition) = domain.stats(&id, &path)?;
                     let usage = match stats {
                         VolumeStats::Filesystem(u) => vec![
                             usage(
@@ -182,7 +191,6 @@ impl Node for NodeService {
                             vec![usage(Unit::Bytes, total_bytes, None, None)]
                         }
                     };
-                    let condition = domain.node.condition(&id)?;
                     Ok(csi::NodeGetVolumeStatsResponse {
                         usage,
                         volume_condition: Some(csi::VolumeCondition {
@@ -219,12 +227,12 @@ impl Node for NodeService {
                             crate::service::capability(
                                 "volume_capability",
                                 c,
-                                Some(domain.node.tools()),
+                                Some(domain),
                             )
                         })
                         .transpose()?;
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    let meta = domain.pool.require(&id)?;
+                    let meta = domain.get(&id)?;
                     if let Some(cap) = cap {
                         cap.check_against(meta.kind)
                             .map_err(|why| Error::invalid("volume_capability", why))?;
@@ -239,7 +247,7 @@ impl Node for NodeService {
                         range.validate()?;
                     }
                     let path = crate::service::volume_path(&id, &req.volume_path)?;
-                    let size = domain.node.node_expand(&id, &path, range)?;
+                    let size = domain.expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
                     })

@@ -20,9 +20,9 @@ use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::node::{NodeOps, Observed};
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
-use crate::volume::pool::{
-    ContentSource, Created, Freeze, Hold, SnapshotMeta, SourceCopy, VolumeMeta,
-};
+use crate::volume::locks::VolumeGuard;
+use crate::volume::volumes::Skipper;
+use crate::volume::pool::{SourceCopy, VolumeMeta};
 
 impl SourceCopy {
     /// Copies the source into `dst` (new), sized `size`. A source that is not live (a snapshot,
@@ -43,13 +43,13 @@ impl SourceCopy {
             return files::copy_sparse(&self.image, dst, len, size);
         };
         if files::reflinks(dst.parent().unwrap_or(Path::new("/"))) {
-            let _frozen = freeze()?;
+            let _frozen = freeze.freeze()?;
             return files::copy_sparse(&self.image, dst, len, size);
         }
         let stats = files::copy_sparse(&self.image, dst, len, size)?;
         crate::faults::crash_point("copy.precopied");
         let patched = (|| {
-            let frozen = freeze()?;
+            let frozen = freeze.freeze()?;
             let started = std::time::Instant::now();
             let rewritten = files::patch_to_match(&self.image, dst, len);
             drop(frozen); // thaw before the flush
@@ -84,16 +84,15 @@ pub struct Condition {
 }
 
 impl NodeOps {
-    /// Makes a volume's image stable for copying: holds its guard (no stage, unstage, expand
-    /// or delete meanwhile) and, when its file system is mounted, says how to freeze it (see
-    /// `SourceCopy::copy_to`). The guard is released when the holds drop.
-    fn stable_volume(
+    /// Makes a volume's image stable for copying: the caller holds its guard (no stage,
+    /// unstage, expand or delete meanwhile); when its file system is mounted, says how to
+    /// freeze it (see `SourceCopy::copy_to`).
+    pub(crate) fn stable_volume(
         &self,
-        id: &VolumeId,
-    ) -> Result<(Arc<VolumeMeta>, Vec<Hold>, Option<FreezeTarget>)> {
-        let guard = self.pool.lock_volume(id)?;
+        held: &VolumeGuard,
+    ) -> Result<(Arc<VolumeMeta>, Option<FreezeTarget>)> {
+        let id = held.id();
         let meta = self.pool.require(id)?;
-        let holds: Vec<Hold> = vec![Box::new(guard)];
         let mut freeze = None;
         if let VolumeKind::Filesystem(fs) = meta.kind {
             let record = self.load_record(id)?;
@@ -109,61 +108,19 @@ impl NodeOps {
                 ));
             }
         }
-        Ok((meta, holds, freeze))
-    }
-
-    /// The source of a restore or clone, made stable for the copy.
-    pub fn prepare_source(&self, source: &ContentSource) -> Result<SourceCopy> {
-        match source {
-            ContentSource::Snapshot(id) => {
-                let guard = self.pool.lock_snapshot(id)?;
-                let snap = self.pool.require_snapshot(id)?;
-                Ok(SourceCopy {
-                    image: self.pool.layout().snapshot_image(id),
-                    size_bytes: snap.size_bytes,
-                    kind: snap.kind,
-                    formatted: snap.formatted,
-                    pending_fs_grow: snap.pending_fs_grow,
-                    content: *source,
-                    holds: vec![Box::new(guard)],
-                    freeze: None,
-                })
-            }
-            ContentSource::Volume(id) => {
-                let (meta, holds, freeze) = self.stable_volume(id)?;
-                Ok(SourceCopy {
-                    image: self.pool.layout().image(id),
-                    size_bytes: meta.capacity_bytes,
-                    kind: meta.kind,
-                    formatted: meta.formatted,
-                    pending_fs_grow: meta.pending_fs_grow,
-                    content: *source,
-                    holds,
-                    freeze: freeze.map(|target| {
-                        Box::new(move || target.freeze().map(|frozen| Box::new(frozen) as Hold))
-                            as Freeze
-                    }),
-                })
-            }
-        }
-    }
-
-    /// CreateSnapshot of `source`: a consistent point-in-time copy (see `SourceCopy::copy_to`).
-    pub fn create_snapshot(
-        &self,
-        name: &str,
-        source: &VolumeId,
-    ) -> Result<(Arc<SnapshotMeta>, Created)> {
-        self.pool.create_snapshot(name, source, || {
-            self.prepare_source(&ContentSource::Volume(*source))
-        })
+        Ok((meta, freeze))
     }
 
     /// Grows the volume's backing file to what `range` asks (a thick one stays fully
     /// allocated), records the new size, and tells every loop device attached to it.
-    /// Shrinking is OUT_OF_RANGE; a volume already as large as asked is left alone. The caller
-    /// holds the volume's guard. Returns the volume's size.
-    fn grow_volume(&self, meta: &VolumeMeta, range: CapacityRange) -> Result<u64> {
+    /// Shrinking is OUT_OF_RANGE; a volume already as large as asked is left alone. Returns
+    /// the volume's size.
+    fn grow_volume(
+        &self,
+        held: &VolumeGuard,
+        meta: &VolumeMeta,
+        range: CapacityRange,
+    ) -> Result<u64> {
         range.validate()?;
         if range.admits(meta.capacity_bytes) {
             return Ok(meta.capacity_bytes);
@@ -197,7 +154,7 @@ impl NodeOps {
         // Until it is grown, the file system is smaller than the volume; should the online grow
         // be impossible, the next stage grows it (ext4 offline).
         updated.pending_fs_grow = matches!(meta.kind, VolumeKind::Filesystem(_)) && meta.formatted;
-        self.pool.update(updated)?;
+        self.pool.update(held, updated)?;
         for dev in loopdev::devices_of(&image)? {
             dev.refresh_capacity()?;
         }
@@ -210,11 +167,11 @@ impl NodeOps {
     /// deployment the cluster's one resizer cannot reach other nodes' pools.
     pub fn node_expand(
         &self,
-        id: &VolumeId,
+        held: &VolumeGuard,
         path: &Path,
         range: Option<CapacityRange>,
     ) -> Result<u64> {
-        let _guard = self.pool.lock_volume(id)?;
+        let id = held.id();
         let mut meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
         let observed = Observed::read_near(&image, Some(path))?;
@@ -227,7 +184,7 @@ impl NodeOps {
             return Err(not_here());
         }
         if let Some(range) = range {
-            self.grow_volume(&meta, range)?;
+            self.grow_volume(held, &meta, range)?;
             meta = self.pool.require(id)?;
         }
         dev.refresh_capacity()?;
@@ -248,7 +205,7 @@ impl NodeOps {
         if meta.pending_fs_grow {
             let mut updated = (*meta).clone();
             updated.pending_fs_grow = false;
-            self.pool.update(updated)?;
+            self.pool.update(held, updated)?;
         }
         Ok(meta.capacity_bytes)
     }
@@ -257,6 +214,7 @@ impl NodeOps {
     /// stage: ext4 offline before the mount, xfs online after it.
     pub(crate) fn grow_pending(
         &self,
+        held: &VolumeGuard,
         meta: &VolumeMeta,
         dev: &Path,
         staging: Option<&Path>,
@@ -274,13 +232,13 @@ impl NodeOps {
         }
         let mut updated = (*current).clone();
         updated.pending_fs_grow = false;
-        self.pool.update(updated).map(drop)
+        self.pool.update(held, updated).map(drop)
     }
 
     /// The health of a volume as the kernel and the pool show it (ControllerGetVolume and
     /// NodeGetVolumeStats): the backing file missing or truncated, the loop device gone while
     /// staged, the file system read-only after errors.
-    pub fn condition(&self, id: &VolumeId) -> Result<Condition> {
+    pub fn condition(&self, id: &VolumeId, skipper: &Skipper<'_>) -> Result<Condition> {
         let meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
         let mut problems = Vec::new();
@@ -293,7 +251,7 @@ impl NodeOps {
             )),
             Ok(_) => {}
         }
-        if let Some(frozen) = self.abandoned_freeze(id) {
+        if let Some(frozen) = self.abandoned_freeze(id, skipper) {
             problems.push(frozen);
         }
         let record = self.load_record(id)?;

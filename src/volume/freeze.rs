@@ -31,6 +31,7 @@ use crate::host::tools::FsType;
 use crate::volume::id::VolumeId;
 use crate::volume::node::NodeOps;
 use crate::volume::pool::Layout;
+use crate::volume::volumes::Skipper;
 
 const INTENT_VERSION: u32 = 1;
 
@@ -295,7 +296,7 @@ impl NodeOps {
     /// Thaws every file system a driver froze and did not thaw (it died mid-copy), and removes
     /// their records. A volume with an operation in flight in this process is skipped (its
     /// freeze may be live). Called by startup recovery and by every reconciliation round.
-    pub fn thaw_abandoned(&self) -> Thawed {
+    pub fn thaw_abandoned(&self, skipper: &Skipper<'_>) -> Thawed {
         let layout = self.pool.layout();
         let dir = intents_dir(layout);
         let mut outcome = Thawed::default();
@@ -319,7 +320,7 @@ impl NodeOps {
             let Some(id) = name.strip_suffix(".json").and_then(VolumeId::parse) else {
                 continue;
             };
-            let Ok(_guard) = self.pool.lock_volume(&id) else {
+            let Some(_guard) = skipper.volume(&id) else {
                 continue;
             };
             match read_intent(&path).and_then(|intent| thaw_recorded(layout, &intent)) {
@@ -346,13 +347,13 @@ impl NodeOps {
 
     /// Why the volume's file system may be frozen with no copy of it in flight: a record of a
     /// freeze exists and no operation on the volume is running in this process.
-    pub(crate) fn abandoned_freeze(&self, id: &VolumeId) -> Option<String> {
+    pub(crate) fn abandoned_freeze(&self, id: &VolumeId, skipper: &Skipper<'_>) -> Option<String> {
         let path = intent_path(self.pool.layout(), id);
         if !path.exists() {
             return None;
         }
         // A held guard means an operation (a snapshot or clone of it, maybe) is in flight.
-        let _guard = self.pool.lock_volume(id).ok()?;
+        let _guard = skipper.volume(id)?;
         let at = read_intent(&path)
             .map(|i| i.mount_point.display().to_string())
             .unwrap_or_else(|_| "its staging path".to_string());

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
+use crate::volume::id::VolumeId;
 
 /// What an operation holds exclusively.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -31,9 +32,64 @@ pub struct OperationGuard {
     key: LockKey,
 }
 
+/// Proof that the holder runs the one operation on volume `id` (see `volume::volumes`, the only
+/// place that takes one). Domain functions that change a volume take it as an argument, so
+/// they cannot be called without the guard, and never take it a second time.
+pub struct VolumeGuard {
+    id: VolumeId,
+    _held: OperationGuard,
+}
+
+impl VolumeGuard {
+    pub fn id(&self) -> &VolumeId {
+        &self.id
+    }
+}
+
+/// Proof that the holder runs the one operation on snapshot `id`.
+pub struct SnapshotGuard {
+    id: VolumeId,
+    _held: OperationGuard,
+}
+
+impl SnapshotGuard {
+    pub fn id(&self) -> &VolumeId {
+        &self.id
+    }
+}
+
+/// The guard of a volume or of a snapshot, where either can be held (a copy's source, an
+/// orphan's id).
+pub enum ObjectGuard {
+    Volume(VolumeGuard),
+    Snapshot(SnapshotGuard),
+}
+
 impl OperationLocks {
+    /// The guard of volume `id`, or `Pending` (ABORTED) while another operation holds it.
+    pub(in crate::volume) fn volume(&self, id: &VolumeId) -> Result<VolumeGuard> {
+        Ok(VolumeGuard {
+            id: *id,
+            _held: self.try_lock(LockKey::Volume(id.to_string()))?,
+        })
+    }
+
+    /// The guard of snapshot `id`, or `Pending`.
+    pub(in crate::volume) fn snapshot(&self, id: &VolumeId) -> Result<SnapshotGuard> {
+        Ok(SnapshotGuard {
+            id: *id,
+            _held: self.try_lock(LockKey::Snapshot(id.to_string()))?,
+        })
+    }
+
+    /// Held while CreateVolume (or CreateSnapshot, with `LockKey::SnapshotName`) looks a name
+    /// up and commits it, so one name never makes two objects.
+    pub(in crate::volume) fn name(&self, key: LockKey) -> Result<OperationGuard> {
+        self.try_lock(key)
+    }
+
     /// Takes `key`, or answers `Pending` when another operation holds it.
-    pub fn try_lock(&self, key: LockKey) -> Result<OperationGuard> {
+    fn try_lock(&self, key: LockKey) -> Result<OperationGuard> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if !held.insert(key.clone()) {
             let what = match &key {

@@ -14,3 +14,6 @@ pub(crate) mod records;
 pub mod rescue;
 pub mod statedir;
 pub mod status;
+pub mod volumes;
+
+pub use volumes::Volumes;

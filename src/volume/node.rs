@@ -21,9 +21,11 @@ use crate::host::loopdev::{self, AttachOptions, FileId, LoopDevice};
 use crate::host::mount::{self, MountEntry, MountOptions};
 use crate::host::tools::{Probe, Tools};
 use crate::volume::id::VolumeId;
+use crate::volume::locks::VolumeGuard;
 use crate::volume::params::{AccessKind, Capability, VolumeKind};
 use crate::volume::pool::{Pool, VolumeMeta};
 use crate::volume::records::{self, NodeRecord, PublishRecord, StageRecord};
+use crate::volume::volumes::Publish;
 
 /// Usage of a volume as NodeGetVolumeStats reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,8 +264,8 @@ impl NodeOps {
 
     /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
     /// was never formatted, mount at `staging`. Block volumes are only attached.
-    pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
-        let _guard = self.pool.lock_volume(id)?;
+    pub fn stage(&self, held: &VolumeGuard, staging: &Path, cap: &Capability) -> Result<()> {
+        let id = held.id();
         let meta = self.checked(id, Some(cap))?;
         let record = self.load_record(id)?;
         let observed = self.observe(
@@ -303,7 +305,7 @@ impl NodeOps {
             unstaging: false,
         };
         if record.staged.as_ref() == Some(&wanted) {
-            return self.ensure_staged(&meta, staging, cap, observed).map(drop);
+            return self.ensure_staged(held, &meta, staging, cap, observed).map(drop);
         }
         // The record is intent and does not depend on the kernel work, so it is written (two
         // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A
@@ -313,7 +315,7 @@ impl NodeOps {
         let dir = self.records_dir(id);
         let (staged, saved) = host::alongside(
             || records::save_staged(&dir, &wanted),
-            || self.ensure_staged(&meta, staging, cap, observed),
+            || self.ensure_staged(held, &meta, staging, cap, observed),
             || format!("writing the stage record of volume {id}"),
         );
         match (staged, saved) {
@@ -336,6 +338,7 @@ impl NodeOps {
     /// a loop device attached by this call is detached again.
     pub(crate) fn ensure_staged(
         &self,
+        held: &VolumeGuard,
         meta: &VolumeMeta,
         staging: &Path,
         cap: &Capability,
@@ -405,13 +408,13 @@ impl NodeOps {
             return Ok(dev);
         };
         let result = (|| {
-            if self.format_if_blank(meta, &dev, fs)? {
-                self.mount_fresh(meta, &dev, staging, fs, &options)?;
+            if self.format_if_blank(held, meta, &dev, fs)? {
+                self.mount_fresh(held, &dev, staging, fs, &options)?;
                 tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
             } else {
-                self.grow_pending(meta, &dev.path(), None)?;
+                self.grow_pending(held, meta, &dev.path(), None)?;
                 mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
-                self.grow_pending(meta, &dev.path(), Some(staging))?;
+                self.grow_pending(held, meta, &dev.path(), Some(staging))?;
                 tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
             }
             crate::faults::crash_point("stage.mounted");
@@ -456,16 +459,16 @@ impl NodeOps {
     /// before it is durable leaves a file system that the next stage's probe finds and records.
     fn mount_fresh(
         &self,
-        meta: &VolumeMeta,
+        held: &VolumeGuard,
         dev: &LoopDevice,
         staging: &Path,
         fs: crate::volume::params::FsType,
         options: &MountOptions,
     ) -> Result<()> {
         let (mounted, marked) = host::alongside(
-            || self.pool.mark_formatted(&meta.id),
+            || self.pool.mark_formatted(held),
             || mount::mount_device(&dev.path(), staging, fs.name(), options),
-            || format!("recording that volume {} was formatted", meta.id),
+            || format!("recording that volume {} was formatted", held.id()),
         );
         mounted?;
         if let Err(err) = marked {
@@ -483,6 +486,7 @@ impl NodeOps {
     /// now; the caller then records the format (`mount_fresh`).
     fn format_if_blank(
         &self,
+        held: &VolumeGuard,
         meta: &VolumeMeta,
         dev: &LoopDevice,
         fs: crate::volume::params::FsType,
@@ -499,7 +503,7 @@ impl NodeOps {
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
             Probe::FileSystem(found) if found == fs.name() => {
-                self.pool.mark_formatted(&meta.id).map(|()| false)
+                self.pool.mark_formatted(held).map(|()| false)
             }
             Probe::FileSystem(found) => Err(Error::FailedPrecondition(format!(
                 "volume {} holds a {found} file system, not {}; refusing to reformat it",
@@ -525,8 +529,8 @@ impl NodeOps {
 
     /// NodeUnstageVolume: unmount the staging path and detach the loop device. Not staged at
     /// that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
-    pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
-        let _guard = self.pool.lock_volume(id)?;
+    pub fn unstage(&self, held: &VolumeGuard, staging: &Path) -> Result<()> {
+        let id = held.id();
         let record = self.load_record(id)?;
         let kind = self.teardown_kind(id, &record, staging)?;
         if let Some(staged) = &record.staged {
@@ -590,15 +594,14 @@ impl NodeOps {
 
     /// NodePublishVolume: bind the staged file system (or the device node) at `target`, after
     /// repairing the staging if a reboot took it away.
-    pub fn publish(
-        &self,
-        id: &VolumeId,
-        staging: &Path,
-        target: &Path,
-        cap: &Capability,
-        readonly: bool,
-    ) -> Result<()> {
-        let _guard = self.pool.lock_volume(id)?;
+    pub fn publish(&self, held: &VolumeGuard, req: Publish<'_>) -> Result<()> {
+        let id = held.id();
+        let Publish {
+            staging,
+            target,
+            capability: cap,
+            readonly,
+        } = req;
         let meta = self.checked(id, Some(cap))?;
         let mut record = self.load_record(id)?;
         if record.staged.is_none() && record.staged_damaged(&self.records_dir(id)) {
@@ -661,7 +664,7 @@ impl NodeOps {
                 other.source
             )));
         }
-        let dev = self.ensure_staged(&meta, staging, &staged.capability, observed)?;
+        let dev = self.ensure_staged(held, &meta, staging, &staged.capability, observed)?;
         if staged.unstaging {
             // Staged again for this publish: the unstage the CO began is over.
             let restaged = StageRecord {
@@ -720,8 +723,8 @@ impl NodeOps {
 
     /// NodeUnpublishVolume: unmount `target` and delete the file or directory publish created.
     /// A target that is not mounted (or does not exist) is success.
-    pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
-        let _guard = self.pool.lock_volume(id)?;
+    pub fn unpublish(&self, held: &VolumeGuard, target: &Path) -> Result<()> {
+        let id = held.id();
         let record = self.load_record(id)?;
         let kind = self.teardown_kind(id, &record, target)?;
         let observed = self.observe(id, &record, Some(target))?;

@@ -27,7 +27,8 @@ use crate::host::files::{self, Allocation, Usage};
 use crate::host::mount;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
-use crate::volume::locks::{LockKey, OperationGuard, OperationLocks};
+use crate::volume::freeze::FreezeTarget;
+use crate::volume::locks::{ObjectGuard, SnapshotGuard, VolumeGuard};
 use crate::volume::params::{AccessMode, CapacityRange, ClaimRef, Provisioning, VolumeKind};
 
 /// Metadata format version written by this build.
@@ -179,12 +180,6 @@ impl Committed for SnapshotMeta {
     }
 }
 
-/// Something held for the length of a copy and released when dropped (a guard, a freeze).
-pub type Hold = Box<dyn std::any::Any + Send>;
-
-/// Freezes a live source for the last pass of its copy; the freeze lasts as long as the hold.
-pub type Freeze = Box<dyn Fn() -> Result<Hold> + Send>;
-
 /// A copy source prepared by the caller: its image is stable (frozen or unused) for as long
 /// as the caller holds the guards inside.
 pub struct SourceCopy {
@@ -196,10 +191,10 @@ pub struct SourceCopy {
     pub pending_fs_grow: bool,
     pub content: ContentSource,
     /// Held while copying: the source's operation guard.
-    pub holds: Vec<Hold>,
+    pub guard: ObjectGuard,
     /// `Some` when the source is a mounted file system that takes writes until frozen (see
     /// `SourceCopy::copy_to`).
-    pub freeze: Option<Freeze>,
+    pub(crate) freeze: Option<FreezeTarget>,
 }
 
 /// What CreateVolume asks for, typed.
@@ -255,10 +250,12 @@ pub struct Recovery {
     pub unreadable: Vec<PathBuf>,
 }
 
+/// The metadata store: the index of volumes and snapshots and their crash-safe files. It takes
+/// no operation guard: the door (`volume::volumes`) holds it, and the functions that change an
+/// object take its guard as proof.
 pub struct Pool {
     layout: Layout,
     index: RwLock<Index>,
-    locks: OperationLocks,
 }
 
 impl Pool {
@@ -345,7 +342,6 @@ impl Pool {
             Pool {
                 layout,
                 index: RwLock::new(index),
-                locks: OperationLocks::default(),
             },
             recovery,
         ))
@@ -353,11 +349,6 @@ impl Pool {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
-    }
-
-    /// Takes the operation guard of a volume (ABORTED when another operation holds it).
-    pub fn lock_volume(&self, id: &VolumeId) -> Result<OperationGuard> {
-        self.locks.try_lock(LockKey::Volume(id.to_string()))
     }
 
     pub fn get(&self, id: &VolumeId) -> Option<Arc<VolumeMeta>> {
@@ -430,23 +421,27 @@ impl Pool {
         files::usage(&self.layout.volumes_dir())
     }
 
-    /// CreateVolume. Idempotent by name: the same name with compatible arguments returns the
-    /// existing volume; with incompatible ones, ALREADY_EXISTS. Concurrent calls with one name
-    /// never make two volumes (the second is ABORTED while the first runs).
-    pub fn create(
-        &self,
-        req: NewVolume,
-        prepare_source: impl FnOnce(&ContentSource) -> Result<SourceCopy>,
-    ) -> Result<(Arc<VolumeMeta>, Created)> {
-        let _guard = self.locks.try_lock(LockKey::Name(req.name.clone()))?;
-        // The name is looked up before any size or space check, so a retry is answered the same
-        // way even when the pool has filled up since.
+    /// The volume CreateVolume names, when it exists with compatible arguments; with
+    /// incompatible ones, ALREADY_EXISTS. `None` when the name is free. The caller holds the
+    /// name's guard. The name is looked up before any size or space check, so a retry is
+    /// answered the same way even when the pool has filled up since.
+    pub fn existing(&self, req: &NewVolume) -> Result<Option<Arc<VolumeMeta>>> {
         if let Some(existing) = self.find_by_name(&req.name) {
-            check_compatible(&existing, &req)?;
-            return Ok((existing, Created::AlreadyExisted));
+            check_compatible(&existing, req)?;
+            return Ok(Some(existing));
         }
         self.refuse_unknown_names(VolumeMeta::WHAT, &req.name)?;
-        let source = req.source.as_ref().map(prepare_source).transpose()?;
+        Ok(None)
+    }
+
+    /// Makes volume `new` (a fresh id whose guard the caller holds) as `req` asks, filled from
+    /// `source` when given: the image first, then the metadata, the commit point.
+    pub fn create(
+        &self,
+        new: &VolumeGuard,
+        req: NewVolume,
+        source: Option<SourceCopy>,
+    ) -> Result<Arc<VolumeMeta>> {
         let mut minimum = req.kind.minimum_size();
         if let Some(source) = &source {
             if source.kind != req.kind {
@@ -476,10 +471,9 @@ impl Pool {
                 available,
             });
         }
-        let id = VolumeId::new_random();
-        // Held until the volume is committed, so the reconciler never takes the image of a
-        // create in flight for an orphan.
-        let _id_guard = self.lock_volume(&id)?;
+        // The caller holds the new id's guard until the volume is committed, so the reconciler
+        // never takes the image of a create in flight for an orphan.
+        let id = *new.id();
         let meta = VolumeMeta {
             version: META_VERSION,
             id,
@@ -550,7 +544,7 @@ impl Pool {
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
         index.by_name.insert(meta.name.clone(), id);
         index.by_id.insert(id, Arc::clone(&meta));
-        Ok((meta, Created::New))
+        Ok(meta)
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
@@ -566,19 +560,14 @@ impl Pool {
     }
 
     /// Records that the driver formatted the volume (crash-safe metadata update).
-    pub fn mark_formatted(&self, id: &VolumeId) -> Result<()> {
-        let current = self.require(id)?;
+    pub fn mark_formatted(&self, held: &VolumeGuard) -> Result<()> {
+        let current = self.require(held.id())?;
         if current.formatted {
             return Ok(());
         }
         let mut updated = (*current).clone();
         updated.formatted = true;
-        self.update(updated).map(drop)
-    }
-
-    /// Takes the operation guard of a snapshot (ABORTED when another operation holds it).
-    pub fn lock_snapshot(&self, id: &VolumeId) -> Result<OperationGuard> {
-        self.locks.try_lock(LockKey::Snapshot(id.to_string()))
+        self.update(held, updated).map(drop)
     }
 
     pub fn snapshot(&self, id: &VolumeId) -> Option<Arc<SnapshotMeta>> {
@@ -620,18 +609,13 @@ impl Pool {
         (page, more)
     }
 
-    /// CreateSnapshot, given a prepared (stable) copy of the source. Idempotent by name: the same
-    /// name for the same source returns the existing snapshot; for another source, ALREADY_EXISTS.
-    /// Like volumes, the metadata file is the commit point.
-    pub fn create_snapshot(
+    /// The snapshot named `name`, when it exists for `source_id`; for another source,
+    /// ALREADY_EXISTS. `None` when the name is free. The caller holds the name's guard.
+    pub fn existing_snapshot(
         &self,
         name: &str,
         source_id: &VolumeId,
-        prepare_source: impl FnOnce() -> Result<SourceCopy>,
-    ) -> Result<(Arc<SnapshotMeta>, Created)> {
-        let _guard = self
-            .locks
-            .try_lock(LockKey::SnapshotName(name.to_string()))?;
+    ) -> Result<Option<Arc<SnapshotMeta>>> {
         let existing = {
             let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
             index
@@ -649,19 +633,32 @@ impl Pool {
                     existing.source_volume_id
                 )));
             }
-            return Ok((existing, Created::AlreadyExisted));
+            return Ok(Some(existing));
         }
         self.refuse_unknown_names(SnapshotMeta::WHAT, name)?;
-        let source = prepare_source()?;
-        let id = VolumeId::new_random();
-        let _id_guard = self.lock_snapshot(&id)?;
+        Ok(None)
+    }
+
+    /// Makes snapshot `new` (a fresh id whose guard the caller holds) named `name`, a copy of
+    /// the prepared (stable) `source`. Like volumes, the metadata file is the commit point.
+    pub fn create_snapshot(
+        &self,
+        new: &SnapshotGuard,
+        name: &str,
+        source: SourceCopy,
+    ) -> Result<Arc<SnapshotMeta>> {
+        let id = *new.id();
+        let source_id = match source.content {
+            ContentSource::Volume(id) => id,
+            ContentSource::Snapshot(id) => id,
+        };
         let image = self.layout.snapshot_image(&id);
         let stats = source.copy_to(&image, source.size_bytes)?;
         let meta = SnapshotMeta {
             version: META_VERSION,
             id,
             name: name.to_string(),
-            source_volume_id: *source_id,
+            source_volume_id: source_id,
             size_bytes: source.size_bytes,
             kind: source.kind,
             formatted: source.formatted,
@@ -684,13 +681,13 @@ impl Pool {
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
         index.snapshots_by_name.insert(meta.name.clone(), id);
         index.snapshots.insert(id, Arc::clone(&meta));
-        Ok((meta, Created::New))
+        Ok(meta)
     }
 
     /// DeleteSnapshot. A snapshot that does not exist is success. Volumes restored from it are
     /// independent files and are not affected.
-    pub fn delete_snapshot(&self, id: &VolumeId) -> Result<()> {
-        let _guard = self.lock_snapshot(id)?;
+    pub fn delete_snapshot(&self, held: &SnapshotGuard) -> Result<()> {
+        let id = held.id();
         let Some(meta) = self.snapshot(id) else {
             // Unreadable metadata: the CO names the id, so these files are what it deletes.
             if let Some(unreadable) = self.unreadable(id).filter(|u| u.what == SnapshotMeta::WHAT) {
@@ -711,9 +708,9 @@ impl Pool {
         files::remove_uncommitted(&self.layout.snapshot_image(id))
     }
 
-    /// Replaces a volume's metadata (crash-safe) and its index entry. The caller holds the
-    /// volume's operation guard.
-    pub fn update(&self, meta: VolumeMeta) -> Result<Arc<VolumeMeta>> {
+    /// Replaces a volume's metadata (crash-safe) and its index entry.
+    pub fn update(&self, held: &VolumeGuard, meta: VolumeMeta) -> Result<Arc<VolumeMeta>> {
+        debug_assert_eq!(held.id(), &meta.id);
         self.write_meta(&meta)?;
         let meta = Arc::new(meta);
         self.index
@@ -724,17 +721,16 @@ impl Pool {
         Ok(meta)
     }
 
-    /// DeleteVolume. A volume that does not exist is success. A volume still attached to a loop
-    /// device (staged on this node) is FAILED_PRECONDITION: its data is in use.
-    /// The caller holds the volume's operation guard.
-    pub fn delete(&self, id: &VolumeId) -> Result<()> {
+    /// DeleteVolume. A volume that does not exist is success. The caller (the door) has made
+    /// sure nothing on this node uses it.
+    pub fn delete(&self, held: &VolumeGuard) -> Result<()> {
+        let id = held.id();
         let image = self.layout.image(id);
         let meta = match (self.get(id), self.unreadable(id)) {
             (Some(meta), _) => meta,
             (None, Some(unreadable)) => return self.delete_unreadable(id, &unreadable),
             (None, None) => return Ok(()),
         };
-        self.refuse_in_use(id, &image)?;
         // Commit point: once the metadata is gone the volume is gone.
         files::remove_durably(&self.layout.meta(id))?;
         crate::faults::crash_point("delete.meta_removed");
@@ -752,19 +748,6 @@ impl Pool {
 }
 
 impl Pool {
-    /// FAILED_PRECONDITION naming every use when the volume is in use on this node (see
-    /// `inuse`): staged or published by its records, attached, or mounted.
-    fn refuse_in_use(&self, id: &VolumeId, image: &Path) -> Result<()> {
-        let uses = inuse::volume_uses(&KernelView::read()?, image, &self.layout.node_record(id))?;
-        if uses.is_empty() {
-            return Ok(());
-        }
-        Err(Error::FailedPrecondition(format!(
-            "volume {id} is in use on this node: {}; NodeUnpublishVolume and NodeUnstageVolume it first",
-            uses.join("; ")
-        )))
-    }
-
     /// The metadata of `id` exists but cannot be read, if so.
     pub fn unreadable(&self, id: &VolumeId) -> Option<Unreadable> {
         self.index
@@ -786,13 +769,12 @@ impl Pool {
     }
 
     /// DeleteVolume of a volume whose metadata cannot be read: the CO names the id, so the
-    /// files are what it asks to delete — once nothing on this node uses them.
+    /// files are what it asks to delete (the caller made sure nothing on this node uses them).
     fn delete_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
         if unreadable.what != VolumeMeta::WHAT {
             return Ok(());
         }
         let image = self.layout.image(id);
-        self.refuse_in_use(id, &image)?;
         self.forget_unreadable(id, unreadable)?;
         crate::volume::records::clear(&self.layout.node_record(id))?;
         files::remove_uncommitted(&image)
@@ -999,57 +981,6 @@ fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn no_source(_: &ContentSource) -> Result<SourceCopy> {
-        Err(Error::Internal("these tests copy no source".into()))
-    }
-
-    fn new_volume(name: &str) -> NewVolume {
-        NewVolume {
-            name: name.into(),
-            capacity: CapacityRange {
-                required_bytes: 64 << 20,
-                limit_bytes: 0,
-            },
-            kind: VolumeKind::Block,
-            access_modes: vec![AccessMode::SingleNodeWriter],
-            provisioning: Provisioning::Thin,
-            claim: ClaimRef::default(),
-            source: None,
-        }
-    }
-
-    #[test]
-    fn create_is_idempotent_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
-        let (pool, _) = Pool::open(layout.clone()).unwrap();
-        let (a, how) = pool.create(new_volume("a/../b"), no_source).unwrap();
-        assert_eq!(how, Created::New);
-        let (again, how) = pool.create(new_volume("a/../b"), no_source).unwrap();
-        assert_eq!((again.id, how), (a.id, Created::AlreadyExisted));
-        let mut bigger = new_volume("a/../b");
-        bigger.capacity.required_bytes = 128 << 20;
-        assert!(matches!(
-            pool.create(bigger, no_source),
-            Err(Error::AlreadyExists(_))
-        ));
-        // A crash between image and metadata leaves an image without metadata, and a torn
-        // temp file: recovery removes both and keeps the complete volume.
-        let orphan = layout.image(&VolumeId::new_random());
-        std::fs::write(&orphan, b"").unwrap();
-        let temp = layout.volumes_dir().join("x.json.tmp");
-        std::fs::write(&temp, b"{").unwrap();
-        drop(pool);
-        let (pool, recovery) = Pool::open(layout.clone()).unwrap();
-        assert_eq!(recovery.volumes, 1);
-        assert_eq!(recovery.removed_partial_images, vec![orphan]);
-        assert_eq!(recovery.removed_temp_files, vec![temp]);
-        assert_eq!(pool.find_by_name("a/../b").unwrap().id, a.id);
-        pool.delete(&a.id).unwrap();
-        pool.delete(&a.id).unwrap();
-        assert!(!layout.image(&a.id).exists() && !layout.meta(&a.id).exists());
-    }
 
     #[test]
     fn unreadable_metadata_is_left_alone() {

@@ -24,7 +24,9 @@ use crate::host::loopdev::FileId;
 use crate::host::mount;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
+use crate::volume::locks::{ObjectGuard, VolumeGuard};
 use crate::volume::node::{bind_target, publish_options, NodeOps};
+use crate::volume::volumes::Skipper;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::VolumeMeta;
 use crate::volume::records;
@@ -85,14 +87,14 @@ impl GcPolicy {
 impl NodeOps {
     /// One reconciliation round: repair drift of staged and published volumes, then collect
     /// orphans.
-    pub fn reconcile(&self) -> Result<ReconcileReport> {
+    pub fn reconcile(&self, skipper: &Skipper<'_>) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let thaws = self.thaw_abandoned();
+        let thaws = self.thaw_abandoned(skipper);
         report.repaired.extend(thaws.thawed);
         report.unrepairable.extend(thaws.failed);
         for path in list(&self.pool.layout().node_dir())? {
             let Some(id) = id_prefix(&path) else { continue };
-            let Ok(_guard) = self.pool.lock_volume(&id) else {
+            let Some(held) = skipper.volume(&id) else {
                 continue;
             };
             let Some(meta) = self.pool.get(&id) else {
@@ -101,11 +103,11 @@ impl NodeOps {
             if path.extension().is_some_and(|e| e == "tmp") {
                 continue;
             }
-            if let Err(err) = self.reconcile_volume(&meta, &mut report) {
+            if let Err(err) = self.reconcile_volume(&held, &meta, &mut report) {
                 report.unrepairable(format!("volume {id}: {err}"));
             }
         }
-        self.collect_orphans(GcPolicy::IN_DRIVER, &mut report)?;
+        self.collect_orphans(GcPolicy::IN_DRIVER, skipper, &mut report)?;
         Ok(report)
     }
 
@@ -113,9 +115,14 @@ impl NodeOps {
     /// metadata, stale temp files, node records of unknown volumes. Whether a volume exists is
     /// decided by its metadata file on disk at that moment (the commit point), not by this
     /// process's index, so the operator CLI can run beside a live driver.
-    pub fn collect_orphans(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
-        self.collect_orphan_devices(policy, report)?;
-        self.collect_orphan_files(policy, report)
+    pub fn collect_orphans(
+        &self,
+        policy: GcPolicy,
+        skipper: &Skipper<'_>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        self.collect_orphan_devices(policy, skipper, report)?;
+        self.collect_orphan_files(policy, skipper, report)
     }
 
     /// Whether the volume exists: its metadata file (the commit point) is on disk, readable
@@ -124,7 +131,12 @@ impl NodeOps {
         self.pool.layout().meta(id).exists()
     }
 
-    fn reconcile_volume(&self, meta: &VolumeMeta, report: &mut ReconcileReport) -> Result<()> {
+    fn reconcile_volume(
+        &self,
+        held: &VolumeGuard,
+        meta: &VolumeMeta,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         let id = meta.id;
         let record = self.load_record(&id)?;
         for (path, why) in &record.damaged {
@@ -178,7 +190,7 @@ impl NodeOps {
                 return Ok(());
             }
             let had_device = observed.device.is_some();
-            self.ensure_staged(meta, &staged.path, &staged.capability, observed)?;
+            self.ensure_staged(held, meta, &staged.path, &staged.capability, observed)?;
             report.repaired(format!(
                 "volume {id}: {} staging at {}",
                 if had_device {
@@ -225,7 +237,12 @@ impl NodeOps {
     /// recorded as staged. Files are matched by identity; a device whose backing file cannot be
     /// identified, or that only a path rendered in another mount namespace could tie to the
     /// pool, is unknown and left alone. A device still mounted or bound is never detached.
-    fn collect_orphan_devices(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
+    fn collect_orphan_devices(
+        &self,
+        policy: GcPolicy,
+        skipper: &Skipper<'_>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         let layout = self.pool.layout();
         let volumes_dir = layout.volumes_dir();
         let view = KernelView::read()?;
@@ -286,9 +303,9 @@ impl NodeOps {
                 continue;
             }
             let _guard = match id {
-                Some(id) => match self.pool.lock_volume(&id) {
-                    Ok(guard) => Some(guard),
-                    Err(_) => continue,
+                Some(id) => match skipper.volume(&id) {
+                    Some(guard) => Some(guard),
+                    None => continue,
                 },
                 None => None,
             };
@@ -319,7 +336,12 @@ impl NodeOps {
     }
 
     /// Images without metadata, stale temp files and node records of unknown volumes.
-    fn collect_orphan_files(&self, policy: GcPolicy, report: &mut ReconcileReport) -> Result<()> {
+    fn collect_orphan_files(
+        &self,
+        policy: GcPolicy,
+        skipper: &Skipper<'_>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         let layout = self.pool.layout().clone();
         let view = KernelView::read()?;
         for dir in [
@@ -355,12 +377,12 @@ impl NodeOps {
                 if in_use || !older_than(&path, policy.min_age) {
                     continue;
                 }
-                let guard = if dir == layout.snapshots_dir() {
-                    self.pool.lock_snapshot(&id)
+                let held = if dir == layout.snapshots_dir() {
+                    skipper.snapshot(&id).map(ObjectGuard::Snapshot)
                 } else {
-                    self.pool.lock_volume(&id)
+                    skipper.volume(&id).map(ObjectGuard::Volume)
                 };
-                let Ok(_guard) = guard else { continue };
+                let Some(_held) = held else { continue };
                 if policy.dry_run {
                     report.collected(format!("would remove {what} {}", path.display()));
                 } else {

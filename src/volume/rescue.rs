@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::host::files::{self, Allocation};
 use crate::host::loopdev::FileId;
 use crate::host::mount;
-use crate::volume::id::VolumeId;
+use crate::volume::locks::VolumeGuard;
 use crate::volume::node::NodeOps;
 use crate::volume::params::VolumeKind;
 use crate::volume::records;
@@ -24,8 +24,8 @@ impl NodeOps {
     /// device into a new image at the volume's path, then releases the device. Refused while
     /// the volume is published (its application could still write to the old device).
     /// Returns a line saying what was done.
-    pub fn rescue(&self, id: &VolumeId) -> Result<String> {
-        let _guard = self.pool.lock_volume(id)?;
+    pub fn rescue(&self, held: &VolumeGuard) -> Result<String> {
+        let id = held.id();
         let record = self.load_record(id)?;
         let image = self.pool.layout().image(id);
         let staging = record.staged.as_ref().map(|s| s.path.clone());

@@ -9,9 +9,23 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::host::loopdev::{self, FileId};
 use crate::host::{files, mount};
-use crate::metrics::Inventory;
 use crate::volume::node::NodeOps;
+use crate::volume::volumes::Skipper;
 use crate::volume::params::{Provisioning, VolumeKind};
+
+/// What a scrape reads from the pool and the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub volumes: u64,
+    pub staged: u64,
+    pub published: u64,
+    pub snapshots: u64,
+    pub loop_devices: u64,
+    pub pool_capacity_bytes: u64,
+    pub pool_available_bytes: u64,
+    /// Bytes really allocated by volume and snapshot images (shared extents counted per file).
+    pub allocated_bytes: u64,
+}
 
 /// One volume as `loopcsi status` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -35,13 +49,13 @@ pub struct VolumeStatus {
 
 impl NodeOps {
     /// Every volume's status, in id order.
-    pub fn volume_statuses(&self) -> Result<Vec<VolumeStatus>> {
+    pub fn volume_statuses(&self, skipper: &Skipper<'_>) -> Result<Vec<VolumeStatus>> {
         let mut out = Vec::new();
         for meta in self.pool.volumes() {
             let image = self.pool.layout().image(&meta.id);
             let device = loopdev::find_by_backing_file(&image)?;
             let record = self.load_record(&meta.id)?;
-            let condition = self.condition(&meta.id)?;
+            let condition = self.condition(&meta.id, skipper)?;
             out.push(VolumeStatus {
                 id: meta.id.to_string(),
                 name: meta.name.clone(),
