@@ -7,11 +7,10 @@
 
 mod common;
 
-
 use common::*;
 use loopcsi::host::tools::Tools;
-use loopcsi::volume::Volumes;
 use loopcsi::volume::pool::{Layout, Pool};
+use loopcsi::volume::Volumes;
 
 /// The node side of a driver on `d`'s state dir, as a second view (startup recovery runs).
 fn node_view(d: &TestDriver) -> Volumes {

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use loopcsi::host::{loopdev, mount, tools::Tools};
-use loopcsi::volume::Volumes;
 use loopcsi::volume::reconcile::ReconcileReport;
+use loopcsi::volume::Volumes;
 
 /// The node side of a running driver on `d`'s state dir (startup recovery has run).
 fn running_node(d: &TestDriver) -> Volumes {

@@ -8,9 +8,7 @@ use tonic::{Request, Response, Status};
 use crate::csi::{self, controller_server::Controller};
 use crate::error::{shown, Error, Result};
 use crate::rpc_span;
-use crate::service::{
-    capability, required, snapshot_id, volume_id, CapabilityError, Driver,
-};
+use crate::service::{capability, required, snapshot_id, volume_id, CapabilityError, Driver};
 use crate::volume::params::{
     Capability, CapacityRange, FsType, StorageClassParams, VolumeKind, FSTYPE_KEY,
 };

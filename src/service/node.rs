@@ -7,7 +7,8 @@ use tonic::{Request, Response, Status};
 use crate::csi::{self, node_server::Node};
 use crate::error::{Error, Result};
 use crate::rpc_span;
-use crate::service::{co_path, required, required_capability, unclaimed_target, volume_id, Driver};
+use crate::service::{required, required_capability, volume_id, Driver};
+use crate::volume::copath::{co_path, unclaimed_target, volume_path};
 use crate::volume::node::VolumeStats;
 use crate::volume::volumes::Publish;
 
@@ -56,8 +57,7 @@ impl Node for NodeService {
                     let state_dir = domain.state_dir();
                     let staging =
                         co_path("staging_target_path", &req.staging_target_path, state_dir)?;
-                    let cap =
-                        required_capability(req.volume_capability.as_ref(), domain)?;
+                    let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.stage(&id, &staging, &cap)?;
                     Ok(csi::NodeStageVolumeResponse {})
@@ -170,7 +170,7 @@ impl Node for NodeService {
                     required("volume_path", &req.volume_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.get(&id)?;
-                    let path = crate::service::volume_path(&id, &req.volume_path)?;
+                    let path = volume_path(&id, &req.volume_path)?;
                     let (stats, condition) = domain.stats(&id, &path)?;
                     let usage = match stats {
                         VolumeStats::Filesystem(u) => vec![
@@ -223,13 +223,7 @@ impl Node for NodeService {
                     let cap = req
                         .volume_capability
                         .as_ref()
-                        .map(|c| {
-                            crate::service::capability(
-                                "volume_capability",
-                                c,
-                                Some(domain),
-                            )
-                        })
+                        .map(|c| crate::service::capability("volume_capability", c, Some(domain)))
                         .transpose()?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     let meta = domain.get(&id)?;
@@ -246,7 +240,7 @@ impl Node for NodeService {
                     if let Some(range) = &range {
                         range.validate()?;
                     }
-                    let path = crate::service::volume_path(&id, &req.volume_path)?;
+                    let path = volume_path(&id, &req.volume_path)?;
                     let size = domain.expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),

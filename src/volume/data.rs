@@ -18,11 +18,11 @@ use crate::host::mount;
 use crate::host::tools::FsType;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
+use crate::volume::locks::VolumeGuard;
 use crate::volume::node::{NodeOps, Observed};
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
-use crate::volume::locks::VolumeGuard;
-use crate::volume::volumes::Skipper;
 use crate::volume::pool::{SourceCopy, VolumeMeta};
+use crate::volume::volumes::Skipper;
 
 impl SourceCopy {
     /// Copies the source into `dst` (new), sized `size`. A source that is not live (a snapshot,

@@ -305,7 +305,9 @@ impl NodeOps {
             unstaging: false,
         };
         if record.staged.as_ref() == Some(&wanted) {
-            return self.ensure_staged(held, &meta, staging, cap, observed).map(drop);
+            return self
+                .ensure_staged(held, &meta, staging, cap, observed)
+                .map(drop);
         }
         // The record is intent and does not depend on the kernel work, so it is written (two
         // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A

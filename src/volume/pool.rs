@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{shown, Error, Result};
 use crate::host::files::{self, Allocation, Usage};
 use crate::host::mount;
+use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
-use crate::volume::freeze::FreezeTarget;
 use crate::volume::locks::{ObjectGuard, SnapshotGuard, VolumeGuard};
 use crate::volume::params::{AccessMode, CapacityRange, ClaimRef, Provisioning, VolumeKind};
 

@@ -26,10 +26,10 @@ use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{ObjectGuard, VolumeGuard};
 use crate::volume::node::{bind_target, publish_options, NodeOps};
-use crate::volume::volumes::Skipper;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::VolumeMeta;
 use crate::volume::records;
+use crate::volume::volumes::Skipper;
 
 /// What one reconciliation round did and found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use crate::error::Result;
 use crate::host::loopdev::{self, FileId};
 use crate::host::{files, mount};
 use crate::volume::node::NodeOps;
-use crate::volume::volumes::Skipper;
 use crate::volume::params::{Provisioning, VolumeKind};
+use crate::volume::volumes::Skipper;
 
 /// What a scrape reads from the pool and the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
 use crate::volume::node::{NodeOps, VolumeStats};
-use crate::volume::params::{CapacityRange, Capability};
+use crate::volume::params::{Capability, CapacityRange};
 use crate::volume::pool::{
     Committed, ContentSource, Created, Layout, NewVolume, Pool, Recovery, SnapshotMeta, SourceCopy,
     VolumeMeta,
