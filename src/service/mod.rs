@@ -291,7 +291,9 @@ impl Driver {
         if token.is_empty() {
             return Ok(None);
         }
-        let invalid = || Error::InvalidToken(shown(token));
+        let invalid = || Error::InvalidToken {
+            token: token.to_string(),
+        };
         let (id, mac) = token.split_once('.').ok_or_else(invalid)?;
         let id = VolumeId::parse(id).ok_or_else(invalid)?;
         let mac = u64::from_str_radix(mac, 16).map_err(|_| invalid())?;
@@ -475,11 +477,10 @@ pub fn unclaimed_target(field: &'static str, target: &Path) -> Result<()> {
     let mut entries =
         std::fs::read_dir(target).map_err(|e| Error::io("read directory", target, e))?;
     if entries.next().is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "{field} {} is a directory with entries that loopcsi did not create; refusing to \
-             mount over them (the CO passes a missing or empty directory)",
-            shown(&target.to_string_lossy())
-        )));
+        return Err(Error::NotEmptyTarget {
+            field,
+            path: target.to_path_buf(),
+        });
     }
     Ok(())
 }
