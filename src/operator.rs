@@ -59,11 +59,10 @@ impl Unreadable {
         } else {
             pool::load_meta::<VolumeMeta>(&path, &id).map(drop)
         };
-        let prefix = format!("{}: ", path.display());
         let reason = match loaded {
             Ok(()) => "unreadable when the pool was opened; readable now".to_string(),
             Err(Error::Io { op, source, .. }) => format!("{op}: {source}"),
-            Err(Error::Corrupt(why)) => why.strip_prefix(&prefix).unwrap_or(&why).to_string(),
+            Err(Error::CorruptRecord { reason, .. }) => reason.to_string(),
             Err(other) => other.to_string(),
         };
         let health = format!("UNREADABLE {}: {reason}", path.display());

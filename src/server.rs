@@ -189,7 +189,7 @@ impl BoundServer {
         }
         let _ = std::fs::remove_file(&socket);
         tracing::info!(socket = %socket.display(), "stopped");
-        result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+        result.map_err(Error::Server)
     }
 }
 
@@ -260,8 +260,11 @@ async fn serve_metrics(listener: tokio::net::TcpListener, driver: Arc<Driver>) {
 /// resolves when one arrives. Call it before `bind`.
 pub fn termination_signal() -> Result<impl Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
-    let install = |kind: SignalKind, name: &str| {
-        signal(kind).map_err(|e| Error::Internal(format!("installing the {name} handler: {e}")))
+    let install = |kind: SignalKind, name: &'static str| {
+        signal(kind).map_err(|source| Error::SignalHandler {
+            signal: name,
+            source,
+        })
     };
     let mut term = install(SignalKind::terminate(), "SIGTERM")?;
     let mut int = install(SignalKind::interrupt(), "SIGINT")?;

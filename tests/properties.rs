@@ -529,7 +529,12 @@ proptest! {
                     prop_assert_eq!(size, GIB.max(floor).min(limit - limit % MIB));
                 }
             }
-            Err(Error::OutOfRange(message)) => {
+            Err(
+                err @ (Error::LimitBelowRequired { .. }
+                | Error::RequiredTooLarge { .. }
+                | Error::NoSizeFits { .. }),
+            ) => {
+                let message = err.to_string();
                 prop_assert!(
                     smallest.is_none(),
                     "OUT_OF_RANGE ({}) although {:?} fits", message, smallest

@@ -262,10 +262,9 @@ impl LoopDevice {
         let dev = match OpenOptions::new().read(true).open(self.path()) {
             Ok(dev) => dev,
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
-                return Err(Error::Internal(format!(
-                    "{} is attached but its device node is missing; cannot tell its backing file",
-                    self.path().display()
-                )))
+                return Err(Error::DeviceNodeMissing {
+                    device: self.path(),
+                })
             }
             Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => return Ok(None),
             Err(e) => return Err(Error::io("open", self.path(), e)),
@@ -301,8 +300,9 @@ impl LoopDevice {
     pub fn dev_numbers(&self) -> Result<(u32, u32)> {
         let path = self.sysfs("dev");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
-        parse_dev_numbers(text.trim()).ok_or_else(|| {
-            Error::Internal(format!("{}: unexpected content {text:?}", path.display()))
+        parse_dev_numbers(text.trim()).ok_or_else(|| Error::UnexpectedSysfs {
+            path: path.clone(),
+            content: text.clone(),
         })
     }
 
@@ -337,11 +337,9 @@ impl LoopDevice {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        Err(Error::FailedPrecondition(format!(
-            "{} is still open by another holder (a process, a mount, or a frozen file system); \
-             the kernel detaches it when the last holder lets go",
-            self.path().display()
-        )))
+        Err(Error::DeviceStillOpen {
+            device: self.path(),
+        })
     }
 
     /// Tells the device to re-read its backing file's size (after the file was grown).
@@ -471,11 +469,11 @@ pub fn attach(file: &Path, opts: AttachOptions) -> Result<LoopDevice> {
         .map_err(|e| Error::io("stat", file, e))?
         .len();
     if len < u64::from(LOGICAL_BLOCK_SIZE) {
-        return Err(Error::Corrupt(format!(
-            "backing file {} holds {len} bytes, less than one {LOGICAL_BLOCK_SIZE}-byte block; \
-             refusing to attach it",
-            file.display()
-        )));
+        return Err(Error::TinyImage {
+            path: file.to_path_buf(),
+            bytes: len,
+            block: LOGICAL_BLOCK_SIZE,
+        });
     }
     let control = OpenOptions::new()
         .read(true)
@@ -489,10 +487,7 @@ pub fn attach(file: &Path, opts: AttachOptions) -> Result<LoopDevice> {
         // argument and returns a device number.
         let number = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
             .map_err(|errno| Error::sys("LOOP_CTL_GET_FREE", "/dev/loop-control", errno))?;
-        let dev = LoopDevice(
-            u32::try_from(number)
-                .map_err(|_| Error::Internal(format!("LOOP_CTL_GET_FREE returned {number}")))?,
-        );
+        let dev = LoopDevice(u32::try_from(number).map_err(|_| Error::BadFreeDevice { number })?);
         let node = match open_device(&dev) {
             Ok(node) => node,
             // Another process may have grabbed and removed it; try another one.

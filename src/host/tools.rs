@@ -81,11 +81,10 @@ impl Tools {
     /// Finds the tools. blkid and mkfs.ext4 are required; mkfs.xfs is optional (xfs volumes are
     /// then refused with a clear message).
     pub fn discover() -> Result<Self> {
-        let need = |name: &str| {
-            find(name).ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "{name} not found in PATH or {FALLBACK_DIRS:?}; install util-linux and e2fsprogs"
-                ))
+        let need = |tool: &'static str| {
+            find(tool).ok_or(Error::RequiredToolMissing {
+                tool,
+                searched: FALLBACK_DIRS,
             })
         };
         Ok(Tools {
@@ -105,10 +104,9 @@ impl Tools {
         }
     }
 
-    fn optional<'a>(tool: &'a Option<PathBuf>, name: &str) -> Result<&'a Path> {
-        tool.as_deref().ok_or_else(|| {
-            Error::FailedPrecondition(format!("{name} is not installed on this node"))
-        })
+    fn optional<'a>(tool: &'a Option<PathBuf>, name: &'static str) -> Result<&'a Path> {
+        tool.as_deref()
+            .ok_or(Error::ToolNotInstalled { tool: name })
     }
 
     /// Grows the ext4 on an unmounted `device` to the device's size (checked first, as
@@ -134,14 +132,11 @@ impl Tools {
                 // A privileged container has every capability of its host's bounding set, so
                 // "run it privileged" is not always the remedy: some hosts drop the capability
                 // for every process. The next stage grows the file system offline.
-                Err(Error::FailedPrecondition(format!(
-                    "the kernel refused to grow the mounted ext4 on {}: the driver process lacks \
-                     CAP_SYS_RESOURCE (run the node plugin privileged, on a host that grants it); \
-                     the file system grows offline when the volume is next staged (stop its pods, \
-                     then start them again); resize2fs said: {}",
-                    device.display(),
-                    stderr.trim().replace('\n', "; ")
-                )))
+                Err(Error::NeedsCapability {
+                    device: device.to_path_buf(),
+                    capability: "CAP_SYS_RESOURCE",
+                    stderr,
+                })
             }
             other => other.map(drop),
         }
@@ -226,9 +221,7 @@ impl Tools {
                 &[],
             ),
             FsType::Xfs => {
-                let tool = self.mkfs_xfs.as_ref().ok_or_else(|| {
-                    Error::FailedPrecondition("mkfs.xfs is not installed on this node".into())
-                })?;
+                let tool = Self::optional(&self.mkfs_xfs, "mkfs.xfs")?;
                 self.run(
                     tool,
                     &["-f".as_ref(), "-q".as_ref(), "-K".as_ref(), dev],

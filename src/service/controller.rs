@@ -189,12 +189,11 @@ impl ControllerService {
     /// itself in the claim's events.
     fn source_elsewhere(&self, err: Error) -> Error {
         match err {
-            Error::NotFound { what, id } => Error::SourceNotFound(format!(
-                "volume_content_source: {what} {id} does not exist in the pool of node {node}; \
-                 a loopcsi {what} lives on one node, and a volume can be restored or cloned \
-                 from it only on that node",
-                node = self.driver.node_id
-            )),
+            Error::NotFound { what, id } => Error::SourceNotFound {
+                what,
+                id,
+                node: self.driver.node_id.clone(),
+            },
             other => other,
         }
     }
@@ -204,12 +203,9 @@ impl ControllerService {
         if req.requisite.is_empty() || req.requisite.iter().any(|t| self.driver.is_this_node(t)) {
             return Ok(());
         }
-        Err(Error::Topology(format!(
-            "accessibility_requirements.requisite does not include this node ({}={}); \
-             a loopcsi volume is only accessible from the node that holds it",
-            crate::config::TOPOLOGY_KEY,
-            self.driver.node_id
-        )))
+        Err(Error::NotAccessibleHere {
+            node: self.driver.node_id.clone(),
+        })
     }
 }
 

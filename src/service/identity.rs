@@ -76,7 +76,7 @@ impl Identity for IdentityService {
             .driver
             .probe()
             .map(|ready| csi::ProbeResponse { ready: Some(ready) })
-            .map_err(|why| Error::FailedPrecondition(format!("state recovery failed: {why}")));
+            .map_err(|reason| Error::RecoveryFailed { reason });
         self.driver.answer(rpc_span!("Probe"), result)
     }
 }

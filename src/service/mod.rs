@@ -278,7 +278,9 @@ impl Driver {
         if token.is_empty() {
             return Ok(None);
         }
-        let invalid = || Error::InvalidToken(shown(token));
+        let invalid = || Error::InvalidToken {
+            token: token.to_string(),
+        };
         let (id, mac) = token.split_once('.').ok_or_else(invalid)?;
         let id = VolumeId::parse(id).ok_or_else(invalid)?;
         let mac = u64::from_str_radix(mac, 16).map_err(|_| invalid())?;

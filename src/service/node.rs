@@ -101,34 +101,39 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         self.driver
-            .run(rpc_span!("NodePublishVolume", &req.volume_id), move |domain| {
-                required("volume_id", &req.volume_id)?;
-                let state_dir = domain.state_dir();
-                let target = co_path("target_path", &req.target_path, state_dir)?;
-                let cap = required_capability(req.volume_capability.as_ref(), domain)?;
-                if req.staging_target_path.is_empty() {
-                    // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
-                    return Err(Error::FailedPrecondition(
-                        "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)".into(),
-                    ));
-                }
-                let staging = co_path("staging_target_path", &req.staging_target_path, state_dir)?;
-                if staging == target {
-                    return Err(Error::invalid("target_path", "must differ from staging_target_path"));
-                }
-                let id = volume_id("volume_id", &req.volume_id)?;
-                unclaimed_target("target_path", &target)?;
-                domain.publish(
-                    &id,
-                    Publish {
-                        staging: &staging,
-                        target: &target,
-                        capability: &cap,
-                        readonly: req.readonly,
-                    },
-                )?;
-                Ok(csi::NodePublishVolumeResponse {})
-            })
+            .run(
+                rpc_span!("NodePublishVolume", &req.volume_id),
+                move |domain| {
+                    required("volume_id", &req.volume_id)?;
+                    let state_dir = domain.state_dir();
+                    let target = co_path("target_path", &req.target_path, state_dir)?;
+                    let cap = required_capability(req.volume_capability.as_ref(), domain)?;
+                    if req.staging_target_path.is_empty() {
+                        // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
+                        return Err(Error::StagingRequired);
+                    }
+                    let staging =
+                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    if staging == target {
+                        return Err(Error::invalid(
+                            "target_path",
+                            "must differ from staging_target_path",
+                        ));
+                    }
+                    let id = volume_id("volume_id", &req.volume_id)?;
+                    unclaimed_target("target_path", &target)?;
+                    domain.publish(
+                        &id,
+                        Publish {
+                            staging: &staging,
+                            target: &target,
+                            capability: &cap,
+                            readonly: req.readonly,
+                        },
+                    )?;
+                    Ok(csi::NodePublishVolumeResponse {})
+                },
+            )
             .await
     }
 

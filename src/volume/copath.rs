@@ -129,11 +129,10 @@ pub fn unclaimed_target(field: &'static str, target: &Path) -> Result<()> {
     let mut entries =
         std::fs::read_dir(target).map_err(|e| Error::io("read directory", target, e))?;
     if entries.next().is_some() {
-        return Err(Error::FailedPrecondition(format!(
-            "{field} {} is a directory with entries that loopcsi did not create; refusing to \
-             mount over them (the CO passes a missing or empty directory)",
-            shown(&target.to_string_lossy())
-        )));
+        return Err(Error::NotEmptyTarget {
+            field,
+            path: target.to_path_buf(),
+        });
     }
     Ok(())
 }

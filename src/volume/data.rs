@@ -127,10 +127,11 @@ impl NodeOps {
         }
         let size = range.resolve(meta.kind.minimum_size())?;
         if size < meta.capacity_bytes {
-            return Err(Error::OutOfRange(format!(
-                "volume {} has {} bytes; shrinking to {size} is not supported",
-                meta.id, meta.capacity_bytes
-            )));
+            return Err(Error::Shrink {
+                volume: meta.id,
+                size: meta.capacity_bytes,
+                requested: size,
+            });
         }
         let available = self.pool.usage()?.available_bytes;
         let growth = size - meta.capacity_bytes;

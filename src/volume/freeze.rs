@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::host::files;
 use crate::host::loopdev;
 use crate::host::mount::{self, MountOptions};
@@ -69,14 +69,16 @@ fn thaw_mount_point(layout: &Layout, id: &VolumeId) -> PathBuf {
 
 fn read_intent(path: &Path) -> Result<Intent> {
     let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    let intent: Intent = serde_json::from_slice(&text)
-        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+    let intent: Intent = serde_json::from_slice(&text).map_err(|e| Error::unparsable(path, e))?;
     if intent.version != INTENT_VERSION {
-        return Err(Error::Corrupt(format!(
-            "{}: freeze record version {} is not supported by this build (expects {INTENT_VERSION})",
-            path.display(),
-            intent.version
-        )));
+        return Err(Error::CorruptRecord {
+            path: path.to_path_buf(),
+            reason: Corruption::Version {
+                what: "freeze record",
+                found: intent.version,
+                expected: INTENT_VERSION,
+            },
+        });
     }
     Ok(intent)
 }
@@ -94,12 +96,11 @@ fn open_fs(path: &Path, numbers: (u32, u32)) -> Result<File> {
         .map_err(|e| Error::io("stat", path, e))?
         .dev();
     if dev != nix::sys::stat::makedev(numbers.0.into(), numbers.1.into()) {
-        return Err(Error::FailedPrecondition(format!(
-            "{} is no longer on the file system of device {}:{}",
-            path.display(),
-            numbers.0,
-            numbers.1
-        )));
+        return Err(Error::FileSystemMoved {
+            path: path.to_path_buf(),
+            major: numbers.0,
+            minor: numbers.1,
+        });
     }
     Ok(dir)
 }
@@ -163,14 +164,10 @@ impl FreezeTarget {
                     let _ = files::remove_durably(&path);
                 }
                 return Err(match errno {
-                    Errno::EBUSY => Error::FailedPrecondition(format!(
-                        "the file system of volume {} at {} is frozen by someone else, not by \
-                         loopcsi; whoever froze it must thaw it (fsfreeze -u {}) before a \
-                         snapshot or clone of the volume can be taken",
-                        intent.volume,
-                        intent.mount_point.display(),
-                        intent.mount_point.display()
-                    )),
+                    Errno::EBUSY => Error::FrozenByOther {
+                        volume: intent.volume,
+                        mount_point: intent.mount_point.clone(),
+                    },
                     _ => Error::sys("FIFREEZE", intent.mount_point.display(), errno),
                 });
             }
@@ -388,7 +385,10 @@ mod tests {
         let mut newer = target.intent.clone();
         newer.version = INTENT_VERSION + 1;
         std::fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
-        assert!(matches!(read_intent(&path), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            read_intent(&path),
+            Err(Error::CorruptRecord { .. })
+        ));
     }
 
     #[test]
@@ -397,7 +397,7 @@ mod tests {
         // No file system has device numbers 0:0.
         assert!(matches!(
             open_fs(dir.path(), (0, 0)),
-            Err(Error::FailedPrecondition(_))
+            Err(Error::FileSystemMoved { .. })
         ));
     }
 }

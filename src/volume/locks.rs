@@ -92,15 +92,13 @@ impl OperationLocks {
     fn try_lock(&self, key: LockKey) -> Result<OperationGuard> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if !held.insert(key.clone()) {
-            let what = match &key {
-                LockKey::Volume(id) => format!("volume {id}"),
-                LockKey::Name(name) => format!("volume name {}", crate::error::shown(name)),
-                LockKey::Snapshot(id) => format!("snapshot {id}"),
-                LockKey::SnapshotName(name) => {
-                    format!("snapshot name {}", crate::error::shown(name))
-                }
+            let (what, id) = match &key {
+                LockKey::Volume(id) => ("volume", id.to_string()),
+                LockKey::Name(name) => ("volume name", crate::error::shown(name)),
+                LockKey::Snapshot(id) => ("snapshot", id.to_string()),
+                LockKey::SnapshotName(name) => ("snapshot name", crate::error::shown(name)),
             };
-            return Err(Error::Pending(what));
+            return Err(Error::Pending { what, id });
         }
         Ok(OperationGuard {
             held: Arc::clone(&self.held),
@@ -129,7 +127,7 @@ mod tests {
         let guard = locks.try_lock(key.clone()).unwrap();
         assert!(matches!(
             locks.try_lock(key.clone()),
-            Err(Error::Pending(_))
+            Err(Error::Pending { .. })
         ));
         assert!(locks.try_lock(LockKey::Name("v".into())).is_ok());
         drop(guard);

@@ -224,7 +224,7 @@ impl NodeOps {
         let meta = self.pool.require(id)?;
         if let Some(cap) = capability {
             cap.check_against(meta.kind)
-                .map_err(|why| Error::FailedPrecondition(format!("volume_capability: {why}")))?;
+                .map_err(|reason| Error::CapabilityMismatch { reason })?;
         }
         Ok(meta)
     }
@@ -277,16 +277,16 @@ impl NodeOps {
             let live = observed.device.is_some()
                 && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
             if staged.path != staging && live {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is already staged at {}",
-                    staged.path.display()
-                )));
+                return Err(Error::StagedElsewhere {
+                    volume: *id,
+                    staging: staged.path.clone(),
+                });
             }
             if staged.path == staging && live && staged.capability != *cap {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {id} is staged at {} with another volume_capability",
-                    staging.display()
-                )));
+                return Err(Error::StagedDifferently {
+                    volume: *id,
+                    staging: staging.to_path_buf(),
+                });
             }
         }
         // The identity of what is being staged. While a device still holds the recorded file,
@@ -359,11 +359,11 @@ impl NodeOps {
             }
         }
         if let Some(other) = mount::mounted_at(&observed.table, staging) {
-            return Err(Error::FailedPrecondition(format!(
-                "staging_target_path {} already has a mount of {} that is not this volume",
-                staging.display(),
-                other.source
-            )));
+            return Err(Error::ForeignMount {
+                field: "staging_target_path",
+                path: staging.to_path_buf(),
+                mounted: other.source.clone(),
+            });
         }
         let options = match fs {
             Some(_) => mount_options(cap, meta)?,
@@ -379,11 +379,10 @@ impl NodeOps {
                 // Never a second writable device for one image: when a device's backing file
                 // cannot be identified, it might be this image's.
                 if let Some(unknown) = observed.unidentified.first() {
-                    return Err(Error::FailedPrecondition(format!(
-                        "cannot tell whether {} already holds the image of volume {}; refusing to attach it a second time",
-                        unknown.path().display(),
-                        meta.id
-                    )));
+                    return Err(Error::UnidentifiedDevice {
+                        device: unknown.path(),
+                        volume: meta.id,
+                    });
                 }
                 (self.attach(meta)?, true)
             }
@@ -398,12 +397,10 @@ impl NodeOps {
             && !observed.dev_numbers.is_some_and(mounted)
             && host::held_exclusively(&dev.path())?
         {
-            return Err(Error::Pending(format!(
-                "volume {} (its device {} is held by another process, such as a tool a previous \
-                 driver process started)",
-                meta.id,
-                dev.path().display()
-            )));
+            return Err(Error::DeviceHeld {
+                volume: meta.id,
+                device: dev.path(),
+            });
         }
         crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
@@ -507,20 +504,16 @@ impl NodeOps {
             Probe::FileSystem(found) if found == fs.name() => {
                 self.pool.mark_formatted(held).map(|()| false)
             }
-            Probe::FileSystem(found) => Err(Error::FailedPrecondition(format!(
-                "volume {} holds a {found} file system, not {}; refusing to reformat it",
-                meta.id,
-                fs.name()
-            ))),
-            Probe::Other(what) => Err(Error::FailedPrecondition(format!(
-                "volume {} holds {what}; refusing to format it",
-                meta.id
-            ))),
-            Probe::Blank if meta.formatted => Err(Error::Corrupt(format!(
-                "volume {} was formatted before but no file system is found on it now; \
-                 refusing to format it again (its data would be lost)",
-                meta.id
-            ))),
+            Probe::FileSystem(found) => Err(Error::WrongFileSystem {
+                volume: meta.id,
+                found,
+                wanted: fs.name(),
+            }),
+            Probe::Other(found) => Err(Error::ForeignContent {
+                volume: meta.id,
+                found,
+            }),
+            Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
             Probe::Blank => {
                 self.tools.mkfs(fs, &dev.path())?;
                 crate::faults::crash_point("stage.formatted");
@@ -553,19 +546,17 @@ impl NodeOps {
             })
             .collect();
         if let Some(target) = published.first() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still published at {}; NodeUnpublishVolume it first",
-                target.display()
-            )));
+            return Err(Error::StillPublished {
+                volume: *id,
+                target: target.to_path_buf(),
+            });
         }
         if let (Some(dev), false) = (observed.device, observed.image_present) {
             // Detaching would destroy the only copy of the data.
-            return Err(Error::FailedPrecondition(format!(
-                "the backing file of volume {id} was deleted or replaced while it was staged; {} \
-                 holds the only copy of its data: run `loopcsi rescue --volume {id}` on this node \
-                 to copy it into a new image, then retry",
-                dev.path().display()
-            )));
+            return Err(Error::ImageReplaced {
+                volume: *id,
+                device: dev.path(),
+            });
         }
         if let Some(dev) = observed.device {
             // The intent first: if the device is still held after the unmount, this call fails
@@ -612,10 +603,10 @@ impl NodeOps {
             record.staged = self.adopt_staging(id, &record, staging, cap)?;
         }
         let Some(staged) = record.staged.clone().filter(|s| s.path == staging) else {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is not staged at staging_target_path {}; call NodeStageVolume first",
-                staging.display()
-            )));
+            return Err(Error::NotStaged {
+                volume: *id,
+                staging: staging.to_path_buf(),
+            });
         };
         let observed = self.observe(id, &record, Some(staging))?;
         let options = publish_options(cap, readonly, &meta)?;
@@ -629,10 +620,10 @@ impl NodeOps {
                     .is_some_and(|m| m.read_only() == wanted_ro),
             };
             if !same {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {id} is published at {} with another volume_capability or readonly flag",
-                    target.display()
-                )));
+                return Err(Error::PublishedDifferently {
+                    volume: *id,
+                    target: target.to_path_buf(),
+                });
             }
             if !record.published.iter().any(|p| p.target == target) {
                 let adopted = PublishRecord {
@@ -653,18 +644,18 @@ impl NodeOps {
             if !cap.access.allows_several_targets()
                 || !other.capability.access.allows_several_targets()
             {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is already published at {} and its access mode allows one target only",
-                    other.target.display()
-                )));
+                return Err(Error::SingleTarget {
+                    volume: *id,
+                    target: other.target.clone(),
+                });
             }
         }
         if let Some(other) = mount::mounted_at(&observed.table, target) {
-            return Err(Error::FailedPrecondition(format!(
-                "target_path {} already has a mount of {} that is not this volume",
-                target.display(),
-                other.source
-            )));
+            return Err(Error::ForeignMount {
+                field: "target_path",
+                path: target.to_path_buf(),
+                mounted: other.source.clone(),
+            });
         }
         let dev = self.ensure_staged(held, &meta, staging, &staged.capability, observed)?;
         if staged.unstaging {
@@ -737,11 +728,10 @@ impl NodeOps {
                 dev.detach()?;
             }
         } else if let Some(other) = mount::mounted_at(&observed.table, target) {
-            return Err(Error::FailedPrecondition(format!(
-                "target_path {} has a mount of {} that is not this volume; not touching it",
-                target.display(),
-                other.source
-            )));
+            return Err(Error::ForeignMountLeft {
+                target: target.to_path_buf(),
+                mounted: other.source.clone(),
+            });
         }
         remove_target(target, kind)?;
         if record.published.iter().any(|p| p.target == target)
@@ -804,11 +794,10 @@ pub(crate) fn bind_target(
             // identity, as the path the kernel shows for `dev` depends on who reads it.
             let held = dev.status()?.map(|(file, _)| file);
             if held.is_none() || FileId::at(image)? != held {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} no longer holds the file at {}; refusing a read-only publish of another file",
-                    dev.path().display(),
-                    image.display()
-                )));
+                return Err(Error::DeviceSwapped {
+                    device: dev.path(),
+                    image: image.to_path_buf(),
+                });
             }
             let options_ro = AttachOptions {
                 direct_io: dev.direct_io(),
@@ -877,9 +866,7 @@ fn busy_is_precondition(err: Error) -> Error {
             errno: nix::errno::Errno::EBUSY,
             target,
             ..
-        } => Error::FailedPrecondition(format!(
-            "{target} is busy (still in use); not unmounting it"
-        )),
+        } => Error::MountBusy { target },
         other => other,
     }
 }

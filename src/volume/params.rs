@@ -279,9 +279,7 @@ impl CapacityRange {
         let required = self.required_bytes.unsigned_abs();
         let limit = self.limit_bytes.unsigned_abs();
         if limit != 0 && required > limit {
-            return Err(Error::OutOfRange(format!(
-                "capacity_range.limit_bytes {limit} is smaller than required_bytes {required}"
-            )));
+            return Err(Error::LimitBelowRequired { limit, required });
         }
         let floor = minimum.max(SIZE_GRANULARITY);
         let size = if required == 0 {
@@ -297,17 +295,14 @@ impl CapacityRange {
             wanted
                 .checked_next_multiple_of(SIZE_GRANULARITY)
                 .filter(|s| i64::try_from(*s).is_ok())
-                .ok_or_else(|| {
-                    Error::OutOfRange(format!(
-                        "capacity_range.required_bytes {required} is larger than any volume loopcsi can make"
-                    ))
-                })?
+                .ok_or(Error::RequiredTooLarge { required })?
         };
         if size < floor || (limit != 0 && size > limit) {
-            return Err(Error::OutOfRange(format!(
-                "no volume size in whole MiB of at least {floor} bytes fits capacity_range \
-                 (required_bytes {required}, limit_bytes {limit})"
-            )));
+            return Err(Error::NoSizeFits {
+                floor,
+                required,
+                limit,
+            });
         }
         Ok(size)
     }
@@ -342,19 +337,19 @@ mod tests {
         let min = FsType::Ext4.minimum_size();
         assert!(matches!(
             range(MIB + 1, MIB + 2).resolve(min),
-            Err(Error::OutOfRange(_))
+            Err(Error::NoSizeFits { .. })
         ));
         assert!(matches!(
             range(0, MIB).resolve(min),
-            Err(Error::OutOfRange(_))
+            Err(Error::NoSizeFits { .. })
         ));
         assert!(matches!(
             range(2 * MIB, MIB).resolve(min),
-            Err(Error::OutOfRange(_))
+            Err(Error::LimitBelowRequired { .. })
         ));
         assert!(matches!(
             range(i64::MAX, 0).resolve(min),
-            Err(Error::OutOfRange(_))
+            Err(Error::RequiredTooLarge { .. })
         ));
         assert!(matches!(
             range(-1, 0).resolve(min),
@@ -366,7 +361,7 @@ mod tests {
         ));
         assert!(matches!(
             range(0, 299 * MIB).resolve(FsType::Xfs.minimum_size()),
-            Err(Error::OutOfRange(_))
+            Err(Error::NoSizeFits { .. })
         ));
     }
 

@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{shown, Error, Result};
+use crate::error::{Corruption, Error, Mismatch, Result};
 use crate::host::files::{self, Allocation, Usage};
 use crate::host::mount;
 use crate::volume::freeze::FreezeTarget;
@@ -457,10 +457,10 @@ impl Pool {
             if req.capacity.limit_bytes > 0
                 && u64::try_from(req.capacity.limit_bytes).is_ok_and(|l| l < source.size_bytes)
             {
-                return Err(Error::OutOfRange(format!(
-                    "capacity_range.limit_bytes {} is smaller than the source ({} bytes)",
-                    req.capacity.limit_bytes, source.size_bytes
-                )));
+                return Err(Error::LimitBelowSource {
+                    limit: req.capacity.limit_bytes,
+                    source_bytes: source.size_bytes,
+                });
             }
         }
         let size = req.capacity.resolve(minimum)?;
@@ -626,12 +626,12 @@ impl Pool {
         };
         if let Some(existing) = existing {
             if existing.source_volume_id != *source_id {
-                return Err(Error::AlreadyExists(format!(
-                    "snapshot {} already exists ({}) for volume {}, not {source_id}",
-                    shown(name),
-                    existing.id,
-                    existing.source_volume_id
-                )));
+                return Err(Error::SnapshotNameTaken {
+                    name: name.to_string(),
+                    snapshot: existing.id,
+                    of: existing.source_volume_id,
+                    requested: *source_id,
+                });
             }
             return Ok(Some(existing));
         }
@@ -804,17 +804,13 @@ impl Pool {
         });
         match blocking {
             None => Ok(()),
-            Some(u) => Err(Error::FailedPrecondition(format!(
-                "cannot tell whether {what} {} already exists: the metadata {} cannot be read ({}){}; \
-                 repair or remove that file (see docs/kubernetes.md, \"unreadable metadata\")",
-                shown(name),
-                u.path.display(),
-                u.why,
-                match &u.name {
-                    Some(n) => format!(" and names {}", shown(n)),
-                    None => " and its name is unknown".to_string(),
-                }
-            ))),
+            Some(u) => Err(Error::NameUnknowable {
+                what,
+                name: name.to_string(),
+                metadata: u.path.clone(),
+                why: u.why.clone(),
+                names: u.name.clone(),
+            }),
         }
     }
 }
@@ -844,22 +840,23 @@ impl Committed for VolumeMeta {
 
 pub(crate) fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
     let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    let meta: M = serde_json::from_slice(&text)
-        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+    let meta: M = serde_json::from_slice(&text).map_err(|e| Error::unparsable(path, e))?;
+    let corrupt = |reason| Error::CorruptRecord {
+        path: path.to_path_buf(),
+        reason,
+    };
     if meta.version() != META_VERSION {
-        return Err(Error::Corrupt(format!(
-            "{}: metadata version {} is not supported by this build (expects {META_VERSION})",
-            path.display(),
-            meta.version()
-        )));
+        return Err(corrupt(Corruption::Version {
+            what: "metadata",
+            found: meta.version(),
+            expected: META_VERSION,
+        }));
     }
     if meta.id().to_string() != stem {
-        return Err(Error::Corrupt(format!(
-            "{}: holds {} id {} (file name and content disagree)",
-            path.display(),
-            M::WHAT,
-            meta.id()
-        )));
+        return Err(corrupt(Corruption::IdMismatch {
+            what: M::WHAT,
+            id: meta.id(),
+        }));
     }
     Ok(meta)
 }
@@ -945,35 +942,36 @@ fn salvage_name(path: &Path) -> Option<String> {
 /// Same name, compatible arguments → the existing volume; otherwise ALREADY_EXISTS saying why.
 fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result<()> {
     req.capacity.validate()?;
-    let name = shown(&existing.name);
-    let conflict = if !req.capacity.admits(existing.capacity_bytes) {
-        Some(format!(
-            "has {} bytes, outside the requested capacity_range (required_bytes {}, limit_bytes {})",
-            existing.capacity_bytes, req.capacity.required_bytes, req.capacity.limit_bytes
-        ))
+    let mismatch = if !req.capacity.admits(existing.capacity_bytes) {
+        Some(Mismatch::Capacity {
+            size: existing.capacity_bytes,
+            required: req.capacity.required_bytes,
+            limit: req.capacity.limit_bytes,
+        })
     } else if existing.kind != req.kind {
-        Some(format!(
-            "holds {}, but {} was requested",
-            existing.kind, req.kind
-        ))
+        Some(Mismatch::Kind {
+            existing: existing.kind,
+            requested: req.kind,
+        })
     } else if existing.content_source != req.source {
-        Some(format!(
-            "was made from {:?}, but {:?} was requested",
-            existing.content_source, req.source
-        ))
+        Some(Mismatch::ContentSource {
+            existing: existing.content_source,
+            requested: req.source,
+        })
     } else if existing.provisioning != req.provisioning {
-        Some(format!(
-            "is provisioned {:?}, but {:?} was requested",
-            existing.provisioning, req.provisioning
-        ))
+        Some(Mismatch::Provisioning {
+            existing: existing.provisioning,
+            requested: req.provisioning,
+        })
     } else {
         None
     };
-    match conflict {
-        Some(why) => Err(Error::AlreadyExists(format!(
-            "volume {name} already exists ({}) and {why}",
-            existing.id
-        ))),
+    match mismatch {
+        Some(mismatch) => Err(Error::VolumeNameTaken {
+            name: existing.name.clone(),
+            volume: existing.id,
+            mismatch,
+        }),
         None => Ok(()),
     }
 }

@@ -92,7 +92,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+            .map_err(|e| Error::unparsable(path, e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),
     }
@@ -105,7 +105,8 @@ fn readable<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>> {
     match read_json(&path) {
         Ok(value) => Ok(value),
-        Err(Error::Corrupt(why)) => {
+        Err(err @ Error::CorruptRecord { .. }) => {
+            let why = err.to_string();
             tracing::warn!(path = %path.display(), "{why}");
             record.damaged.push((path, why));
             Ok(None)
@@ -185,11 +186,10 @@ pub(crate) fn clear(dir: &Path) -> Result<()> {
         .iter()
         .find(|m| m.mount_point.starts_with(dir))
     {
-        return Err(Error::FailedPrecondition(format!(
-            "{} has a mount at {} inside it; not removing it",
-            dir.display(),
-            m.mount_point.display()
-        )));
+        return Err(Error::MountInsideRecords {
+            dir: dir.to_path_buf(),
+            mount_point: m.mount_point.clone(),
+        });
     }
     match std::fs::remove_dir_all(dir) {
         Ok(()) => files::fsync_dir(dir.parent().unwrap_or(Path::new("/"))),

@@ -31,16 +31,10 @@ impl NodeOps {
         let staging = record.staged.as_ref().map(|s| s.path.clone());
         let observed = self.observe(id, &record, staging.as_deref())?;
         let Some(dev) = observed.device.filter(|_| !observed.image_present) else {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} needs no rescue: no loop device holds a file other than its image {}",
-                image.display()
-            )));
+            return Err(Error::NothingToRescue { volume: *id, image });
         };
         if FileId::at(&image)?.is_some() {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds another file now; move it away first, the rescue writes the volume's data there",
-                image.display()
-            )));
+            return Err(Error::RescueImageOccupied { image });
         }
         let kind = self
             .pool
@@ -51,13 +45,13 @@ impl NodeOps {
             .published
             .iter()
             .filter(|p| kind.is_some_and(|k| observed.live_at(k, &p.target)))
-            .map(|p| p.target.display().to_string())
+            .map(|p| p.target.clone())
             .collect();
         if !live.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still published at {}; stop its pods (NodeUnpublishVolume) first",
-                live.join(", ")
-            )));
+            return Err(Error::RescueWhilePublished {
+                volume: *id,
+                targets: live,
+            });
         }
         // Unmounting flushes the file system: the device is quiescent from here on.
         if let (Some(VolumeKind::Filesystem(_)), Some(path)) = (kind, &staging) {
@@ -95,7 +89,9 @@ fn copy_device(device: &Path, image: &Path) -> Result<u64> {
             source.seek(std::io::SeekFrom::Start(0)).ok()?;
             end
         })
-        .ok_or_else(|| Error::Internal(format!("cannot tell the size of {}", device.display())))?;
+        .ok_or_else(|| Error::UnknownSize {
+            device: device.to_path_buf(),
+        })?;
     // Left by a rescue that did not finish; only a rescue writes this name.
     files::remove_uncommitted(&temp)?;
     let out = files::create_backing_file(&temp, size, Allocation::Sparse)?;

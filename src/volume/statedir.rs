@@ -15,9 +15,8 @@
 //!
 //! `loopcsi status` and `loopcsi gc --dry-run` only read, and take no lock.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::TOPOLOGY_KEY;
 use crate::error::{Error, Result};
 use crate::host::files;
 use crate::host::lockfile::{self, Holder, LockFile};
@@ -37,12 +36,15 @@ pub fn claim_for_driver(
     allow_node_id_change: bool,
 ) -> Result<LockFile> {
     std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
-    let lock = lock(state_dir, "loopcsi serve", |holder| {
-        format!(
-            "is in use by {holder}; one driver per state dir: stop that process, or give this \
-             driver its own --state-dir"
-        )
-    })?;
+    let lock = lock(
+        state_dir,
+        "loopcsi serve",
+        |state_dir, holder, lock_file| Error::StateDirInUse {
+            state_dir,
+            holder,
+            lock_file,
+        },
+    )?;
     // Under the lock: no other driver can be recording its own id at the same time.
     check_node_id(state_dir, node_id, allow_node_id_change)?;
     Ok(lock)
@@ -52,25 +54,24 @@ pub fn claim_for_driver(
 /// driver's PID) while a driver serves the state dir, whose own reconciliation rounds collect
 /// the same orphans without racing its operations in flight.
 pub fn lock_for_gc(state_dir: &Path) -> Result<LockFile> {
-    lock(state_dir, "loopcsi gc", |holder| {
-        format!(
-            "is in use by {holder}; a serving driver collects orphans itself (every \
-             --reconcile-interval seconds). `loopcsi gc --dry-run` lists them beside it; \
-             `loopcsi gc` removes them only while no driver serves this state dir"
-        )
+    lock(state_dir, "loopcsi gc", |state_dir, holder, lock_file| {
+        Error::GcWhileServed {
+            state_dir,
+            holder,
+            lock_file,
+        }
     })
 }
 
-fn lock(state_dir: &Path, what: &str, refused: impl FnOnce(&Holder) -> String) -> Result<LockFile> {
+/// `refused` names the refusal from the state dir, the holder and the lock file.
+fn lock(
+    state_dir: &Path,
+    what: &str,
+    refused: impl FnOnce(PathBuf, Holder, PathBuf) -> Error,
+) -> Result<LockFile> {
     let path = state_dir.join(LOCK_FILE);
-    lockfile::try_lock(&path, what)?.map_err(|holder| {
-        Error::FailedPrecondition(format!(
-            "--state-dir {} {} (lock file {})",
-            state_dir.display(),
-            refused(&holder),
-            path.display()
-        ))
-    })
+    lockfile::try_lock(&path, what)?
+        .map_err(|holder| refused(state_dir.to_path_buf(), holder, path))
 }
 
 /// Refuses a node id other than the recorded one (unless allowed), and records the id.
@@ -84,15 +85,11 @@ fn check_node_id(state_dir: &Path, node_id: &str, allow_change: bool) -> Result<
     match recorded {
         Some(old) if old == node_id => return Ok(()),
         Some(old) if !allow_change => {
-            return Err(Error::FailedPrecondition(format!(
-                "--node-id {node_id:?} differs from the node id {old:?} recorded in {} when \
-                 this state dir was first served: every volume in it is labelled \
-                 {TOPOLOGY_KEY}={old:?}, and serving it as {node_id:?} would move them all to \
-                 a node that does not hold them. Start with --node-id {old:?}, or, if this \
-                 node really was renamed, pass --allow-node-id-change (env \
-                 ALLOW_NODE_ID_CHANGE=true) once",
-                path.display()
-            )))
+            return Err(Error::NodeIdChanged {
+                requested: node_id.to_string(),
+                recorded: old,
+                file: path,
+            })
         }
         Some(old) => tracing::warn!(
             node.old_id = %old,

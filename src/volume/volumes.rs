@@ -160,10 +160,10 @@ impl Volumes {
         if uses.is_empty() {
             return Ok(());
         }
-        Err(Error::FailedPrecondition(format!(
-            "volume {id} is in use on this node: {}; NodeUnpublishVolume and NodeUnstageVolume it first",
-            uses.join("; ")
-        )))
+        Err(Error::InUse {
+            volume: *id,
+            by: uses,
+        })
     }
 
     /// The volume, or NOT_FOUND.
@@ -390,7 +390,7 @@ mod tests {
         bigger.capacity.required_bytes = 128 << 20;
         assert!(matches!(
             pool.create(bigger, |e| e),
-            Err(Error::AlreadyExists(_))
+            Err(Error::VolumeNameTaken { .. })
         ));
         // A crash between image and metadata leaves an image without metadata, and a torn
         // temp file: recovery removes both and keeps the complete volume.
