@@ -60,6 +60,13 @@ pub enum Error {
         stderr: String,
     },
 
+    /// An external tool did not finish within its deadline (`--tool-timeout`); it was killed.
+    #[error("{tool} did not finish within {} s and was killed; the operation can be retried", after.as_secs_f64())]
+    ToolTimedOut {
+        tool: String,
+        after: std::time::Duration,
+    },
+
     /// A file-system operation on a path failed.
     #[error("{op} {path}: {source}", path = path.display())]
     Io {
@@ -147,6 +154,12 @@ impl Error {
                 errno: nix::errno::Errno::EBUSY,
                 ..
             } => Code::Unavailable,
+            // DEADLINE_EXCEEDED names the cause, and it is retryable: the CSI sidecars and the
+            // kubelet (`isFinalError`) treat it, like UNAVAILABLE, as "not final, may still be in
+            // progress", so they retry and, for a node operation, keep the volume's state
+            // uncertain (unstage/unpublish are still called). UNAVAILABLE would instead suggest
+            // the plugin itself is down. The tool was killed, so a retry starts afresh.
+            Error::ToolTimedOut { .. } => Code::DeadlineExceeded,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Tool { .. }
             | Error::Io { .. }
@@ -202,5 +215,18 @@ mod tests {
         assert_eq!(other.code(), tonic::Code::Internal);
         let busy_umount = Error::sys("umount", "/t", nix::errno::Errno::EBUSY);
         assert_eq!(busy_umount.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn a_tool_past_its_deadline_is_deadline_exceeded_and_says_so() {
+        let err = Error::ToolTimedOut {
+            tool: "/usr/sbin/mkfs.xfs".into(),
+            after: std::time::Duration::from_millis(1500),
+        };
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            err.to_string(),
+            "/usr/sbin/mkfs.xfs did not finish within 1.5 s and was killed; the operation can be retried"
+        );
     }
 }

@@ -257,8 +257,7 @@ impl Controller for ControllerService {
                         capacity,
                         kind,
                         access_modes,
-                        provisioning: params.provisioning,
-                        claim: params.claim,
+                        params: params.volume,
                         source,
                     },
                     |source| {

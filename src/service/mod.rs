@@ -23,7 +23,7 @@ use crate::host::lockfile::LockFile;
 use crate::host::tools::Tools;
 use crate::volume::id::VolumeId;
 use crate::volume::node::NodeOps;
-use crate::volume::params::{AccessKind, AccessMode, Capability, FsType};
+use crate::volume::params::{AccessKind, AccessMode, Capability, FsType, MountFlags};
 use crate::volume::pool::{Layout, Pool};
 
 /// The recovered domain the services act on.
@@ -603,16 +603,13 @@ pub fn capability(
                     "mount.volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not advertised)".into(),
                 ));
             }
-            crate::host::mount::MountOptions::parse(&mount.mount_flags).map_err(|why| {
+            let flags = MountFlags::parse(mount.mount_flags.clone()).map_err(|why| {
                 CapabilityError::Malformed(Error::invalid(
                     field,
                     format!("mount.mount_flags: {why}"),
                 ))
             })?;
-            AccessKind::Mount {
-                fs,
-                flags: mount.mount_flags.clone(),
-            }
+            AccessKind::Mount { fs, flags }
         }
     };
     Ok(Capability { access, kind })
