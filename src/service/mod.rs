@@ -585,8 +585,9 @@ pub fn capability(
                 "" => None,
                 name => Some(FsType::from_name(name).ok_or_else(|| {
                     unsupported(format!(
-                        "mount.fs_type {} is not supported (use \"ext4\" or \"xfs\")",
-                        shown(name)
+                        "mount.fs_type {} is not supported (use {})",
+                        shown(name),
+                        FsType::choices()
                     ))
                 })?),
             };

@@ -312,8 +312,9 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
                         Error::invalid(
                             "parameters",
                             format!(
-                                "\"{FSTYPE_KEY}\" {} is not supported (use \"ext4\" or \"xfs\")",
-                                shown(value)
+                                "\"{FSTYPE_KEY}\" {} is not supported (use {})",
+                                shown(value),
+                                FsType::choices()
                             ),
                         )
                     })?)

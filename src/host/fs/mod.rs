@@ -44,6 +44,15 @@ impl FsType {
         Self::ALL.into_iter().find(|fs| fs.name() == name)
     }
 
+    /// The names a request may use, for messages: `"ext4" or "xfs"`.
+    pub fn choices() -> String {
+        let names: Vec<_> = Self::ALL
+            .iter()
+            .map(|fs| format!("{:?}", fs.name()))
+            .collect();
+        names.join(" or ")
+    }
+
     /// The smallest device mkfs accepts for a journaled file system of this type.
     pub fn minimum_size(self) -> u64 {
         self.get().minimum_size()
@@ -116,5 +125,6 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", fs.name()));
         }
         assert_eq!(FsType::from_name("btrfs"), None);
+        assert_eq!(FsType::choices(), r#""ext4" or "xfs""#);
     }
 }
