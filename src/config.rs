@@ -133,9 +133,21 @@ pub struct Config {
     /// docs/kubernetes.md, "Sidecar and Kubernetes versions").
     #[arg(long)]
     pub no_get_snapshot_capability: bool,
+
+    /// Seconds an external tool (mkfs, e2fsck, resize2fs, xfs_growfs) may run before it is
+    /// killed and the operation fails with DEADLINE_EXCEEDED (retried by the CO); blkid gets
+    /// at most 60 of them. One value for all: the slow tools scale with the volume's size, and
+    /// the deadline only has to free a volume from a tool hung on a dead device.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tool_timeout: u64,
 }
 
 impl Config {
+    /// `--tool-timeout` as a duration.
+    pub fn tool_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.tool_timeout)
+    }
+
     /// Checks what clap cannot: endpoint scheme, node id and driver name formats.
     pub fn validate(&self) -> Result<()> {
         self.socket_path()?;
@@ -225,6 +237,7 @@ mod tests {
             buffered_io: false,
             allow_node_id_change: false,
             no_get_snapshot_capability: false,
+            tool_timeout: 600,
         }
     }
 

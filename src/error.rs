@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::host::lockfile::Holder;
 use crate::volume::id::VolumeId;
-use crate::volume::params::{Provisioning, VolumeKind};
+use crate::volume::params::VolumeKind;
 use crate::volume::pool::ContentSource;
 
 /// Everything that can go wrong, named by cause.
@@ -177,7 +177,7 @@ pub enum Error {
     },
     /// An optional tool a request needs (mkfs.xfs, resize2fs, ...) is missing.
     #[error("{tool} is not installed on this node")]
-    ToolNotInstalled { tool: &'static str },
+    ToolNotInstalled { tool: String },
     /// The kernel refused to grow a mounted ext4 for want of `capability`.
     #[error(
         "the kernel refused to grow the mounted ext4 on {}: the driver process lacks \
@@ -360,6 +360,14 @@ pub enum Error {
         code: Option<i32>,
         stderr: String,
     },
+
+    /// An external tool did not finish within its deadline (`--tool-timeout`); it was killed.
+    #[error("{tool} did not finish within {} s and was killed; the operation can be retried", after.as_secs_f64())]
+    ToolTimedOut {
+        tool: String,
+        after: std::time::Duration,
+    },
+
     /// A file-system operation on a path failed.
     #[error("{op} {path}: {source}", path = path.display())]
     Io {
@@ -425,10 +433,13 @@ pub enum Mismatch {
         existing: Option<ContentSource>,
         requested: Option<ContentSource>,
     },
-    #[error("is provisioned {existing:?}, but {requested:?} was requested")]
-    Provisioning {
-        existing: Provisioning,
-        requested: Provisioning,
+    /// A kept StorageClass parameter differs (see `VolumeParams::conflict`): one generic
+    /// variant, so a new parameter needs no new error.
+    #[error("was made with {key} {existing}, but {key} {requested} was requested")]
+    Parameter {
+        key: &'static str,
+        existing: String,
+        requested: String,
     },
 }
 
@@ -567,6 +578,12 @@ impl Error {
                 errno: nix::errno::Errno::EBUSY,
                 ..
             } => Code::Unavailable,
+            // DEADLINE_EXCEEDED names the cause, and it is retryable: the CSI sidecars and the
+            // kubelet (`isFinalError`) treat it, like UNAVAILABLE, as "not final, may still be in
+            // progress", so they retry and, for a node operation, keep the volume's state
+            // uncertain (unstage/unpublish are still called). UNAVAILABLE would instead suggest
+            // the plugin itself is down. The tool was killed, so a retry starts afresh.
+            Error::ToolTimedOut { .. } => Code::DeadlineExceeded,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::CorruptRecord { .. }
             | Error::FormattedButBlank { .. }

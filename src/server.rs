@@ -40,7 +40,7 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
         &config.node_id,
         config.allow_node_id_change,
     )?;
-    let tools = Tools::discover()?;
+    let tools = Tools::discover()?.with_timeout(config.tool_timeout());
     let socket = config.socket_path()?;
     check_socket_path_length(&socket)?;
     remove_stale_socket(&socket)?;

@@ -43,7 +43,7 @@ table! {
     DeviceSwapped => FailedPrecondition, MountBusy => FailedPrecondition,
     DeviceStillOpen => FailedPrecondition,
     CorruptRecord => Internal, FormattedButBlank => Internal, TinyImage => Internal,
-    Tool => Internal, Io => Internal, Sys => Internal, DeviceNodeMissing => Internal,
+    ToolTimedOut => DeadlineExceeded, Tool => Internal, Io => Internal, Sys => Internal, DeviceNodeMissing => Internal,
     UnexpectedSysfs => Internal, UnknownSize => Internal, BadFreeDevice => Internal,
     Server => Internal, SignalHandler => Internal, Internal => Internal,
 }
@@ -153,7 +153,13 @@ fn samples() -> Vec<Error> {
             tool: "blkid",
             searched: &["/sbin"],
         },
-        Error::ToolNotInstalled { tool: "mkfs.xfs" },
+        Error::ToolNotInstalled {
+            tool: "mkfs.xfs".into(),
+        },
+        Error::ToolTimedOut {
+            tool: s.clone(),
+            after: std::time::Duration::from_secs(1),
+        },
         Error::NeedsCapability {
             device: p.clone(),
             capability: "CAP_SYS_RESOURCE",
@@ -308,4 +314,17 @@ fn a_busy_mount_is_retryable_and_other_mount_failures_are_internal() {
     assert_eq!(other.code(), tonic::Code::Internal);
     let busy_umount = Error::sys("umount", "/t", nix::errno::Errno::EBUSY);
     assert_eq!(busy_umount.code(), tonic::Code::Internal);
+}
+
+#[test]
+fn a_tool_past_its_deadline_is_deadline_exceeded_and_says_so() {
+    let err = Error::ToolTimedOut {
+        tool: "/usr/sbin/mkfs.xfs".into(),
+        after: std::time::Duration::from_millis(1500),
+    };
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(
+        err.to_string(),
+        "/usr/sbin/mkfs.xfs did not finish within 1.5 s and was killed; the operation can be retried"
+    );
 }

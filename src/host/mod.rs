@@ -1,6 +1,7 @@
 //! The only door to the operating system. Nothing here knows about CSI.
 
 pub mod files;
+pub mod fs;
 pub mod lockfile;
 pub mod loopdev;
 pub mod mount;

@@ -1,48 +1,23 @@
-//! External tools (blkid, mkfs.ext4, mkfs.xfs): found once at startup, run through one function
-//! with an argument list (never a shell), and their failures reported with tool, exit code and
-//! stderr.
+//! External tools (blkid, mkfs.*, e2fsck, resize2fs, xfs_growfs): found once at startup, run
+//! through one function with an argument list (never a shell) and a deadline, and their
+//! failures reported with tool, exit code and stderr. What a file system runs lives in its
+//! implementation in `host::fs`; this file only knows the tools by name.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
-
-/// The file systems loopcsi formats volumes with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    Ext4,
-    Xfs,
-}
-
-impl FsType {
-    pub fn name(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "ext4" => Some(FsType::Ext4),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
-    }
-
-    /// The smallest device mkfs accepts for a journaled file system of this type
-    /// (mkfs.xfs refuses anything under 300 MiB; ext4 below 16 MiB gets no useful journal).
-    pub fn minimum_size(self) -> u64 {
-        match self {
-            FsType::Ext4 => 16 << 20,
-            FsType::Xfs => 300 << 20,
-        }
-    }
-}
+pub use crate::host::fs::FsType;
 
 /// What a low-level probe found on a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,15 +30,33 @@ pub enum Probe {
     Other(String),
 }
 
-/// Resolved paths of the tools the driver runs.
+/// Which deadline a tool run gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deadline {
+    /// mkfs, e2fsck, resize2fs, xfs_growfs: they take as long as the device is large, so they
+    /// get the whole configured timeout.
+    Long,
+    /// blkid: reads a few blocks; it gets at most `PROBE_TIMEOUT`.
+    Probe,
+}
+
+/// The default of `--tool-timeout`: generous, as e2fsck of a large, full volume on a slow pool
+/// takes minutes; the deadline is there to free the volume's lock from a tool hung in D state
+/// or on a dead device, not to hurry a working one.
+pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most a probe waits: blkid reads a few blocks, and every stage waits on it.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Tools the driver cannot run without.
+const REQUIRED: &[&str] = &["blkid", "mkfs.ext4"];
+/// Tools whose absence only refuses the file system (or the grow) that needs them.
+const OPTIONAL: &[&str] = &["mkfs.xfs", "e2fsck", "resize2fs", "xfs_growfs"];
+
+/// Resolved paths of the tools the driver runs, and how long a run may take.
 #[derive(Clone, Debug)]
 pub struct Tools {
-    blkid: PathBuf,
-    mkfs_ext4: PathBuf,
-    mkfs_xfs: Option<PathBuf>,
-    e2fsck: Option<PathBuf>,
-    resize2fs: Option<PathBuf>,
-    xfs_growfs: Option<PathBuf>,
+    found: BTreeMap<&'static str, PathBuf>,
+    timeout: Duration,
 }
 
 /// Where tools live on Debian-like systems, also when PATH lacks the sbin directories.
@@ -79,93 +72,109 @@ fn find(name: &str) -> Option<PathBuf> {
 
 impl Tools {
     /// Finds the tools. blkid and mkfs.ext4 are required; mkfs.xfs is optional (xfs volumes are
-    /// then refused with a clear message).
+    /// then refused with a clear message). Runs get `DEFAULT_TOOL_TIMEOUT` (see `with_timeout`).
     pub fn discover() -> Result<Self> {
-        let need = |tool: &'static str| {
-            find(tool).ok_or(Error::RequiredToolMissing {
-                tool,
+        let mut found = BTreeMap::new();
+        for name in REQUIRED {
+            let path = find(name).ok_or(Error::RequiredToolMissing {
+                tool: name,
                 searched: FALLBACK_DIRS,
-            })
-        };
+            })?;
+            found.insert(*name, path);
+        }
+        for name in OPTIONAL {
+            if let Some(path) = find(name) {
+                found.insert(*name, path);
+            }
+        }
         Ok(Tools {
-            blkid: need("blkid")?,
-            mkfs_ext4: need("mkfs.ext4")?,
-            mkfs_xfs: find("mkfs.xfs"),
-            e2fsck: find("e2fsck"),
-            resize2fs: find("resize2fs"),
-            xfs_growfs: find("xfs_growfs"),
+            found,
+            timeout: DEFAULT_TOOL_TIMEOUT,
         })
     }
 
+    /// The same tools with another deadline for long runs (`--tool-timeout`); probes get the
+    /// shorter of it and `PROBE_TIMEOUT`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Uses `path` as the tool `name` (tests put stand-ins in place of real tools).
+    pub fn with_tool(mut self, name: &'static str, path: impl Into<PathBuf>) -> Self {
+        self.found.insert(name, path.into());
+        self
+    }
+
     pub fn supports(&self, fs: FsType) -> bool {
-        match fs {
-            FsType::Ext4 => true,
-            FsType::Xfs => self.mkfs_xfs.is_some(),
-        }
+        self.found.contains_key(fs.get().mkfs_tool())
     }
 
-    fn optional<'a>(tool: &'a Option<PathBuf>, name: &'static str) -> Result<&'a Path> {
-        tool.as_deref()
-            .ok_or(Error::ToolNotInstalled { tool: name })
+    fn path(&self, name: &str) -> Result<&Path> {
+        self.found
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| Error::ToolNotInstalled {
+                tool: name.to_string(),
+            })
     }
 
-    /// Grows the ext4 on an unmounted `device` to the device's size (checked first, as
-    /// resize2fs requires of an unmounted file system).
-    pub fn grow_ext4_offline(&self, device: &Path) -> Result<()> {
-        let e2fsck = Self::optional(&self.e2fsck, "e2fsck")?;
-        // e2fsck exits 1 when it fixed something harmless (preen mode); both are fine.
-        self.run(
-            e2fsck,
-            &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
-            &[1],
-        )?;
-        let resize2fs = Self::optional(&self.resize2fs, "resize2fs")?;
-        self.run(resize2fs, &[device.as_os_str()], &[]).map(drop)
+    /// Runs the tool discovered as `name`; FAILED_PRECONDITION when the node lacks it.
+    /// `ok_codes` are exit codes that are not failures; returns the exit code and stdout.
+    pub fn run_named(
+        &self,
+        name: &str,
+        args: &[&OsStr],
+        ok_codes: &[i32],
+        deadline: Deadline,
+    ) -> Result<(i32, String)> {
+        let after = match deadline {
+            Deadline::Long => self.timeout,
+            Deadline::Probe => self.timeout.min(PROBE_TIMEOUT),
+        };
+        self.run(self.path(name)?, args, ok_codes, after)
     }
 
-    /// Grows a mounted ext4 on `device` online. The kernel demands CAP_SYS_RESOURCE for it; a
-    /// refusal is FAILED_PRECONDITION naming the missing capability.
-    pub fn grow_ext4_online(&self, device: &Path) -> Result<()> {
-        let resize2fs = Self::optional(&self.resize2fs, "resize2fs")?;
-        match self.run(resize2fs, &[device.as_os_str()], &[]) {
-            Err(Error::Tool { stderr, .. }) if stderr.contains("Permission denied") => {
-                // A privileged container has every capability of its host's bounding set, so
-                // "run it privileged" is not always the remedy: some hosts drop the capability
-                // for every process. The next stage grows the file system offline.
-                Err(Error::NeedsCapability {
-                    device: device.to_path_buf(),
-                    capability: "CAP_SYS_RESOURCE",
-                    stderr,
-                })
-            }
-            other => other.map(drop),
-        }
-    }
-
-    /// Grows the xfs mounted at `mount_point` to its device's size.
-    pub fn grow_xfs(&self, mount_point: &Path) -> Result<()> {
-        let tool = Self::optional(&self.xfs_growfs, "xfs_growfs")?;
-        self.run(tool, &["-d".as_ref(), mount_point.as_os_str()], &[])
-            .map(drop)
-    }
-
-    /// The one place a tool is run. `ok_codes` are exit codes that are not failures.
-    fn run(&self, tool: &Path, args: &[&OsStr], ok_codes: &[i32]) -> Result<(i32, String)> {
-        let output = Command::new(tool)
+    /// The one place a tool is run. The tool leads a process group of its own, so that on
+    /// expiry of `after` it is killed with everything it started, then reaped.
+    fn run(
+        &self,
+        tool: &Path,
+        args: &[&OsStr],
+        ok_codes: &[i32],
+        after: Duration,
+    ) -> Result<(i32, String)> {
+        let mut child = Command::new(tool)
             .args(args)
             .env("LC_ALL", "C")
-            .stdin(std::process::Stdio::null())
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
             .map_err(|e| Error::io("run", tool, e))?;
-        let code = output.status.code();
+        // Both pipes are drained while the tool runs, or a chatty tool would block on a full
+        // pipe and look hung.
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        if !exits_within(&mut child, after) {
+            return Err(Error::ToolTimedOut {
+                tool: tool.display().to_string(),
+                after,
+            });
+        }
+        let status = child.wait().map_err(|e| Error::io("wait for", tool, e))?;
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        let code = status.code();
         match code {
             Some(c) if c == 0 || ok_codes.contains(&c) => {
-                Ok((c, String::from_utf8_lossy(&output.stdout).into_owned()))
+                Ok((c, String::from_utf8_lossy(&stdout).into_owned()))
             }
             _ => Err(Error::Tool {
                 tool: tool.display().to_string(),
                 code,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
             }),
         }
     }
@@ -173,8 +182,8 @@ impl Tools {
     /// Low-level probe of `device` for any signature (blkid -p bypasses the blkid cache).
     pub fn probe(&self, device: &Path) -> Result<Probe> {
         // blkid exits 2 when it found nothing.
-        let (code, stdout) = self.run(
-            &self.blkid,
+        let (code, stdout) = self.run_named(
+            "blkid",
             &[
                 "-p".as_ref(),
                 "-o".as_ref(),
@@ -182,6 +191,7 @@ impl Tools {
                 device.as_os_str(),
             ],
             &[2],
+            Deadline::Probe,
         )?;
         if code == 2 {
             return Ok(Probe::Blank);
@@ -202,33 +212,51 @@ impl Tools {
         })
     }
 
-    /// Creates a file system on `device`. Discard is switched off: on a thin volume it is a
-    /// wasted pass over holes, and on a thick one it would punch the allocation back out.
-    /// ext4's inode tables and journal are initialised lazily: the device is a fresh file that
-    /// reads back zeroes, so skipping the zeroing pass is safe.
+    /// Creates a file system on `device` with its mkfs and arguments (`host::fs`). Discard is
+    /// switched off for every file system: on a thin volume it is a wasted pass over holes, and
+    /// on a thick one it would punch the allocation back out.
     pub fn mkfs(&self, fs: FsType, device: &Path) -> Result<()> {
-        let dev = device.as_os_str();
-        match fs {
-            FsType::Ext4 => self.run(
-                &self.mkfs_ext4,
-                &[
-                    "-F".as_ref(),
-                    "-q".as_ref(),
-                    "-E".as_ref(),
-                    "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
-                    dev,
-                ],
-                &[],
-            ),
-            FsType::Xfs => {
-                let tool = Self::optional(&self.mkfs_xfs, "mkfs.xfs")?;
-                self.run(
-                    tool,
-                    &["-f".as_ref(), "-q".as_ref(), "-K".as_ref(), dev],
-                    &[],
-                )
-            }
+        let fs = fs.get();
+        let mut args: Vec<&OsStr> = fs.mkfs_args().iter().map(OsStr::new).collect();
+        args.push(device.as_os_str());
+        self.run_named(fs.mkfs_tool(), &args, &[], Deadline::Long)
+            .map(drop)
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
         }
-        .map(drop)
+        bytes
+    })
+}
+
+/// Waits up to `after` for `child` to exit, without reaping it: a thread blocks in
+/// `waitid(WNOWAIT)` and reports over a channel, so there is neither a poll loop nor a global
+/// SIGCHLD handler. False when the deadline passed: the child's process group was then killed
+/// and the child reaped. Until it is reaped its pid (and so its group id) cannot be reused, so
+/// the kill reaches the tool's own processes only.
+fn exits_within(child: &mut Child, after: Duration) -> bool {
+    let Ok(pid) = i32::try_from(child.id()).map(Pid::from_raw) else {
+        return true; // A pid beyond i32 does not exist on Linux; plain `wait` then.
+    };
+    let (exited, exit) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(waitid(
+            Id::Pid(pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ));
+    });
+    match exit.recv_timeout(after) {
+        Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = child.wait();
+            false
+        }
     }
 }

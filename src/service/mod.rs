@@ -22,7 +22,7 @@ use crate::error::{shown, Error, Result};
 use crate::host::lockfile::LockFile;
 use crate::host::tools::Tools;
 use crate::volume::id::VolumeId;
-use crate::volume::params::{AccessKind, AccessMode, Capability, FsType};
+use crate::volume::params::{AccessKind, AccessMode, Capability, FsType, MountFlags};
 use crate::volume::Volumes;
 
 #[derive(Clone)]
@@ -405,8 +405,9 @@ pub fn capability(
                 "" => None,
                 name => Some(FsType::from_name(name).ok_or_else(|| {
                     unsupported(format!(
-                        "mount.fs_type {} is not supported (use \"ext4\" or \"xfs\")",
-                        shown(name)
+                        "mount.fs_type {} is not supported (use {})",
+                        shown(name),
+                        FsType::choices()
                     ))
                 })?),
             };
@@ -423,16 +424,13 @@ pub fn capability(
                     "mount.volume_mount_group is not supported (VOLUME_MOUNT_GROUP is not advertised)".into(),
                 ));
             }
-            crate::host::mount::MountOptions::parse(&mount.mount_flags).map_err(|why| {
+            let flags = MountFlags::parse(mount.mount_flags.clone()).map_err(|why| {
                 CapabilityError::Malformed(Error::invalid(
                     field,
                     format!("mount.mount_flags: {why}"),
                 ))
             })?;
-            AccessKind::Mount {
-                fs,
-                flags: mount.mount_flags.clone(),
-            }
+            AccessKind::Mount { fs, flags }
         }
     };
     Ok(Capability { access, kind })

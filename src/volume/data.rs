@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host::files::{self, Allocation};
+use crate::host::fs::{GrowsAt, PendingGrow};
 use crate::host::loopdev;
 use crate::host::mount;
-use crate::host::tools::FsType;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
@@ -142,7 +142,7 @@ impl NodeOps {
             });
         }
         let image = self.pool.layout().image(&meta.id);
-        let allocation = match meta.provisioning {
+        let allocation = match meta.params.provisioning {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
         };
@@ -189,19 +189,19 @@ impl NodeOps {
             meta = self.pool.require(id)?;
         }
         dev.refresh_capacity()?;
-        match meta.kind {
-            VolumeKind::Block => {}
-            VolumeKind::Filesystem(FsType::Ext4) => self.tools().grow_ext4_online(&dev.path())?,
-            VolumeKind::Filesystem(FsType::Xfs) => {
-                // xfs_growfs wants the mount point of the file system itself, not a bind of it.
-                let staging = self
+        if let VolumeKind::Filesystem(fs) = meta.kind {
+            let fs = fs.get();
+            let at = match fs.grows_at() {
+                GrowsAt::Device => dev.path(),
+                // The mount point of the file system itself, not a bind of it.
+                GrowsAt::MountPoint => self
                     .load_record(id)?
                     .staged
                     .map(|s| s.path)
                     .filter(|p| observed.fs_mounted_at(p))
-                    .unwrap_or_else(|| path.to_path_buf());
-                self.tools().grow_xfs(&staging)?;
-            }
+                    .unwrap_or_else(|| path.to_path_buf()),
+            };
+            fs.grow_online(self.tools(), &at)?;
         }
         if meta.pending_fs_grow {
             let mut updated = (*meta).clone();
@@ -212,7 +212,8 @@ impl NodeOps {
     }
 
     /// Grows the file system of a restored or cloned volume that is larger than its source, at
-    /// stage: ext4 offline before the mount, xfs online after it.
+    /// stage: offline before the mount (`staging` None) or online after it, as the file system
+    /// needs (ext4 offline, xfs online; see `Filesystem::pending_grow`).
     pub(crate) fn grow_pending(
         &self,
         held: &VolumeGuard,
@@ -224,10 +225,18 @@ impl NodeOps {
         if !current.pending_fs_grow {
             return Ok(());
         }
-        match (meta.kind, staging) {
-            (VolumeKind::Filesystem(FsType::Ext4), None) => self.tools().grow_ext4_offline(dev)?,
-            (VolumeKind::Filesystem(FsType::Xfs), Some(mounted)) => {
-                self.tools().grow_xfs(mounted)?
+        let VolumeKind::Filesystem(fs) = meta.kind else {
+            return Ok(());
+        };
+        let fs = fs.get();
+        match (fs.pending_grow(), staging) {
+            (PendingGrow::Offline, None) => fs.grow_offline(self.tools(), dev)?,
+            (PendingGrow::Online, Some(mounted)) => {
+                let at = match fs.grows_at() {
+                    GrowsAt::Device => dev,
+                    GrowsAt::MountPoint => mounted,
+                };
+                fs.grow_online(self.tools(), at)?
             }
             _ => return Ok(()),
         }
@@ -275,19 +284,11 @@ impl NodeOps {
                                         .to_string(),
                                 );
                             }
-                            if let Some(dev) = observed.device {
-                                let errors = std::fs::read_to_string(format!(
-                                    "/sys/fs/ext4/loop{}/errors_count",
-                                    dev.0
-                                ))
-                                .ok()
-                                .and_then(|t| t.trim().parse::<u64>().ok())
-                                .unwrap_or(0);
-                                if errors > 0 {
-                                    problems.push(format!(
-                                        "ext4 recorded {errors} file-system error(s); run e2fsck"
-                                    ));
-                                }
+                            if let (Some(dev), VolumeKind::Filesystem(fs)) =
+                                (observed.device, meta.kind)
+                            {
+                                problems
+                                    .extend(fs.get().recorded_errors(&format!("loop{}", dev.0)));
                             }
                         }
                         _ => problems.push(format!(

@@ -836,22 +836,10 @@ pub(crate) fn publish_options(
 }
 
 fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {
-    let mut options = MountOptions::parse(cap.mount_flags())
-        .map_err(|why| Error::invalid("volume_capability.mount.mount_flags", why))?;
-    // ext4 zeroes its inode tables lazily after mounting; the loop device turns those zeroes
-    // into holes punched in the backing file, which would hand a thick volume's reservation
-    // back to the pool. The tables of a fresh volume read back as zeroes anyway.
-    let thick_ext4 = meta.provisioning == crate::volume::params::Provisioning::Thick
-        && meta.kind == VolumeKind::Filesystem(crate::volume::params::FsType::Ext4);
-    if thick_ext4 && !options.data.iter().any(|o| o.contains("init_itable")) {
-        options.data.push("noinit_itable".to_string());
-    }
-    // A restore or clone carries its source's xfs UUID, and both live on this node: without
-    // nouuid the second of them would not mount.
-    if meta.kind == VolumeKind::Filesystem(crate::volume::params::FsType::Xfs)
-        && !options.data.iter().any(|o| o == "nouuid")
-    {
-        options.data.push("nouuid".to_string());
+    let mut options = cap.mount_options().clone();
+    if let VolumeKind::Filesystem(fs) = meta.kind {
+        let thick = meta.params.provisioning == crate::volume::params::Provisioning::Thick;
+        fs.get().mount_defaults(&mut options, thick);
     }
     if cap.access.read_only() || meta.access_modes.iter().all(|m| m.read_only()) {
         options.flags.insert(nix::mount::MsFlags::MS_RDONLY);

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{shown, Error, Result};
-pub use crate::host::tools::FsType;
+use crate::error::{shown, Error, Mismatch, Result};
+pub use crate::host::fs::FsType;
+use crate::host::mount::MountOptions;
 
 /// The file system a volume gets when the request names none.
 pub const DEFAULT_FS: FsType = FsType::Ext4;
@@ -79,8 +80,51 @@ pub enum AccessKind {
     Mount {
         /// `None` when the request left fs_type empty (the volume's own type applies).
         fs: Option<FsType>,
-        flags: Vec<String>,
+        flags: MountFlags,
     },
+}
+
+/// A capability's `mount_flags`, validated and parsed once, where the request is parsed. Node
+/// records persist them as the list the CO sent (the format records had before the parsed form
+/// was kept); loading a record parses that list again. Flags a later build refuses make the
+/// record unreadable, which the records treat as damaged (never as absent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct MountFlags {
+    sent: Vec<String>,
+    parsed: MountOptions,
+}
+
+impl MountFlags {
+    /// Validates `sent` (see `MountOptions::parse`); the reason names the offending flag.
+    pub fn parse(sent: Vec<String>) -> std::result::Result<Self, String> {
+        let parsed = MountOptions::parse(&sent)?;
+        Ok(MountFlags { sent, parsed })
+    }
+
+    /// The flags as the CO sent them.
+    pub fn as_sent(&self) -> &[String] {
+        &self.sent
+    }
+
+    /// The flags as the kernel takes them.
+    pub fn options(&self) -> &MountOptions {
+        &self.parsed
+    }
+}
+
+impl TryFrom<Vec<String>> for MountFlags {
+    type Error = String;
+
+    fn try_from(sent: Vec<String>) -> std::result::Result<Self, String> {
+        MountFlags::parse(sent)
+    }
+}
+
+impl From<MountFlags> for Vec<String> {
+    fn from(flags: MountFlags) -> Self {
+        flags.sent
+    }
 }
 
 impl Capability {
@@ -139,10 +183,19 @@ impl Capability {
         }
     }
 
+    /// The mount flags as the CO sent them.
     pub fn mount_flags(&self) -> &[String] {
         match &self.kind {
-            AccessKind::Mount { flags, .. } => flags,
+            AccessKind::Mount { flags, .. } => flags.as_sent(),
             AccessKind::Block => &[],
+        }
+    }
+
+    /// The mount flags as parsed when the request was (none for a raw block volume).
+    pub fn mount_options(&self) -> MountOptions {
+        match &self.kind {
+            AccessKind::Mount { flags, .. } => flags.options().clone(),
+            AccessKind::Block => MountOptions::default(),
         }
     }
 }
@@ -167,14 +220,57 @@ pub struct ClaimRef {
     pub pv_name: Option<String>,
 }
 
-/// CreateVolume `parameters`, typed.
+/// The StorageClass parameters a volume keeps for its life, declared once: parsed here (the
+/// `TryFrom` below), persisted in the volume's metadata (flattened: each field is a top-level
+/// key of `volumes/<id>.json`, as before this struct existed), and compared as a whole when a
+/// CreateVolume retry finds the volume by name (`conflict`). A new parameter is a field here
+/// (with `#[serde(default)]`, so older metadata still loads), its key in the `TryFrom`, and its
+/// comparison in `conflict`, which the compiler demands: it destructures the struct.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeParams {
+    pub provisioning: Provisioning,
+    #[serde(default)]
+    pub claim: ClaimRef,
+}
+
+impl VolumeParams {
+    /// Why an existing volume with these parameters is not what `requested` asks for (the tail
+    /// of an ALREADY_EXISTS message, named by the StorageClass key); `None` when it is.
+    pub fn conflict(&self, requested: &VolumeParams) -> Option<Mismatch> {
+        // No `..`: a field added to the struct must be decided on here.
+        let VolumeParams {
+            provisioning,
+            // Who asked (the PVC) is not what was asked for: a retry names the same claim, and
+            // the first claim's name stays on record.
+            claim: _,
+        } = self;
+        if *provisioning != requested.provisioning {
+            return Some(Mismatch::Parameter {
+                key: "provisioning",
+                existing: format!("{provisioning:?}"),
+                requested: format!("{:?}", requested.provisioning),
+            });
+        }
+        None
+    }
+}
+
+/// CreateVolume `parameters`, typed: what the volume keeps, and the file system the class
+/// names. Reads through to the kept parameters (`params.provisioning`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StorageClassParams {
-    pub provisioning: Provisioning,
-    pub claim: ClaimRef,
+    pub volume: VolumeParams,
     /// `csi.storage.k8s.io/fstype`, when the CO passes it as a parameter (see
-    /// `Capability::volume_kind_in`).
+    /// `Capability::volume_kind_in`). Not kept: it becomes the volume's kind.
     pub fs: Option<FsType>,
+}
+
+impl std::ops::Deref for StorageClassParams {
+    type Target = VolumeParams;
+
+    fn deref(&self) -> &VolumeParams {
+        &self.volume
+    }
 }
 
 /// Keys the Kubernetes sidecars add on their own; accepted and never interpreted as ours.
@@ -194,7 +290,7 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
             let value = &map[key];
             match key.as_str() {
                 "provisioning" => {
-                    params.provisioning = match value.as_str() {
+                    params.volume.provisioning = match value.as_str() {
                         "thin" => Provisioning::Thin,
                         "thick" => Provisioning::Thick,
                         _ => {
@@ -205,9 +301,11 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
                         }
                     }
                 }
-                "csi.storage.k8s.io/pvc/name" => params.claim.name = Some(value.clone()),
-                "csi.storage.k8s.io/pvc/namespace" => params.claim.namespace = Some(value.clone()),
-                "csi.storage.k8s.io/pv/name" => params.claim.pv_name = Some(value.clone()),
+                "csi.storage.k8s.io/pvc/name" => params.volume.claim.name = Some(value.clone()),
+                "csi.storage.k8s.io/pvc/namespace" => {
+                    params.volume.claim.namespace = Some(value.clone())
+                }
+                "csi.storage.k8s.io/pv/name" => params.volume.claim.pv_name = Some(value.clone()),
                 // Empty is what a class without an fstype gives: the default applies.
                 FSTYPE_KEY if value.is_empty() => {}
                 FSTYPE_KEY => {
@@ -215,8 +313,9 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
                         Error::invalid(
                             "parameters",
                             format!(
-                                "\"{FSTYPE_KEY}\" {} is not supported (use \"ext4\" or \"xfs\")",
-                                shown(value)
+                                "\"{FSTYPE_KEY}\" {} is not supported (use {})",
+                                shown(value),
+                                FsType::choices()
                             ),
                         )
                     })?)
@@ -392,5 +491,73 @@ mod tests {
         );
         let err = StorageClassParams::try_from(&map(&[("bogus", "1")])).unwrap_err();
         assert!(err.to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn kept_parameters_conflict_on_every_compared_field() {
+        let thin = VolumeParams::default();
+        let thick = VolumeParams {
+            provisioning: Provisioning::Thick,
+            ..VolumeParams::default()
+        };
+        assert!(thin.conflict(&thin).is_none());
+        assert_eq!(
+            thick.conflict(&thin).map(|m| m.to_string()).as_deref(),
+            Some("was made with provisioning Thick, but provisioning Thin was requested")
+        );
+        let other_claim = VolumeParams {
+            claim: ClaimRef {
+                name: Some("other".into()),
+                ..ClaimRef::default()
+            },
+            ..VolumeParams::default()
+        };
+        assert!(thin.conflict(&other_claim).is_none());
+    }
+
+    /// Volume metadata as the driver wrote it before the kept parameters became one struct:
+    /// it loads, and is written back with the same keys and values.
+    #[test]
+    fn metadata_written_before_volume_params_still_loads() {
+        use crate::volume::pool::VolumeMeta;
+        let written = r#"{
+  "version": 1,
+  "id": "fc64749b-889e-46e8-aa8b-5a9c943168c6",
+  "name": "pvc-1",
+  "capacity_bytes": 1073741824,
+  "kind": {
+    "filesystem": "ext4"
+  },
+  "provisioning": "thick",
+  "access_modes": [
+    "single_node_writer"
+  ],
+  "created_unix": 5,
+  "formatted": true,
+  "claim": {
+    "namespace": "ns",
+    "name": "data",
+    "pv_name": "pv-1"
+  },
+  "pending_fs_grow": false
+}"#;
+        let meta: VolumeMeta = serde_json::from_str(written).unwrap();
+        assert_eq!(meta.params.provisioning, Provisioning::Thick);
+        assert_eq!(meta.params.claim.pv_name.as_deref(), Some("pv-1"));
+        assert_eq!(meta.kind, VolumeKind::Filesystem(FsType::Ext4));
+        let again: serde_json::Value = serde_json::to_value(&meta).unwrap();
+        let before: serde_json::Value = serde_json::from_str(written).unwrap();
+        assert_eq!(again, before);
+        // Older still: no claim at all.
+        let no_claim = written.replace(
+            r#""claim": {
+    "namespace": "ns",
+    "name": "data",
+    "pv_name": "pv-1"
+  },"#,
+            "",
+        );
+        let meta: VolumeMeta = serde_json::from_str(&no_claim).unwrap();
+        assert_eq!(meta.params.claim, ClaimRef::default());
     }
 }

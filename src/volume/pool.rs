@@ -29,7 +29,7 @@ use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{ObjectGuard, SnapshotGuard, VolumeGuard};
-use crate::volume::params::{AccessMode, CapacityRange, ClaimRef, Provisioning, VolumeKind};
+use crate::volume::params::{AccessMode, CapacityRange, Provisioning, VolumeKind, VolumeParams};
 
 /// Metadata format version written by this build.
 const META_VERSION: u32 = 1;
@@ -127,15 +127,16 @@ pub struct VolumeMeta {
     pub name: String,
     pub capacity_bytes: u64,
     pub kind: VolumeKind,
-    pub provisioning: Provisioning,
+    /// The StorageClass parameters the volume keeps (`provisioning`, `claim`), flattened into
+    /// the top level of the JSON.
+    #[serde(flatten)]
+    pub params: VolumeParams,
     pub access_modes: Vec<AccessMode>,
     pub created_unix: u64,
     /// Set once the driver created the file system: from then on a volume that probes blank is
     /// damaged, and is never formatted again.
     #[serde(default)]
     pub formatted: bool,
-    #[serde(default)]
-    pub claim: ClaimRef,
     /// The snapshot or volume this volume was made from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_source: Option<ContentSource>,
@@ -204,8 +205,8 @@ pub struct NewVolume {
     pub capacity: CapacityRange,
     pub kind: VolumeKind,
     pub access_modes: Vec<AccessMode>,
-    pub provisioning: Provisioning,
-    pub claim: ClaimRef,
+    /// The StorageClass parameters the volume keeps (compared whole on a retry).
+    pub params: VolumeParams,
     /// `Some` to fill the new volume from a snapshot or another volume.
     pub source: Option<ContentSource>,
 }
@@ -480,13 +481,12 @@ impl Pool {
             name: req.name,
             capacity_bytes: size,
             kind: req.kind,
-            provisioning: req.provisioning,
+            params: req.params,
             access_modes: req.access_modes,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             formatted: source.as_ref().is_some_and(|s| s.formatted),
-            claim: req.claim,
             content_source: source.as_ref().map(|s| s.content),
             pending_fs_grow: source.as_ref().is_some_and(|s| {
                 s.formatted
@@ -495,7 +495,7 @@ impl Pool {
             }),
         };
         let image = self.layout.image(&id);
-        let allocation = match meta.provisioning {
+        let allocation = match meta.params.provisioning {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
         };
@@ -958,13 +958,8 @@ fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result<()> {
             existing: existing.content_source,
             requested: req.source,
         })
-    } else if existing.provisioning != req.provisioning {
-        Some(Mismatch::Provisioning {
-            existing: existing.provisioning,
-            requested: req.provisioning,
-        })
     } else {
-        None
+        existing.params.conflict(&req.params)
     };
     match mismatch {
         Some(mismatch) => Err(Error::VolumeNameTaken {

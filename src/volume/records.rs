@@ -238,4 +238,34 @@ mod tests {
         clear(&dir).unwrap();
         assert!(!dir.exists());
     }
+
+    /// Records as the driver wrote them before the capability carried its parsed mount flags:
+    /// they load, with the flags parsed, and are written back byte for byte the same.
+    #[test]
+    fn records_written_before_parsed_mount_flags_still_load() {
+        use crate::volume::params::FsType;
+        let staged = r#"{"path":"/s","capability":{"access":"single_node_writer","kind":{"mount":{"fs":"xfs","flags":["noatime","ro"]}}},"image":{"dev":1,"ino":2}}"#;
+        let record: StageRecord = serde_json::from_str(staged).unwrap();
+        let AccessKind::Mount { fs, flags } = &record.capability.kind else {
+            panic!("a mount capability loads as one: {record:?}");
+        };
+        assert_eq!(*fs, Some(FsType::Xfs));
+        assert_eq!(flags.as_sent(), ["noatime", "ro"]);
+        assert!(flags.options().read_only());
+        assert!(flags
+            .options()
+            .flags
+            .contains(nix::mount::MsFlags::MS_NOATIME));
+        assert_eq!(serde_json::to_string(&record).unwrap(), staged);
+
+        let published = r#"{"target":"/t","capability":{"access":"single_node_reader_only","kind":"block"},"readonly":true}"#;
+        let record: PublishRecord = serde_json::from_str(published).unwrap();
+        assert_eq!(record.capability.kind, AccessKind::Block);
+        assert_eq!(serde_json::to_string(&record).unwrap(), published);
+
+        // Flags the parser refuses make the record unreadable (damaged), never silently empty.
+        let hostile = staged.replace("\"ro\"", "\"bind\"");
+        let err = serde_json::from_str::<StageRecord>(&hostile).unwrap_err();
+        assert!(err.to_string().contains("bind"), "{err}");
+    }
 }

@@ -62,7 +62,7 @@ impl NodeOps {
                 capacity_bytes: meta.capacity_bytes,
                 allocated_bytes: files::allocated_bytes(&image).unwrap_or(0),
                 kind: meta.kind,
-                provisioning: meta.provisioning,
+                provisioning: meta.params.provisioning,
                 formatted: meta.formatted,
                 loop_device: device.map(|d| d.path().display().to_string()),
                 direct_io: device.map(|d| d.direct_io()),

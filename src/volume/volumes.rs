@@ -354,7 +354,7 @@ impl Volumes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::params::{AccessMode, ClaimRef, Provisioning, VolumeKind};
+    use crate::volume::params::{AccessMode, VolumeKind, VolumeParams};
 
     fn new_volume(name: &str) -> NewVolume {
         NewVolume {
@@ -365,8 +365,7 @@ mod tests {
             },
             kind: VolumeKind::Block,
             access_modes: vec![AccessMode::SingleNodeWriter],
-            provisioning: Provisioning::Thin,
-            claim: ClaimRef::default(),
+            params: VolumeParams::default(),
             source: None,
         }
     }

@@ -97,6 +97,7 @@ pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
         buffered_io: false,
         allow_node_id_change: false,
         no_get_snapshot_capability: false,
+        tool_timeout: 600,
     }
 }
 
