@@ -190,7 +190,7 @@ impl Host for Linux {
     fn write_record_at_startup(&self, path: &Path, contents: &[u8]) -> Result<()> {
         files::write_atomic_at_startup(path, contents)
     }
-    fn remove_record(&self, path: &Path) -> Result<()> {
+    fn remove_durably(&self, path: &Path) -> Result<()> {
         files::remove_durably(path)
     }
     fn remove_record_dir(&self, dir: &Path) -> Result<()> {

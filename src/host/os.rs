@@ -172,8 +172,9 @@ pub trait Host: Send + Sync {
     fn write_record(&self, path: &Path, contents: &[u8]) -> Result<()>;
     /// `write_record` for a file written at startup, before the driver serves (no crash point).
     fn write_record_at_startup(&self, path: &Path, contents: &[u8]) -> Result<()>;
-    /// Removes the record at `path` durably; already gone is success.
-    fn remove_record(&self, path: &Path) -> Result<()>;
+    /// Removes the file at `path` durably (a record, or an image whose commit failed);
+    /// already gone is success.
+    fn remove_durably(&self, path: &Path) -> Result<()>;
     /// Removes the directory `dir` and everything in it durably; already gone is success.
     fn remove_record_dir(&self, dir: &Path) -> Result<()>;
     /// Removes a file nothing commits any more, without a directory fsync; gone is success.

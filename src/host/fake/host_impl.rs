@@ -275,8 +275,8 @@ impl Host for FakeHost {
             files::write_atomic_at_startup(path, contents)
         })
     }
-    fn remove_record(&self, path: &Path) -> Result<()> {
-        self.file(Op::RemoveRecord, path, || files::remove_durably(path))
+    fn remove_durably(&self, path: &Path) -> Result<()> {
+        self.file(Op::RemoveDurably, path, || files::remove_durably(path))
     }
     fn remove_record_dir(&self, dir: &Path) -> Result<()> {
         self.file(Op::RemoveRecordDir, dir, || linux::remove_record_dir(dir))

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -260,7 +260,11 @@ impl Kernel {
     ) -> Result<()> {
         let sys = |errno| Error::sys("mount", target.display(), errno);
         directory_at(target).map_err(sys)?;
-        let (n, l) = self.device(device).map_err(|_| sys(Errno::ENXIO))?;
+        // A missing node is ENOENT; a node without a backing file, ENXIO.
+        let (n, l) = self.device(device).map_err(|e| match e {
+            Error::Sys { errno, .. } => sys(errno),
+            _ => sys(Errno::ENOENT),
+        })?;
         if l.read_only && !opts.read_only() {
             return Err(sys(Errno::EACCES));
         }
@@ -305,11 +309,30 @@ impl Kernel {
                 super_options: "rw".into(),
             }
         } else {
-            let from = mount::mounted_at(&self.table, source).ok_or(sys(Errno::EINVAL))?;
-            MountEntry {
-                mount_point: target.to_path_buf(),
-                options: format!("{mode},relatime"),
-                ..from
+            let options = format!("{mode},relatime");
+            match mount::mounted_at(&self.table, source) {
+                Some(from) => MountEntry {
+                    mount_point: target.to_path_buf(),
+                    options,
+                    ..from
+                },
+                // A plain directory: its own file system's numbers, itself as root.
+                None => {
+                    let dev = std::fs::metadata(source)
+                        .map_err(|_| sys(Errno::ENOENT))?
+                        .dev();
+                    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+                    MountEntry {
+                        major: u32::try_from(major).unwrap_or(u32::MAX),
+                        minor: u32::try_from(minor).unwrap_or(u32::MAX),
+                        root: source.display().to_string(),
+                        mount_point: target.to_path_buf(),
+                        options,
+                        fs_type: "unknown".into(),
+                        source: "none".into(),
+                        super_options: "rw".into(),
+                    }
+                }
             }
         };
         self.table.push(entry);

@@ -357,8 +357,8 @@ fn records_and_their_directories_are_real_files() {
     assert_eq!(s.fake.list_dir(&dir).unwrap(), None);
     s.fake.write_record(&dir.join("a.json"), b"{}").unwrap();
     assert_eq!(s.fake.list_dir(&dir).unwrap().unwrap().len(), 1);
-    s.fake.remove_record(&dir.join("a.json")).unwrap();
-    s.fake.remove_record(&dir.join("a.json")).unwrap();
+    s.fake.remove_durably(&dir.join("a.json")).unwrap();
+    s.fake.remove_durably(&dir.join("a.json")).unwrap();
     assert!(s.fake.remove_empty_dir(&dir).unwrap());
     assert_eq!(s.fake.node(&dir).unwrap(), None);
     let image = s.root.join("v.img");
@@ -388,4 +388,31 @@ fn a_device_whose_image_was_deleted_still_reads_its_data() {
     assert_eq!(copied, 1 << 20);
     let data = std::fs::read(&image).unwrap();
     assert_eq!(&data[8192..8200], b"precious");
+}
+
+#[test]
+fn binding_a_staged_file_system_shows_its_device_at_the_target() {
+    let s = setup();
+    let (dev, staging) = s.staged();
+    let target = s.dir("target");
+    let ro = MountOptions::parse(&["ro".into()]).unwrap();
+    s.fake.bind(&staging, &target, &ro).unwrap();
+    let entry = s.fake.mounts().unwrap().pop().unwrap();
+    assert_eq!((entry.major, entry.minor), (7, dev.0));
+    assert!(entry.read_only());
+    // Mounting a device that was never made is ENOENT, one without a backing file ENXIO.
+    let opts = MountOptions::default();
+    let err = s
+        .fake
+        .mount_device(&LoopDevice(9).path(), &target, "ext4", &opts)
+        .unwrap_err();
+    assert_eq!(errno_of(&err), Some(Errno::ENOENT), "{err}");
+    s.fake.unmount(&target).unwrap();
+    s.fake.unmount(&staging).unwrap();
+    s.fake.detach(dev).unwrap();
+    let err = s
+        .fake
+        .mount_device(&dev.path(), &target, "ext4", &opts)
+        .unwrap_err();
+    assert_eq!(errno_of(&err), Some(Errno::ENXIO), "{err}");
 }
