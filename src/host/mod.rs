@@ -1,10 +1,14 @@
 //! The only door to the operating system. Nothing here knows about CSI.
 
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fake;
 pub mod files;
 pub mod fs;
+pub mod linux;
 pub mod lockfile;
 pub mod loopdev;
 pub mod mount;
+pub mod os;
 pub mod tools;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,246 @@
+//! `FakeHost`: a recording [`Host`] for unit tests of the domain without root, and for the
+//! failures the kernel will not give on demand (DESIGN.md, example 11; youki's `Syscall` fake).
+//!
+//! - Files are real, under a directory the test owns (`root`): records, metadata and images
+//!   are real files written by the same code as on a node, and any path outside `root` is
+//!   refused, so a unit test can never touch the machine's state.
+//! - The kernel is simulated ([`kernel`]): loop devices (`/dev/loopN`, major 7 minor N) over
+//!   the real backing files, a mount table of `MountEntry`s, frozen superblocks, exclusive
+//!   holders. File-system *contents* are not simulated: a mount point is the real directory.
+//! - Every call is recorded ([`FakeHost::calls`]) so tests can assert order ("detach never runs
+//!   before unmount") and absence ("nothing was formatted").
+//! - Failures are injected per operation ([`FakeHost::fail`], [`FakeHost::fail_nth`]), with the
+//!   error shape the real function gives for that errno (`Sys` for a syscall, `Tool` for a tool,
+//!   `Io` for a file), plus the ones no errno describes: [`FakeHost::mkfs_fails_halfway`],
+//!   [`FakeHost::vanish`], [`FakeHost::hold`]. Methods that cannot fail (`direct_io`,
+//!   `supports`, ...) are recorded and never fail.
+
+mod calls;
+mod host_impl;
+pub mod kernel;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use nix::errno::Errno;
+
+pub use calls::{Call, Op};
+use kernel::Kernel;
+
+use crate::error::{Error, Result};
+use crate::host::loopdev::{Attached, LoopDevice};
+use crate::host::mount::MountEntry;
+use crate::host::tools::FsType;
+
+/// One injected failure: `skip` further calls of `op` pass first; `once` removes it after it
+/// fires.
+#[derive(Debug)]
+struct Rule {
+    op: Op,
+    errno: Errno,
+    skip: u32,
+    once: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    kernel: Kernel,
+    calls: Vec<Call>,
+    rules: Vec<Rule>,
+    mkfs_halfway: bool,
+    missing_tools: Vec<FsType>,
+}
+
+/// The recording fake of the host. See the module doc.
+#[derive(Debug)]
+pub struct FakeHost {
+    root: PathBuf,
+    state: Mutex<State>,
+}
+
+impl FakeHost {
+    /// A fake whose files live under `root` (a temp dir the test owns and removes).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FakeHost {
+            root: root.into(),
+            state: Mutex::new(State {
+                kernel: Kernel::new(),
+                calls: Vec::new(),
+                rules: Vec::new(),
+                mkfs_halfway: false,
+                missing_tools: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    // ---- What happened ---------------------------------------------------------------------
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state().calls.clone()
+    }
+
+    /// The operations called so far, in order.
+    pub fn ops(&self) -> Vec<Op> {
+        self.state().calls.iter().map(|c| c.op).collect()
+    }
+
+    /// The calls of `op` so far, in order.
+    pub fn calls_of(&self, op: Op) -> Vec<Call> {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| c.op == op)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets the calls recorded so far (e.g. after a test's setup).
+    pub fn clear_calls(&self) {
+        self.state().calls.clear();
+    }
+
+    /// The simulated mount table (not recorded as a call).
+    pub fn mount_table(&self) -> Vec<MountEntry> {
+        self.state().kernel.table.clone()
+    }
+
+    /// The simulated attached loop devices (not recorded as a call).
+    pub fn loop_devices(&self) -> Vec<Attached> {
+        self.state().kernel.attached()
+    }
+
+    /// Whether the file system with device numbers `numbers` is frozen.
+    pub fn is_frozen(&self, numbers: (u32, u32)) -> bool {
+        self.state().kernel.frozen.contains(&numbers)
+    }
+
+    // ---- Failures on demand ----------------------------------------------------------------
+
+    /// Every further call of `op` fails with `errno` (until `clear_failures`).
+    pub fn fail(&self, op: Op, errno: Errno) {
+        self.state().rules.push(Rule {
+            op,
+            errno,
+            skip: 0,
+            once: false,
+        });
+    }
+
+    /// The `n`th call of `op` from now (1: the next one) fails with `errno`, once.
+    pub fn fail_nth(&self, op: Op, n: u32, errno: Errno) {
+        self.state().rules.push(Rule {
+            op,
+            errno,
+            skip: n.saturating_sub(1),
+            once: true,
+        });
+    }
+
+    pub fn clear_failures(&self) {
+        let mut state = self.state();
+        state.rules.clear();
+        state.mkfs_halfway = false;
+    }
+
+    /// The next mkfs dies halfway: it leaves a partial signature (the device then probes as
+    /// `Other`) and fails as a tool error.
+    pub fn mkfs_fails_halfway(&self) {
+        self.state().mkfs_halfway = true;
+    }
+
+    /// `dev` disappears, as after an external `losetup -d` (its mounts stay in the table, as
+    /// a lazily detached device's would).
+    pub fn vanish(&self, dev: LoopDevice) {
+        self.state().kernel.loops.remove(&dev.0);
+    }
+
+    /// A process (a tool a killed driver started) holds `dev` with O_EXCL until `release`.
+    pub fn hold(&self, dev: LoopDevice) {
+        self.state().kernel.held.insert(dev.0);
+    }
+
+    pub fn release(&self, dev: LoopDevice) {
+        let mut state = self.state();
+        state.kernel.held.remove(&dev.0);
+        state.kernel.settle(dev.0);
+    }
+
+    /// `dev`'s backing file can no longer be identified (its status fails).
+    pub fn unidentify(&self, dev: LoopDevice) {
+        if let Some(l) = self.state().kernel.loops.get_mut(&dev.0) {
+            l.unidentified = true;
+        }
+    }
+
+    /// ext4 on `dev` has recorded `count` errors.
+    pub fn set_fs_errors(&self, dev: LoopDevice, count: u64) {
+        self.state().kernel.fs_errors.insert(dev.0, count);
+    }
+
+    /// The node has no mkfs for `fs`.
+    pub fn without_tool(&self, fs: FsType) {
+        self.state().missing_tools.push(fs);
+    }
+
+    /// The pool's file system refuses direct I/O: devices attach buffered.
+    pub fn without_direct_io(&self) {
+        self.state().kernel.direct_io_supported = false;
+    }
+
+    // ---- Plumbing for the `Host` implementation --------------------------------------------
+
+    /// Records a call of `op` and returns the errno injected for it, if any.
+    fn enter(&self, op: Op, arg: String) -> Option<Errno> {
+        let mut state = self.state();
+        state.calls.push(Call { op, arg });
+        let mut fired = None;
+        // Every rule of `op` counts this call; the first one due fires (a second one due
+        // fires at the next call).
+        state.rules.retain_mut(|rule| {
+            if rule.op != op {
+                return true;
+            }
+            if rule.skip > 0 {
+                rule.skip -= 1;
+                return true;
+            }
+            if fired.is_some() {
+                return true;
+            }
+            fired = Some(rule.errno);
+            !rule.once
+        });
+        fired
+    }
+
+    /// `enter`, with the injected errno as the error the real function would return.
+    fn check(&self, op: Op, arg: String) -> Result<()> {
+        match self.enter(op, arg.clone()) {
+            Some(errno) => Err(op.error(errno, &arg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a path outside the fake's root: a unit test never touches the machine.
+    fn inside(&self, path: &Path) -> Result<()> {
+        if path.is_absolute() && path.starts_with(&self.root) {
+            return Ok(());
+        }
+        Err(Error::Internal(format!(
+            "fake host: {} is outside its root {}",
+            path.display(),
+            self.root.display()
+        )))
+    }
+}
