@@ -355,4 +355,3 @@ impl Drop for TestDriver {
         // `scratch` is dropped next: it releases and checks everything under the dir.
     }
 }
-

@@ -2,7 +2,6 @@
 
 use loopcsi::csi;
 
-
 pub fn mode(
     m: csi::volume_capability::access_mode::Mode,
 ) -> Option<csi::volume_capability::AccessMode> {
@@ -90,4 +89,3 @@ pub fn assert_code<T: std::fmt::Debug>(
         }
     }
 }
-
