@@ -98,19 +98,29 @@ async fn launch(root: &Path) -> (Running, Channel) {
 }
 
 impl TestDriver {
-    /// A fresh driver with an empty state dir.
-    pub async fn start() -> Self {
-        let scratch = Scratch::new();
-        let root = scratch.path().to_path_buf();
+    /// Launches the server on `root` (inside `scratch`) and connects the clients.
+    async fn launch_on(scratch: Scratch, root: PathBuf) -> Self {
         let (running, channel) = launch(&root).await;
+        let Clients {
+            identity,
+            controller,
+            node,
+        } = Clients::new(channel);
         TestDriver {
             scratch,
             root,
             running: Some(running),
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
+            identity,
+            controller,
+            node,
         }
+    }
+
+    /// A fresh driver with an empty state dir.
+    pub async fn start() -> Self {
+        let scratch = Scratch::new();
+        let root = scratch.path().to_path_buf();
+        Self::launch_on(scratch, root).await
     }
 
     /// A driver whose state dir (the pool) is a small file system of its own: a `fs_type`
@@ -159,15 +169,7 @@ impl TestDriver {
             None::<&str>,
         )
         .unwrap();
-        let (running, channel) = launch(&root).await;
-        TestDriver {
-            scratch,
-            root,
-            running: Some(running),
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        }
+        Self::launch_on(scratch, root).await
     }
 
     /// Stops the server gracefully (it removes its socket) and starts a new one on the same
@@ -176,9 +178,10 @@ impl TestDriver {
         self.stop().await;
         let (running, channel) = launch(&self.root).await;
         self.running = Some(running);
-        self.identity = IdentityClient::new(channel.clone());
-        self.controller = ControllerClient::new(channel.clone());
-        self.node = NodeClient::new(channel);
+        let clients = Clients::new(channel);
+        self.identity = clients.identity;
+        self.controller = clients.controller;
+        self.node = clients.node;
     }
 
     /// Where the running driver serves /metrics.
