@@ -13,6 +13,24 @@ use loopcsi::csi::identity_client::IdentityClient;
 use loopcsi::csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
+/// The `loopcsi` binary of this build: Cargo puts it in the profile's dir (target/debug), and
+/// a test executable in its deps/ subdir; Cargo builds it before the integration tests of the
+/// loopcsi package run. (`env!("CARGO_BIN_EXE_loopcsi")` exists only inside that package.)
+pub fn driver_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps");
+    let binary = profile_dir.join("loopcsi");
+    assert!(
+        binary.is_file(),
+        "{} does not exist: build it with `cargo build --bin loopcsi`",
+        binary.display()
+    );
+    binary
+}
+
 /// How long a child may take to say it is listening before the test fails (a broken binary
 /// must fail the test, not hang it).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,13 +59,13 @@ impl ChildDriver {
     /// The `loopcsi serve` command line on `socket` with state in `state_dir`, for callers that
     /// adjust it (environment, a private mount namespace) before `spawn_command`.
     pub fn command(socket: &Path, state_dir: &Path) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_loopcsi"));
+        let mut command = Command::new(driver_binary());
         command
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--node-id")
-            .arg(super::NODE)
+            .arg(crate::NODE)
             .arg("--state-dir")
             .arg(state_dir)
             .env("RUST_LOG", "info")
@@ -79,7 +97,7 @@ impl ChildDriver {
         ready_rx
             .recv_timeout(READY_TIMEOUT)
             .expect("loopcsi did not report listening");
-        let channel = super::connect(socket.clone()).await;
+        let channel = crate::client::connect(socket.clone()).await;
         ChildDriver {
             child: guard.0.take().expect("child"),
             socket,
@@ -105,8 +123,38 @@ impl ChildDriver {
     }
 }
 
-/// Kills a child that a failed spawn would otherwise leak.
-struct ChildGuard(Option<Child>);
+/// A child process killed (and reaped) when dropped, even when the test or the bench fails.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// Polls until the child exits; kills it after `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let Some(child) = self.0.as_mut() else {
+                return Err(std::io::Error::other("no child"));
+            };
+            if let Some(status) = child.try_wait()? {
+                self.0 = None;
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.0 = None;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("child did not exit within {timeout:?}; killed"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {

@@ -1,0 +1,424 @@
+//! The markdown rendering of the report.
+
+use std::fmt::Write as _;
+
+use crate::data::*;
+use crate::driver::*;
+use crate::provision::*;
+use crate::report::*;
+use crate::scale::*;
+use crate::stats::*;
+
+pub(crate) fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let s = &report.settings;
+    let _ = writeln!(out, "# loopcsi benchmark report\n");
+    let _ = writeln!(out, "## Machine\n");
+    let _ = writeln!(out, "| | |\n| --- | --- |");
+    let _ = writeln!(out, "| CPU | {} ({} cores) |", m.cpu, m.cores);
+    let _ = writeln!(out, "| memory | {:.1} GiB |", m.memory_gib);
+    let _ = writeln!(out, "| kernel | {} |", m.kernel);
+    let _ = writeln!(out, "| OS | {} |", m.os);
+    let _ = writeln!(
+        out,
+        "| pool dir (\"disk\" pool) | `{}`: {} |",
+        m.pool_dir, m.pool_filesystem
+    );
+    let _ = writeln!(
+        out,
+        "| \"ram\" pool | a tmpfs the bench mounts in its temp dir |"
+    );
+    let _ = writeln!(out, "| tools | {} |", m.tools.join("; "));
+    let _ = writeln!(out, "| loopcsi | {} |", m.loopcsi_version);
+    let _ = writeln!(
+        out,
+        "| loop devices at start | {} in /sys/block, {} attached |",
+        m.loop_entries_at_start, m.loop_devices_attached_at_start
+    );
+    let _ = writeln!(out, "| command | `{}` |", m.command);
+    let timing = if s.fio_runtime_s > 0 {
+        format!(
+            "{} s measured after {} s ramp",
+            s.fio_runtime_s, s.fio_ramp_s
+        )
+    } else {
+        format!("{} I/Os (smoke)", s.fio_number_ios)
+    };
+    let _ = writeln!(
+        out,
+        "| settings | rounds {}, fio {timing} on {} MiB, {} volumes of {} MiB per provisioning run at concurrency {:?}, scale {} volumes / {} staged |",
+        s.rounds, s.fio_size_mib, s.volumes, s.volume_mib, s.concurrency, s.scale_volumes, s.scale_staged
+    );
+    let _ = writeln!(out, "| duration | {:.0} s |\n", report.duration_s);
+
+    if !report.data.is_empty() {
+        render_data(&mut out, report);
+    }
+    if let Some(p) = &report.provision {
+        render_provision(&mut out, p);
+    }
+    if let Some(sc) = &report.scale {
+        render_scale(&mut out, sc);
+    }
+    let _ = writeln!(out, "## Targets\n");
+    let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
+    for c in &report.targets {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            c.target,
+            c.measured,
+            match c.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "n/a",
+            }
+        );
+    }
+    out
+}
+
+pub(crate) fn render_data(out: &mut String, report: &Report) {
+    let s = &report.settings;
+    let _ = writeln!(out, "## Data path\n");
+    let _ = writeln!(
+        out,
+        "fio, `direct=1`, libaio, {} round(s), jobs interleaved across targets; cells are the \
+         median, ± half the min–max spread. Before every job each backing image is synced and \
+         dropped from the page cache.\n",
+        s.rounds
+    );
+    for pool in &report.data {
+        let _ = writeln!(out, "### {} pool: {}\n", pool.pool.name(), pool.filesystem);
+        let _ = writeln!(
+            out,
+            "| target | loop device | direct I/O | logical block |\n| --- | --- | --- | --- |"
+        );
+        for d in &pool.devices {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                d.target, d.device, d.direct_io, d.logical_block_size
+            );
+        }
+        let _ = writeln!(out);
+        let _ = write!(out, "| target |");
+        for job in JOBS {
+            let _ = write!(out, " {} |", job.heading());
+        }
+        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
+        for target in &pool.targets {
+            let _ = write!(out, "| {target} |");
+            for job in JOBS {
+                match pool
+                    .cells
+                    .iter()
+                    .find(|c| &c.target == target && c.job == job)
+                {
+                    Some(c) => {
+                        let _ = write!(out, " {}{} |", fmt_metric(c.median), spread(c));
+                    }
+                    None => {
+                        let _ = write!(out, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Ratios, paired by round (the median of the per-round ratios; targets of one kind run \
+             back to back): ÷ plain file / **÷ tuned loop** [lowest–highest round] / ÷ \
+             buffered-512 loop of the same kind:\n"
+        );
+        let _ = write!(out, "| target |");
+        for job in JOBS {
+            let _ = write!(out, " {} |", job.key());
+        }
+        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
+        for kind in [VolKind::Ext4, VolKind::Xfs, VolKind::Block] {
+            for variant in [Variant::Volume, Variant::Tuned, Variant::Buffered512] {
+                let target = Target::Loop(variant, kind);
+                let _ = write!(out, "| {} |", target.key());
+                for job in JOBS {
+                    let ratio = |base: Target| -> String {
+                        pool.paired(target, base, job)
+                            .map_or("–".into(), |r| format!("{:.2}", r.median))
+                    };
+                    let cell = match variant {
+                        Variant::Volume => {
+                            let tuned = Target::Loop(Variant::Tuned, kind);
+                            let range =
+                                pool.paired(target, tuned, job).map_or(String::new(), |r| {
+                                    let lo =
+                                        r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
+                                    let hi = r.per_round.iter().copied().fold(0.0, f64::max);
+                                    if r.per_round.len() > 1 {
+                                        format!(" [{lo:.2}–{hi:.2}]")
+                                    } else {
+                                        String::new()
+                                    }
+                                });
+                            format!(
+                                "{} / **{}**{range} / {}",
+                                ratio(Target::Plain),
+                                ratio(tuned),
+                                ratio(Target::Loop(Variant::Buffered512, kind))
+                            )
+                        }
+                        _ => format!("{} / – / –", ratio(Target::Plain)),
+                    };
+                    let _ = write!(out, " {cell} |");
+                }
+                let _ = writeln!(out);
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Completion latency p99 (µs, median over rounds):\n");
+        let _ = write!(out, "| target |");
+        for job in JOBS {
+            let _ = write!(out, " {} |", job.key());
+        }
+        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
+        for target in &pool.targets {
+            let _ = write!(out, "| {target} |");
+            for job in JOBS {
+                match pool
+                    .cells
+                    .iter()
+                    .find(|c| &c.target == target && c.job == job)
+                {
+                    Some(c) => {
+                        let _ = write!(out, " {:.0} |", c.clat_p99_us);
+                    }
+                    None => {
+                        let _ = write!(out, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out);
+    }
+}
+
+pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
+    let _ = writeln!(out, "## Provisioning\n");
+    let _ = writeln!(
+        out,
+        "Pool: {}. Each volume ({} MiB) goes Create → Stage → Publish → Unpublish → Unstage → \
+         Delete; `concurrency` volumes are in flight at once. \"driver\" is the RPCs of the \
+         in-process driver over its unix socket; \"direct\" is the same kernel and tool steps \
+         run by the bench itself (durable image file, LOOP_CONFIGURE attach, mkfs, mount, bind, \
+         umount, detach, unlink; no blkid -p, which the driver skips for a never-written image). \
+         Cells: p50 / p99 in ms.\n",
+        p.filesystem, p.volume_mib
+    );
+    let _ = write!(out, "| kind | prov. | conc. | path |");
+    for rpc in RPCS {
+        let _ = write!(out, " {rpc} |");
+    }
+    let _ = writeln!(
+        out,
+        " volumes/s |\n| --- | --- | ---: | --- |{} ---: |",
+        " ---: |".repeat(RPCS.len())
+    );
+    for l in &p.lifecycles {
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {} |",
+            l.kind.name(),
+            if l.thick { "thick" } else { "thin" },
+            l.concurrency,
+            match l.path {
+                LifecyclePath::Driver => "driver",
+                LifecyclePath::Direct => "direct",
+            }
+        );
+        for r in &l.rpcs {
+            let _ = write!(out, " {} / {} |", fmt_ms(r.p50), fmt_ms(r.p99));
+        }
+        let _ = writeln!(out, " {:.1} |", l.volumes_per_s);
+    }
+    let _ = writeln!(out);
+    for note in &p.notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    if !p.notes.is_empty() {
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        out,
+        "Direct steps (p50 / p99 ms), where the time of a lifecycle goes:\n"
+    );
+    let _ = write!(out, "| kind | prov. | conc. |");
+    for step in STEPS {
+        let _ = write!(out, " {step} |");
+    }
+    let _ = writeln!(
+        out,
+        "\n| --- | --- | ---: |{}",
+        " ---: |".repeat(STEPS.len())
+    );
+    for l in p
+        .lifecycles
+        .iter()
+        .filter(|l| l.path == LifecyclePath::Direct)
+    {
+        let _ = write!(
+            out,
+            "| {} | {} | {} |",
+            l.kind.name(),
+            if l.thick { "thick" } else { "thin" },
+            l.concurrency
+        );
+        for st in &l.steps {
+            let _ = write!(out, " {} / {} |", fmt_ms(st.p50), fmt_ms(st.p99));
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Attach and detach, one at a time:\n");
+    let _ = writeln!(out, "| step | p50 ms | p99 ms |\n| --- | ---: | ---: |");
+    for t in &p.tool_steps {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            t.step,
+            fmt_ms(t.summary.p50),
+            fmt_ms(t.summary.p99)
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "First stage of a fresh thin ext4 volume. Each driver stage (CreateVolume, then the \
+         timed NodeStageVolume) ran back to back with the same steps done by hand on a fresh \
+         file in the same pool, the two taking turns going first; the ratio is the median of \
+         the per-pair ratios (p50 ms):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| pool | size | pairs | driver CreateVolume | driver NodeStageVolume p50 / max | direct attach | direct mkfs | direct mount | direct mkfs + mount | stage ÷ (mkfs + mount) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for b in &p.first_stage {
+        let create = b
+            .driver_create
+            .as_ref()
+            .map_or("–".into(), |s| fmt_ms(s.p50));
+        let stage = b
+            .driver_stage
+            .as_ref()
+            .map_or(format!("– ({})", b.driver_note), |s| {
+                format!("{} / {}", fmt_ms(s.p50), fmt_ms(s.max))
+            });
+        let ratio = b
+            .ratio_to_mkfs_mount
+            .as_ref()
+            .map_or("–".into(), |r| format!("{:.2}×", r.p50));
+        let _ = writeln!(
+            out,
+            "| {} ({}) | {} MiB | {} | {create} | {stage} | {} | {} | {} | {} | {ratio} |",
+            b.pool.name(),
+            b.filesystem.split(" mounted at").next().unwrap_or(""),
+            b.size_mib,
+            b.direct_mkfs.n,
+            fmt_ms(b.direct_attach.p50),
+            fmt_ms(b.direct_mkfs.p50),
+            fmt_ms(b.direct_mount.p50),
+            fmt_ms(b.direct_mkfs_mount.p50),
+        );
+    }
+    let _ = writeln!(out);
+}
+
+pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
+    let _ = writeln!(out, "## Scale\n");
+    let _ = writeln!(
+        out,
+        "The real `loopcsi` binary as a child (default flags, logs to a file), pool: {}. {} thin \
+         ext4 volumes of {} MiB created and {} of them staged (8 RPCs in flight).\n",
+        s.filesystem, s.volumes, s.volume_mib, s.staged
+    );
+    let sum = |x: &Summary| format!("p50 {} ms, p99 {} ms", fmt_ms(x.p50), fmt_ms(x.p99));
+    let _ = writeln!(out, "| measure | value |\n| --- | --- |");
+    let _ = writeln!(
+        out,
+        "| first start to ready (empty pool) | {} ms |",
+        fmt_ms(s.first_start_to_ready_ms)
+    );
+    let _ = writeln!(
+        out,
+        "| CreateVolume | {}; {:.0} volumes/s |",
+        sum(&s.create),
+        s.create_per_s
+    );
+    let _ = writeln!(
+        out,
+        "| NodeStageVolume | {}; {:.1} volumes/s |",
+        sum(&s.stage),
+        s.stage_per_s
+    );
+    let _ = writeln!(
+        out,
+        "| RSS under load (VmRSS / VmHWM / threads) | {:.1} MiB / {:.1} MiB / {} |",
+        s.rss_loaded.vm_rss_mib, s.rss_loaded.vm_hwm_mib, s.rss_loaded.threads
+    );
+    let _ = writeln!(
+        out,
+        "| ListVolumes of all (one page) | {} |",
+        sum(&s.list_all)
+    );
+    let _ = writeln!(
+        out,
+        "| ListVolumes of all (pages of 100) | {} |",
+        sum(&s.list_paged_100)
+    );
+    let _ = writeln!(out, "| GetCapacity | {} |", sum(&s.get_capacity));
+    let _ = writeln!(
+        out,
+        "| NodeGetVolumeStats (staged volumes) | {} |",
+        sum(&s.volume_stats)
+    );
+    let _ = writeln!(
+        out,
+        "| `loopdev::attached()` ({} loop entries in /sys/block, {} attached) | {} |",
+        s.sysfs_loop_entries,
+        s.attached_loop_devices,
+        sum(&s.scan_loop_devices)
+    );
+    let _ = writeln!(
+        out,
+        "| `mount::mounts()` ({} entries in mountinfo) | {} |",
+        s.mount_entries,
+        sum(&s.scan_mountinfo)
+    );
+    let _ = writeln!(
+        out,
+        "| restart (SIGTERM, start) to Probe ready | {} ms (socket accepting after {} ms) |",
+        s.restarts_to_ready_ms
+            .iter()
+            .map(|v| fmt_ms(*v))
+            .collect::<Vec<_>>()
+            .join(", "),
+        s.restart_socket_ms
+            .iter()
+            .map(|v| fmt_ms(*v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "| RSS after restart (VmRSS / VmHWM / threads) | {:.1} MiB / {:.1} MiB / {} |",
+        s.rss_after_restart.vm_rss_mib, s.rss_after_restart.vm_hwm_mib, s.rss_after_restart.threads
+    );
+    let _ = writeln!(
+        out,
+        "| ListVolumes of all after restart | {} |",
+        sum(&s.list_all_after_restart)
+    );
+    let _ = writeln!(out, "| NodeUnstageVolume | {} |", sum(&s.unstage));
+    let _ = writeln!(out, "| DeleteVolume | {} |\n", sum(&s.delete));
+}

@@ -1,0 +1,27 @@
+//! loopcsi's shared test kit, used by the integration tests (tests/) and by the benchmark
+//! (bench/): one CSI client wrapper over the unix socket ([`client`]), the fixtures that run a
+//! real driver on a temp socket and state dir, in process ([`driver`]) or as the real binary in
+//! a child process ([`process`]), and the leak checks on loop devices and mounts ([`leaks`]).
+//!
+//! Everything a fixture makes lives under its own temp dir; guards release it in `Drop`, even
+//! when a test panics, and touch nothing outside it.
+
+// A fixture that cannot set itself up has nothing better to do than fail the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod client;
+pub mod driver;
+pub mod leaks;
+pub mod process;
+pub mod requests;
+
+pub use client::{connect, Clients};
+pub use driver::{config_for, serve_in_background, TestDriver};
+pub use leaks::{
+    every_attached_loop_device, files_in, leftovers_under, release_everything_under, thaw,
+    thaw_everything_under, Scratch,
+};
+pub use requests::*;
+
+pub const MIB: i64 = 1 << 20;
+pub const NODE: &str = "test-node-1";
