@@ -2,11 +2,13 @@
 
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fake;
+pub mod fileid;
 pub mod files;
 pub mod fs;
 pub mod linux;
 pub mod lockfile;
 pub mod loopdev;
+pub mod loopscan;
 pub mod mount;
 pub mod os;
 pub mod tools;
