@@ -49,8 +49,6 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Tools the driver cannot run without.
 const REQUIRED: &[&str] = &["blkid", "mkfs.ext4"];
-/// Tools whose absence only refuses the file system (or the grow) that needs them.
-const OPTIONAL: &[&str] = &["mkfs.xfs", "e2fsck", "resize2fs", "xfs_growfs"];
 
 /// Resolved paths of the tools the driver runs, and how long a run may take.
 #[derive(Clone, Debug)]
@@ -82,7 +80,12 @@ impl Tools {
             })?;
             found.insert(*name, path);
         }
-        for name in OPTIONAL {
+        // The tools of each file system (`Filesystem::tools`): their absence only refuses the
+        // file system, or the grow, that needs them.
+        for name in FsType::ALL.iter().flat_map(|fs| fs.get().tools()) {
+            if found.contains_key(name) {
+                continue;
+            }
             if let Some(path) = find(name) {
                 found.insert(*name, path);
             }

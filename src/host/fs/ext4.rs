@@ -23,6 +23,10 @@ impl Filesystem for Ext4 {
         "mkfs.ext4"
     }
 
+    fn tools(&self) -> &'static [&'static str] {
+        &["mkfs.ext4", "e2fsck", "resize2fs"]
+    }
+
     /// Discard off (see `Tools::mkfs`); inode tables and journal are initialised lazily: the
     /// device is a fresh file that reads back zeroes, so skipping the zeroing pass is safe.
     fn mkfs_args(&self) -> &'static [&'static str] {

@@ -92,6 +92,10 @@ pub trait Filesystem: Sync {
     /// The arguments of mkfs before the device.
     fn mkfs_args(&self) -> &'static [&'static str];
 
+    /// Every tool this file system runs (mkfs, checks, growth), by the name `Tools` finds it
+    /// under: `Tools::discover` looks for them, so a new file system brings its own tools.
+    fn tools(&self) -> &'static [&'static str];
+
     /// Adds the options the driver always mounts this file system with (unless the request's
     /// flags already say otherwise). `thick` is a fully allocated volume.
     fn mount_defaults(&self, options: &mut MountOptions, thick: bool);

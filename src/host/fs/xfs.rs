@@ -23,6 +23,10 @@ impl Filesystem for Xfs {
         "mkfs.xfs"
     }
 
+    fn tools(&self) -> &'static [&'static str] {
+        &["mkfs.xfs", "xfs_growfs"]
+    }
+
     /// `-K`: no discard (see `Tools::mkfs`).
     fn mkfs_args(&self) -> &'static [&'static str] {
         &["-f", "-q", "-K"]
