@@ -15,15 +15,15 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use loopcsi::csi;
 use loopcsi::csi::controller_client::ControllerClient;
 use loopcsi::csi::identity_client::IdentityClient;
 use loopcsi::csi::node_client::NodeClient;
+use loopcsi_testkit::connect;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_loopcsi");
 
@@ -302,22 +302,6 @@ impl Dir {
     }
 }
 
-async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://loopcsi.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect to the driver socket")
-}
-
 /// Probe must answer OK (ready may still be false while state recovery runs).
 async fn probe_ok(channel: Channel) {
     let reply = tokio::time::timeout(
@@ -448,7 +432,7 @@ async fn serve_and_stop_with(signal: Signal) {
     );
     assert_socket_mode(&dir.socket());
 
-    let channel = connect(&dir.socket()).await;
+    let channel = connect(dir.socket()).await;
     probe_ok(channel.clone()).await;
     let info = NodeClient::new(channel.clone())
         .node_get_info(csi::NodeGetInfoRequest {})
@@ -520,7 +504,7 @@ async fn flags_override_env() {
     let mut child = Child::spawn(cmd);
     child.wait_listening().await;
     assert_socket_mode(&dir.socket());
-    let info = NodeClient::new(connect(&dir.socket()).await)
+    let info = NodeClient::new(connect(dir.socket()).await)
         .node_get_info(csi::NodeGetInfoRequest {})
         .await
         .expect("NodeGetInfo returns OK")
@@ -548,7 +532,7 @@ async fn a_stale_socket_is_replaced() {
     let mut child = Child::spawn(dir.serve_env("n1"));
     child.wait_listening().await;
     assert_socket_mode(&dir.socket());
-    probe_ok(connect(&dir.socket()).await).await;
+    probe_ok(connect(dir.socket()).await).await;
 
     child.signal(Signal::SIGTERM);
     let done = child.finish().await;
@@ -580,7 +564,7 @@ async fn a_live_socket_is_not_taken_over() {
     let dir = Dir::new();
     let mut first = Child::spawn(dir.serve_env("n1"));
     first.wait_listening().await;
-    let kept = connect(&dir.socket()).await;
+    let kept = connect(dir.socket()).await;
 
     // Same endpoint; its own state dir, so only the socket is contended.
     let done = run(dir.serve_env_with_state("n1", &dir.root.join("state-2"))).await;
@@ -590,7 +574,7 @@ async fn a_live_socket_is_not_taken_over() {
     // socket file (which the second must not have removed).
     probe_ok(kept.clone()).await;
     assert_socket_mode(&dir.socket());
-    probe_ok(connect(&dir.socket()).await).await;
+    probe_ok(connect(dir.socket()).await).await;
 
     first.signal(Signal::SIGTERM);
     let first_done = first.finish().await;
@@ -670,7 +654,7 @@ async fn each_rpc_logs_its_method_and_code() {
     let dir = Dir::new();
     let mut child = Child::spawn(dir.serve_env("n1"));
     child.wait_listening().await;
-    let channel = connect(&dir.socket()).await;
+    let channel = connect(dir.socket()).await;
 
     NodeClient::new(channel.clone())
         .node_get_info(csi::NodeGetInfoRequest {})
@@ -739,7 +723,7 @@ async fn a_second_driver_on_the_same_state_dir_is_refused_with_the_holders_pid()
     let dir = Dir::new();
     let mut first = Child::spawn(dir.serve_env("n1"));
     first.wait_listening().await;
-    let kept = connect(&dir.socket()).await;
+    let kept = connect(dir.socket()).await;
 
     // Its own socket, the first one's state dir: only the state dir is contended.
     let other = dir.root.join("other.sock");
@@ -766,7 +750,7 @@ async fn a_second_driver_on_the_same_state_dir_is_refused_with_the_holders_pid()
 
     // The first keeps serving, and its lock file is still there.
     probe_ok(kept).await;
-    probe_ok(connect(&dir.socket()).await).await;
+    probe_ok(connect(dir.socket()).await).await;
     first.signal(Signal::SIGTERM);
     assert_clean_exit(first.finish().await);
     assert!(dir.state_dir().join("lock").exists(), "the lock file stays");
@@ -782,7 +766,7 @@ async fn a_second_driver_on_the_same_state_dir_is_refused_with_the_holders_pid()
 async fn serve_once_as(dir: &Dir, cmd: Command, node_id: &str) {
     let mut child = Child::spawn(cmd);
     child.wait_listening().await;
-    let info = NodeClient::new(connect(&dir.socket()).await)
+    let info = NodeClient::new(connect(dir.socket()).await)
         .node_get_info(csi::NodeGetInfoRequest {})
         .await
         .expect("NodeGetInfo returns OK")
@@ -1088,7 +1072,7 @@ async fn readme_quick_start_command_1_serves_as_written() {
     );
     child.wait_listening().await;
     // Ready once state recovery is done: ask again after each answer, bounded by LIMIT.
-    let channel = connect(&socket).await;
+    let channel = connect(socket.clone()).await;
     let ready = tokio::time::timeout(LIMIT, async {
         loop {
             let reply = IdentityClient::new(channel.clone())
