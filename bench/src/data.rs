@@ -1,7 +1,6 @@
 //! Section 1, the data path: fio on the pool file system, inside the driver's volumes and on
 //! hand-made loop devices.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::args::*;
@@ -300,6 +299,11 @@ pub(crate) fn device_of_volume(id: &str) -> Option<PathBuf> {
         })
 }
 
+/// The kinds of volume the data path measures, each beside its hand-made loop devices.
+pub(crate) const DATA_KINDS: [VolKind; 3] = [VolKind::Ext4, VolKind::Xfs, VolKind::Block];
+
+/// The data path on one pool: every target set up, every job run on every target for the
+/// rounds, everything torn down, then each volume's ratios to its bases.
 pub(crate) async fn data_section(
     settings: &Settings,
     tools: &Tools,
@@ -309,13 +313,65 @@ pub(crate) async fn data_section(
 ) -> Result<DataPoolResult> {
     let root = scratch.path(&format!("data-{}", pool.name()));
     let fio_bytes = settings.fio_size_mib * MIB;
-    let kinds = [VolKind::Ext4, VolKind::Xfs, VolKind::Block];
+    make_pool_dir(&root, pool, fio_bytes)?;
+    let filesystem = filesystem_of(&root);
+    log.say(format!("data/{}: pool {filesystem}", pool.name()));
+    let state = root.join("state");
+    let co = root.join("co");
+    let hand = root.join("hand");
+    let fio_out = root.join("fio-out");
+    for dir in [&co, &hand, &fio_out] {
+        std::fs::create_dir_all(dir)?;
+    }
+    let socket = scratch.socket(&format!("data-{}", pool.name()));
+    let mut driver = InProcDriver::start(&socket, &state).await?;
+    let clients = driver.clients.clone();
+
+    let mut prepared = vec![plain_target(&root)];
+    for kind in DATA_KINDS {
+        prepared.push(volume_target(&clients, kind, fio_bytes, &co, &state).await?);
+        for (variant, tuned) in [(Variant::Tuned, true), (Variant::Buffered512, false)] {
+            prepared.push(hand_target(
+                tools,
+                (variant, tuned),
+                kind,
+                fio_bytes,
+                &hand,
+            )?);
+        }
+    }
+    let devices = device_infos(&prepared);
+    let cells = measure(settings, tools, &prepared, &fio_out, pool, log).await?;
+
+    // Teardown: the targets (hand-made devices, the driver's volumes), then the driver and the
+    // pool. On the ram pool the tmpfs is gone after the release; what is left is its empty
+    // mount point.
+    tear_down(tools, &clients, &prepared).await?;
+    driver.stop().await?;
+    release_under(&root)?;
+    std::fs::remove_dir_all(&root)?;
+    let mut result = DataPoolResult {
+        pool,
+        path: root.display().to_string(),
+        filesystem,
+        devices,
+        cells,
+        targets: prepared.iter().map(|p| p.target.key()).collect(),
+        ratios: Vec::new(),
+    };
+    result.ratios = volume_ratios(&result);
+    Ok(result)
+}
+
+/// Makes the pool's directory: on the disk pool a plain directory, on the ram pool a tmpfs,
+/// refused when the machine has too little memory for it.
+fn make_pool_dir(root: &Path, pool: PoolKind, fio_bytes: u64) -> Result<()> {
     match pool {
-        PoolKind::Disk => std::fs::create_dir_all(&root)?,
+        PoolKind::Disk => std::fs::create_dir_all(root)?,
         PoolKind::Ram => {
             // An upper bound of what the images can hold, and what they will really use.
             let limit = fio_bytes
-                + kinds
+                + DATA_KINDS
                     .iter()
                     .map(|&k| 3 * image_bytes(k, fio_bytes))
                     .sum::<u64>()
@@ -330,98 +386,108 @@ pub(crate) async fn data_section(
                     available / MIB
                 );
             }
-            mount_tmpfs(&root, limit)?;
+            mount_tmpfs(root, limit)?;
         }
     }
-    let filesystem = filesystem_of(&root);
-    log.say(format!("data/{}: pool {filesystem}", pool.name()));
-    let state = root.join("state");
-    let co = root.join("co");
-    let hand = root.join("hand");
-    let fio_out = root.join("fio-out");
-    for dir in [&co, &hand, &fio_out] {
-        std::fs::create_dir_all(dir)?;
-    }
-    let socket = scratch.socket(&format!("data-{}", pool.name()));
-    let mut driver = InProcDriver::start(&socket, &state).await?;
-    let clients = driver.clients.clone();
+    Ok(())
+}
 
-    let mut prepared: Vec<Prepared> = Vec::new();
+/// A plain file in the pool's file system: the baseline every volume is compared with.
+fn plain_target(root: &Path) -> Prepared {
     let plain = root.join("plain.fio");
-    prepared.push(Prepared {
+    Prepared {
         target: Target::Plain,
         fio_file: plain.clone(),
         backing: plain,
         teardown: Teardown::Nothing,
         device: None,
-    });
-    for kind in kinds {
-        // The driver's volume.
-        let name = format!("bench-data-{}", kind.name());
-        let id = clients
-            .create(&name, image_bytes(kind, fio_bytes), kind, false)
-            .await?;
-        let staging = co.join("staging").join(kind.name());
-        let target = co.join("pods").join(kind.name()).join("volume");
-        std::fs::create_dir_all(&staging)?;
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        clients.stage(&id, &staging, kind).await?;
-        clients.publish(&id, &staging, &target, kind).await?;
-        let fio_file = if kind.is_fs() {
-            target.join("fio.dat")
-        } else {
-            target.clone()
-        };
-        prepared.push(Prepared {
-            target: Target::Loop(Variant::Volume, kind),
-            fio_file,
-            backing: state.join("volumes").join(format!("{id}.img")),
-            device: device_of_volume(&id),
-            teardown: Teardown::Volume {
-                id,
-                staging,
-                target,
-            },
-        });
-        // The hand-made loop devices.
-        for (variant, tuned) in [(Variant::Tuned, true), (Variant::Buffered512, false)] {
-            let stem = format!("{}-{}", if tuned { "tuned" } else { "buf512" }, kind.name());
-            let image = hand.join(format!("{stem}.img"));
-            std::fs::File::create(&image)?.set_len(image_bytes(kind, fio_bytes))?;
-            let device = tools.losetup_attach(&image, tuned)?;
-            let mut entry = Prepared {
-                target: Target::Loop(variant, kind),
-                fio_file: device.clone(),
-                backing: image,
-                device: Some(device.clone()),
-                teardown: Teardown::Hand {
-                    device: device.clone(),
-                    mount_point: None,
-                },
-            };
-            if kind.is_fs() {
-                tools.mkfs(kind, &device)?;
-                let mount_point = hand.join(format!("{stem}.mnt"));
-                std::fs::create_dir_all(&mount_point)?;
-                mount::mount_device(
-                    &device,
-                    &mount_point,
-                    kind.name(),
-                    &mount::MountOptions::default(),
-                )
-                .map_err(|e| anyhow!("{e}"))?;
-                entry.fio_file = mount_point.join("fio.dat");
-                entry.teardown = Teardown::Hand {
-                    device,
-                    mount_point: Some(mount_point),
-                };
-            }
-            prepared.push(entry);
-        }
     }
-    let devices: Vec<DeviceInfo> = prepared
+}
+
+/// The driver's volume of `kind`, created, staged and published as a CO would.
+async fn volume_target(
+    clients: &Clients,
+    kind: VolKind,
+    fio_bytes: u64,
+    co: &Path,
+    state: &Path,
+) -> Result<Prepared> {
+    let name = format!("bench-data-{}", kind.name());
+    let id = clients
+        .create(&name, image_bytes(kind, fio_bytes), kind, false)
+        .await?;
+    let staging = co.join("staging").join(kind.name());
+    let target = co.join("pods").join(kind.name()).join("volume");
+    std::fs::create_dir_all(&staging)?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    clients.stage(&id, &staging, kind).await?;
+    clients.publish(&id, &staging, &target, kind).await?;
+    let fio_file = if kind.is_fs() {
+        target.join("fio.dat")
+    } else {
+        target.clone()
+    };
+    Ok(Prepared {
+        target: Target::Loop(Variant::Volume, kind),
+        fio_file,
+        backing: state.join("volumes").join(format!("{id}.img")),
+        device: device_of_volume(&id),
+        teardown: Teardown::Volume {
+            id,
+            staging,
+            target,
+        },
+    })
+}
+
+/// A hand-made loop device (`tuned`: direct I/O and 4096-byte sectors) over a new image, with
+/// the file system of `kind` made and mounted as the driver would.
+fn hand_target(
+    tools: &Tools,
+    (variant, tuned): (Variant, bool),
+    kind: VolKind,
+    fio_bytes: u64,
+    hand: &Path,
+) -> Result<Prepared> {
+    let stem = format!("{}-{}", if tuned { "tuned" } else { "buf512" }, kind.name());
+    let image = hand.join(format!("{stem}.img"));
+    std::fs::File::create(&image)?.set_len(image_bytes(kind, fio_bytes))?;
+    let device = tools.losetup_attach(&image, tuned)?;
+    let mut entry = Prepared {
+        target: Target::Loop(variant, kind),
+        fio_file: device.clone(),
+        backing: image,
+        device: Some(device.clone()),
+        teardown: Teardown::Hand {
+            device: device.clone(),
+            mount_point: None,
+        },
+    };
+    if kind.is_fs() {
+        tools.mkfs(kind, &device)?;
+        let mount_point = hand.join(format!("{stem}.mnt"));
+        std::fs::create_dir_all(&mount_point)?;
+        mount::mount_device(
+            &device,
+            &mount_point,
+            kind.name(),
+            &mount::MountOptions::default(),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        entry.fio_file = mount_point.join("fio.dat");
+        entry.teardown = Teardown::Hand {
+            device,
+            mount_point: Some(mount_point),
+        };
+    }
+    Ok(entry)
+}
+
+/// What the kernel says of every target's loop device (direct I/O, logical block size).
+fn device_infos(prepared: &[Prepared]) -> Vec<DeviceInfo> {
+    prepared
         .iter()
         .filter_map(|p| {
             let dev = p.device.as_ref()?;
@@ -432,65 +498,11 @@ pub(crate) async fn data_section(
                 logical_block_size: sysfs_of(dev, "queue/logical_block_size"),
             })
         })
-        .collect();
+        .collect()
+}
 
-    // Prefill every file and device, so reads hit written blocks and writes overwrite.
-    log.say(format!(
-        "data/{}: prefilling {} targets",
-        pool.name(),
-        prepared.len()
-    ));
-    for p in &prepared {
-        run_fio(
-            tools,
-            settings,
-            &p.fio_file,
-            None,
-            &fio_out.join("prefill.json"),
-        )
-        .await?;
-    }
-
-    let mut samples: BTreeMap<(usize, usize), Vec<FioResult>> = BTreeMap::new();
-    for round in 0..settings.rounds {
-        for (j, job) in JOBS.iter().enumerate() {
-            for t in run_order(&prepared, (round * JOBS.len() + j) as u64) {
-                let p = &prepared[t];
-                flush_backing(&prepared);
-                let out = fio_out.join(format!("r{round}-{}-{t}.json", job.key()));
-                let result = run_fio(tools, settings, &p.fio_file, Some(*job), &out).await?;
-                log.say(format!(
-                    "data/{} round {}/{} {:24} {:28} {:>10.1} {}",
-                    pool.name(),
-                    round + 1,
-                    settings.rounds,
-                    job.key(),
-                    p.target.key(),
-                    result.metric(*job),
-                    if job.bandwidth() { "MiB/s" } else { "IOPS" }
-                ));
-                samples.entry((t, j)).or_default().push(result);
-            }
-        }
-    }
-    let mut cells = Vec::new();
-    for ((t, j), results) in &samples {
-        let job = JOBS[*j];
-        let values: Vec<f64> = results.iter().map(|r| r.metric(job)).collect();
-        let p99s: Vec<f64> = results.iter().map(|r| r.clat_p99_us).collect();
-        cells.push(DataCell {
-            target: prepared[*t].target.key(),
-            job,
-            unit: if job.bandwidth() { "MiB/s" } else { "IOPS" },
-            median: median(&values),
-            min: values.iter().copied().fold(f64::INFINITY, f64::min),
-            max: values.iter().copied().fold(0.0, f64::max),
-            samples: values,
-            clat_p99_us: median(&p99s),
-        });
-    }
-
-    // Teardown: hand-made devices, then the driver's volumes, then the driver and the pool.
+/// Undoes every target, last made first.
+async fn tear_down(tools: &Tools, clients: &Clients, prepared: &[Prepared]) -> Result<()> {
     for p in prepared.iter().rev() {
         match &p.teardown {
             Teardown::Nothing => {}
@@ -514,24 +526,13 @@ pub(crate) async fn data_section(
             }
         }
     }
-    driver.stop().await?;
-    release_under(&root)?;
-    if pool == PoolKind::Ram {
-        // The tmpfs is gone; what is left is the empty mount point.
-        std::fs::remove_dir_all(&root)?;
-    } else {
-        std::fs::remove_dir_all(&root)?;
-    }
-    let mut result = DataPoolResult {
-        pool,
-        path: root.display().to_string(),
-        filesystem,
-        devices,
-        cells,
-        targets: prepared.iter().map(|p| p.target.key()).collect(),
-        ratios: Vec::new(),
-    };
-    for kind in kinds {
+    Ok(())
+}
+
+/// Every volume against the plain file and its kind's tuned and buffered-512 loops.
+fn volume_ratios(result: &DataPoolResult) -> Vec<RatioCell> {
+    let mut ratios = Vec::new();
+    for kind in DATA_KINDS {
         for job in JOBS {
             let volume = Target::Loop(Variant::Volume, kind);
             for base in [
@@ -539,11 +540,9 @@ pub(crate) async fn data_section(
                 Target::Loop(Variant::Tuned, kind),
                 Target::Loop(Variant::Buffered512, kind),
             ] {
-                if let Some(ratio) = result.paired(volume, base, job) {
-                    result.ratios.push(ratio);
-                }
+                ratios.extend(result.paired(volume, base, job));
             }
         }
     }
-    Ok(result)
+    ratios
 }

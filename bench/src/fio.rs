@@ -1,5 +1,7 @@
-//! Running fio: the order of targets, flushing the backing files, one job and its JSON.
+//! Running fio: the order of targets, flushing the backing files, one job and its JSON, and
+//! the rounds of every job on every target.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -7,6 +9,7 @@ use std::time::Duration;
 use crate::args::*;
 use crate::data::*;
 use crate::scratch::*;
+use crate::stats::*;
 use crate::tools::*;
 use crate::*;
 use anyhow::{anyhow, bail, Context, Result};
@@ -74,6 +77,83 @@ pub(crate) fn flush_backing(prepared: &[Prepared]) {
             let _ = posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         }
     }
+}
+
+/// Prefills every target, then runs every job on every target for the rounds, in the order
+/// of [`run_order`]; one cell per target and job.
+pub(crate) async fn measure(
+    settings: &Settings,
+    tools: &Tools,
+    prepared: &[Prepared],
+    fio_out: &Path,
+    pool: PoolKind,
+    log: &Progress,
+) -> Result<Vec<DataCell>> {
+    // Prefill every file and device, so reads hit written blocks and writes overwrite.
+    log.say(format!(
+        "data/{}: prefilling {} targets",
+        pool.name(),
+        prepared.len()
+    ));
+    for p in prepared {
+        run_fio(
+            tools,
+            settings,
+            &p.fio_file,
+            None,
+            &fio_out.join("prefill.json"),
+        )
+        .await?;
+    }
+
+    let mut samples: BTreeMap<(usize, usize), Vec<FioResult>> = BTreeMap::new();
+    for round in 0..settings.rounds {
+        for (j, job) in JOBS.iter().enumerate() {
+            for t in run_order(prepared, (round * JOBS.len() + j) as u64) {
+                let p = &prepared[t];
+                flush_backing(prepared);
+                let out = fio_out.join(format!("r{round}-{}-{t}.json", job.key()));
+                let result = run_fio(tools, settings, &p.fio_file, Some(*job), &out).await?;
+                log.say(format!(
+                    "data/{} round {}/{} {:24} {:28} {:>10.1} {}",
+                    pool.name(),
+                    round + 1,
+                    settings.rounds,
+                    job.key(),
+                    p.target.key(),
+                    result.metric(*job),
+                    if job.bandwidth() { "MiB/s" } else { "IOPS" }
+                ));
+                samples.entry((t, j)).or_default().push(result);
+            }
+        }
+    }
+    Ok(cells_of(prepared, &samples))
+}
+
+/// The cells of the samples of (target, job) over the rounds: median, range, and the median
+/// of the rounds' p99 latencies.
+fn cells_of(
+    prepared: &[Prepared],
+    samples: &BTreeMap<(usize, usize), Vec<FioResult>>,
+) -> Vec<DataCell> {
+    let mut cells = Vec::new();
+    for ((t, j), results) in samples {
+        let job = JOBS[*j];
+        let values: Vec<f64> = results.iter().map(|r| r.metric(job)).collect();
+        let p99s: Vec<f64> = results.iter().map(|r| r.clat_p99_us).collect();
+        cells.push(DataCell {
+            target: prepared[*t].target.key(),
+            job,
+            unit: if job.bandwidth() { "MiB/s" } else { "IOPS" },
+            median: median(&values),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(0.0, f64::max),
+            samples: values,
+            clat_p99_us: median(&p99s),
+        });
+    }
+    cells
 }
 
 #[derive(Clone, Debug, Serialize)]

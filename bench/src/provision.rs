@@ -1,7 +1,7 @@
 //! Section 2, provisioning: whole lifecycles through the driver and the same steps done
 //! directly, and the cost of single tool steps.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -118,6 +118,8 @@ impl ProvisionResult {
     }
 }
 
+/// The provisioning section: lifecycles through the driver and directly, single tool steps,
+/// and first stages of fresh volumes on both pools.
 pub(crate) async fn provision_section(
     settings: &Settings,
     tools: &Tools,
@@ -126,9 +128,11 @@ pub(crate) async fn provision_section(
 ) -> Result<ProvisionResult> {
     let root = scratch.path("provision");
     let state = root.join("state");
-    let co = root.join("co");
-    let direct = root.join("direct");
-    for dir in [&co, &direct] {
+    let dirs = LifecycleDirs {
+        co: root.join("co"),
+        direct: root.join("direct"),
+    };
+    for dir in [&dirs.co, &dirs.direct] {
         std::fs::create_dir_all(dir)?;
     }
     let filesystem = filesystem_of(&root);
@@ -158,28 +162,8 @@ pub(crate) async fn provision_section(
                     volumes: settings.volumes,
                     bytes: size,
                 };
-                let tag = format!(
-                    "{}-{}-c{concurrency}",
-                    kind.name(),
-                    if thick { "thick" } else { "thin" }
-                );
-                let d = driver_lifecycle(&clients, spec, &co, &tag).await?;
-                log.say(format!(
-                    "provision {tag:18} driver {:8.1} volumes/s  Create p50 {:.2} ms  Stage p50 {:.2} ms",
-                    d.volumes_per_s, d.rpcs[0].p50, d.rpcs[1].p50
-                ));
-                let dir = direct.join(&tag);
-                let tools_copy = tools.clone();
-                let x =
-                    tokio::task::spawn_blocking(move || direct_lifecycle(&tools_copy, spec, &dir))
-                        .await
-                        .context("direct lifecycle task")??;
-                log.say(format!(
-                    "provision {tag:18} direct {:8.1} volumes/s  create p50 {:.2} ms  stage p50 {:.2} ms",
-                    x.volumes_per_s, x.rpcs[0].p50, x.rpcs[1].p50
-                ));
-                lifecycles.push(d);
-                lifecycles.push(x);
+                let pair = lifecycle_pair(tools, &clients, spec, &dirs, log).await?;
+                lifecycles.extend(pair);
             }
         }
     }
@@ -193,21 +177,7 @@ pub(crate) async fn provision_section(
         tokio::task::spawn_blocking(move || tool_step_costs(&tools_copy, &dir, samples, size))
             .await
             .context("tool step task")??;
-
-    let mut first_stage = Vec::new();
-    for pool in [PoolKind::Disk, PoolKind::Ram] {
-        for (bytes, samples) in [
-            (size, settings.stage_pairs),
-            (settings.big_volume_gib * GIB, settings.big_volume_samples),
-        ] {
-            log.say(format!(
-                "provision: first stage of a {} MiB volume, {} pool, {samples} pairs",
-                bytes / MIB,
-                pool.name()
-            ));
-            first_stage.push(first_stage_pairs(tools, scratch, pool, bytes, samples).await?);
-        }
-    }
+    let first_stage = first_stages(settings, tools, scratch, log).await?;
     release_under(&root)?;
     std::fs::remove_dir_all(&root)?;
     Ok(ProvisionResult {
@@ -218,6 +188,68 @@ pub(crate) async fn provision_section(
         first_stage,
         notes,
     })
+}
+
+/// Where lifecycles run: the CO's dirs for the driver, the bench's own for the direct steps.
+struct LifecycleDirs {
+    co: PathBuf,
+    direct: PathBuf,
+}
+
+/// One lifecycle configuration through the driver, then the same steps directly.
+async fn lifecycle_pair(
+    tools: &Tools,
+    clients: &Clients,
+    spec: LifecycleSpec,
+    dirs: &LifecycleDirs,
+    log: &Progress,
+) -> Result<[LifecycleResult; 2]> {
+    let tag = format!(
+        "{}-{}-c{}",
+        spec.kind.name(),
+        if spec.thick { "thick" } else { "thin" },
+        spec.concurrency
+    );
+    let d = driver_lifecycle(clients, spec, &dirs.co, &tag).await?;
+    log.say(format!(
+        "provision {tag:18} driver {:8.1} volumes/s  Create p50 {:.2} ms  Stage p50 {:.2} ms",
+        d.volumes_per_s, d.rpcs[0].p50, d.rpcs[1].p50
+    ));
+    let dir = dirs.direct.join(&tag);
+    let tools_copy = tools.clone();
+    let x = tokio::task::spawn_blocking(move || direct_lifecycle(&tools_copy, spec, &dir))
+        .await
+        .context("direct lifecycle task")??;
+    log.say(format!(
+        "provision {tag:18} direct {:8.1} volumes/s  create p50 {:.2} ms  stage p50 {:.2} ms",
+        x.volumes_per_s, x.rpcs[0].p50, x.rpcs[1].p50
+    ));
+    Ok([d, x])
+}
+
+/// First stages of a fresh volume of the provisioning size and of the big size, on the disk
+/// and the ram pool.
+async fn first_stages(
+    settings: &Settings,
+    tools: &Tools,
+    scratch: &Scratch,
+    log: &Progress,
+) -> Result<Vec<FirstStageResult>> {
+    let mut first_stage = Vec::new();
+    for pool in [PoolKind::Disk, PoolKind::Ram] {
+        for (bytes, samples) in [
+            (settings.volume_mib * MIB, settings.stage_pairs),
+            (settings.big_volume_gib * GIB, settings.big_volume_samples),
+        ] {
+            log.say(format!(
+                "provision: first stage of a {} MiB volume, {} pool, {samples} pairs",
+                bytes / MIB,
+                pool.name()
+            ));
+            first_stage.push(first_stage_pairs(tools, scratch, pool, bytes, samples).await?);
+        }
+    }
+    Ok(first_stage)
 }
 
 #[derive(Clone, Copy, Debug)]

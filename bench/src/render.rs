@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 
 use crate::data::*;
-use crate::driver::*;
 use crate::provision::*;
 use crate::report::*;
 use crate::scale::*;
@@ -103,29 +102,9 @@ pub(crate) fn render_data(out: &mut String, report: &Report) {
             );
         }
         let _ = writeln!(out);
-        let _ = write!(out, "| target |");
-        for job in JOBS {
-            let _ = write!(out, " {} |", job.heading());
-        }
-        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
-        for target in &pool.targets {
-            let _ = write!(out, "| {target} |");
-            for job in JOBS {
-                match pool
-                    .cells
-                    .iter()
-                    .find(|c| &c.target == target && c.job == job)
-                {
-                    Some(c) => {
-                        let _ = write!(out, " {}{} |", fmt_metric(c.median), spread(c));
-                    }
-                    None => {
-                        let _ = write!(out, " – |");
-                    }
-                }
-            }
-            let _ = writeln!(out);
-        }
+        render_cells(out, pool, Job::heading, |c| {
+            format!("{}{}", fmt_metric(c.median), spread(c))
+        });
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -133,74 +112,99 @@ pub(crate) fn render_data(out: &mut String, report: &Report) {
              back to back): ÷ plain file / **÷ tuned loop** [lowest–highest round] / ÷ \
              buffered-512 loop of the same kind:\n"
         );
-        let _ = write!(out, "| target |");
+        render_ratios(out, pool);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Completion latency p99 (µs, median over rounds):\n");
+        render_cells(out, pool, Job::key, |c| format!("{:.0}", c.clat_p99_us));
+        let _ = writeln!(out);
+    }
+}
+
+/// The header of a table with a column per job, named by `name`.
+fn job_header(out: &mut String, name: fn(Job) -> &'static str) {
+    let _ = write!(out, "| target |");
+    for job in JOBS {
+        let _ = write!(out, " {} |", name(job));
+    }
+    let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
+}
+
+/// A table of every target's cells, a column per job, each shown by `show` (– when missing).
+fn render_cells(
+    out: &mut String,
+    pool: &DataPoolResult,
+    name: fn(Job) -> &'static str,
+    show: impl Fn(&DataCell) -> String,
+) {
+    job_header(out, name);
+    for target in &pool.targets {
+        let _ = write!(out, "| {target} |");
         for job in JOBS {
-            let _ = write!(out, " {} |", job.key());
-        }
-        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
-        for kind in [VolKind::Ext4, VolKind::Xfs, VolKind::Block] {
-            for variant in [Variant::Volume, Variant::Tuned, Variant::Buffered512] {
-                let target = Target::Loop(variant, kind);
-                let _ = write!(out, "| {} |", target.key());
-                for job in JOBS {
-                    let ratio = |base: Target| -> String {
-                        pool.paired(target, base, job)
-                            .map_or("–".into(), |r| format!("{:.2}", r.median))
-                    };
-                    let cell = match variant {
-                        Variant::Volume => {
-                            let tuned = Target::Loop(Variant::Tuned, kind);
-                            let range =
-                                pool.paired(target, tuned, job).map_or(String::new(), |r| {
-                                    let lo =
-                                        r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
-                                    let hi = r.per_round.iter().copied().fold(0.0, f64::max);
-                                    if r.per_round.len() > 1 {
-                                        format!(" [{lo:.2}–{hi:.2}]")
-                                    } else {
-                                        String::new()
-                                    }
-                                });
-                            format!(
-                                "{} / **{}**{range} / {}",
-                                ratio(Target::Plain),
-                                ratio(tuned),
-                                ratio(Target::Loop(Variant::Buffered512, kind))
-                            )
-                        }
-                        _ => format!("{} / – / –", ratio(Target::Plain)),
-                    };
-                    let _ = write!(out, " {cell} |");
+            match pool
+                .cells
+                .iter()
+                .find(|c| &c.target == target && c.job == job)
+            {
+                Some(c) => {
+                    let _ = write!(out, " {} |", show(c));
                 }
-                let _ = writeln!(out);
+                None => {
+                    let _ = write!(out, " – |");
+                }
             }
         }
         let _ = writeln!(out);
-        let _ = writeln!(out, "Completion latency p99 (µs, median over rounds):\n");
-        let _ = write!(out, "| target |");
-        for job in JOBS {
-            let _ = write!(out, " {} |", job.key());
-        }
-        let _ = writeln!(out, "\n| --- |{}", " ---: |".repeat(JOBS.len()));
-        for target in &pool.targets {
-            let _ = write!(out, "| {target} |");
+    }
+}
+
+/// The ratios of every loop target, a column per job.
+fn render_ratios(out: &mut String, pool: &DataPoolResult) {
+    job_header(out, Job::key);
+    for kind in DATA_KINDS {
+        for variant in [Variant::Volume, Variant::Tuned, Variant::Buffered512] {
+            let target = Target::Loop(variant, kind);
+            let _ = write!(out, "| {} |", target.key());
             for job in JOBS {
-                match pool
-                    .cells
-                    .iter()
-                    .find(|c| &c.target == target && c.job == job)
-                {
-                    Some(c) => {
-                        let _ = write!(out, " {:.0} |", c.clat_p99_us);
-                    }
-                    None => {
-                        let _ = write!(out, " – |");
-                    }
-                }
+                let _ = write!(out, " {} |", ratio_cell(pool, target, job));
             }
             let _ = writeln!(out);
         }
-        let _ = writeln!(out);
+    }
+}
+
+/// A loop target's ratios for one job: ÷ plain file, and for a volume also ÷ tuned loop (with
+/// the rounds' range) and ÷ buffered-512 loop.
+fn ratio_cell(pool: &DataPoolResult, target: Target, job: Job) -> String {
+    let ratio = |base: Target| -> String {
+        pool.paired(target, base, job)
+            .map_or("–".into(), |r| format!("{:.2}", r.median))
+    };
+    let Target::Loop(Variant::Volume, kind) = target else {
+        return format!("{} / – / –", ratio(Target::Plain));
+    };
+    let tuned = Target::Loop(Variant::Tuned, kind);
+    let range = pool.paired(target, tuned, job).map_or(String::new(), |r| {
+        let lo = r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.per_round.iter().copied().fold(0.0, f64::max);
+        if r.per_round.len() > 1 {
+            format!(" [{lo:.2}–{hi:.2}]")
+        } else {
+            String::new()
+        }
+    });
+    format!(
+        "{} / **{}**{range} / {}",
+        ratio(Target::Plain),
+        ratio(tuned),
+        ratio(Target::Loop(Variant::Buffered512, kind))
+    )
+}
+
+fn thin_or_thick(l: &LifecycleResult) -> &'static str {
+    if l.thick {
+        "thick"
+    } else {
+        "thin"
     }
 }
 
@@ -216,6 +220,31 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
          Cells: p50 / p99 in ms.\n",
         p.filesystem, p.volume_mib
     );
+    render_lifecycles(out, p);
+    for note in &p.notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    if !p.notes.is_empty() {
+        let _ = writeln!(out);
+    }
+    render_direct_steps(out, p);
+    let _ = writeln!(out, "Attach and detach, one at a time:\n");
+    let _ = writeln!(out, "| step | p50 ms | p99 ms |\n| --- | ---: | ---: |");
+    for t in &p.tool_steps {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            t.step,
+            fmt_ms(t.summary.p50),
+            fmt_ms(t.summary.p99)
+        );
+    }
+    let _ = writeln!(out);
+    render_first_stage(out, p);
+}
+
+/// Every lifecycle, driver and direct: per RPC p50 / p99, and volumes per second.
+fn render_lifecycles(out: &mut String, p: &ProvisionResult) {
     let _ = write!(out, "| kind | prov. | conc. | path |");
     for rpc in RPCS {
         let _ = write!(out, " {rpc} |");
@@ -230,7 +259,7 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
             out,
             "| {} | {} | {} | {} |",
             l.kind.name(),
-            if l.thick { "thick" } else { "thin" },
+            thin_or_thick(l),
             l.concurrency,
             match l.path {
                 LifecyclePath::Driver => "driver",
@@ -243,12 +272,10 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
         let _ = writeln!(out, " {:.1} |", l.volumes_per_s);
     }
     let _ = writeln!(out);
-    for note in &p.notes {
-        let _ = writeln!(out, "- {note}");
-    }
-    if !p.notes.is_empty() {
-        let _ = writeln!(out);
-    }
+}
+
+/// The direct lifecycles step by step.
+fn render_direct_steps(out: &mut String, p: &ProvisionResult) {
     let _ = writeln!(
         out,
         "Direct steps (p50 / p99 ms), where the time of a lifecycle goes:\n"
@@ -271,7 +298,7 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
             out,
             "| {} | {} | {} |",
             l.kind.name(),
-            if l.thick { "thick" } else { "thin" },
+            thin_or_thick(l),
             l.concurrency
         );
         for st in &l.steps {
@@ -280,18 +307,10 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
         let _ = writeln!(out);
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "Attach and detach, one at a time:\n");
-    let _ = writeln!(out, "| step | p50 ms | p99 ms |\n| --- | ---: | ---: |");
-    for t in &p.tool_steps {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} |",
-            t.step,
-            fmt_ms(t.summary.p50),
-            fmt_ms(t.summary.p99)
-        );
-    }
-    let _ = writeln!(out);
+}
+
+/// First stages: the driver's beside the same steps by hand, paired.
+fn render_first_stage(out: &mut String, p: &ProvisionResult) {
     let _ = writeln!(
         out,
         "First stage of a fresh thin ext4 volume. Each driver stage (CreateVolume, then the \
@@ -334,6 +353,20 @@ pub(crate) fn render_provision(out: &mut String, p: &ProvisionResult) {
     let _ = writeln!(out);
 }
 
+/// "p50 … ms, p99 … ms" of a summary.
+fn p50_p99(x: &Summary) -> String {
+    format!("p50 {} ms, p99 {} ms", fmt_ms(x.p50), fmt_ms(x.p99))
+}
+
+/// Milliseconds, comma-separated.
+fn ms_list(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| fmt_ms(*v))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
     let _ = writeln!(out, "## Scale\n");
     let _ = writeln!(
@@ -342,7 +375,6 @@ pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
          ext4 volumes of {} MiB created and {} of them staged (8 RPCs in flight).\n",
         s.filesystem, s.volumes, s.volume_mib, s.staged
     );
-    let sum = |x: &Summary| format!("p50 {} ms, p99 {} ms", fmt_ms(x.p50), fmt_ms(x.p99));
     let _ = writeln!(out, "| measure | value |\n| --- | --- |");
     let _ = writeln!(
         out,
@@ -352,13 +384,13 @@ pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
     let _ = writeln!(
         out,
         "| CreateVolume | {}; {:.0} volumes/s |",
-        sum(&s.create),
+        p50_p99(&s.create),
         s.create_per_s
     );
     let _ = writeln!(
         out,
         "| NodeStageVolume | {}; {:.1} volumes/s |",
-        sum(&s.stage),
+        p50_p99(&s.stage),
         s.stage_per_s
     );
     let _ = writeln!(
@@ -369,45 +401,42 @@ pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
     let _ = writeln!(
         out,
         "| ListVolumes of all (one page) | {} |",
-        sum(&s.list_all)
+        p50_p99(&s.list_all)
     );
     let _ = writeln!(
         out,
         "| ListVolumes of all (pages of 100) | {} |",
-        sum(&s.list_paged_100)
+        p50_p99(&s.list_paged_100)
     );
-    let _ = writeln!(out, "| GetCapacity | {} |", sum(&s.get_capacity));
+    let _ = writeln!(out, "| GetCapacity | {} |", p50_p99(&s.get_capacity));
     let _ = writeln!(
         out,
         "| NodeGetVolumeStats (staged volumes) | {} |",
-        sum(&s.volume_stats)
+        p50_p99(&s.volume_stats)
     );
+    render_scale_after_load(out, s);
+}
+
+/// The scale table's rows from the kernel scans on: scans, restarts, and the teardown.
+fn render_scale_after_load(out: &mut String, s: &ScaleResult) {
     let _ = writeln!(
         out,
         "| `loopdev::attached()` ({} loop entries in /sys/block, {} attached) | {} |",
         s.sysfs_loop_entries,
         s.attached_loop_devices,
-        sum(&s.scan_loop_devices)
+        p50_p99(&s.scan_loop_devices)
     );
     let _ = writeln!(
         out,
         "| `mount::mounts()` ({} entries in mountinfo) | {} |",
         s.mount_entries,
-        sum(&s.scan_mountinfo)
+        p50_p99(&s.scan_mountinfo)
     );
     let _ = writeln!(
         out,
         "| restart (SIGTERM, start) to Probe ready | {} ms (socket accepting after {} ms) |",
-        s.restarts_to_ready_ms
-            .iter()
-            .map(|v| fmt_ms(*v))
-            .collect::<Vec<_>>()
-            .join(", "),
-        s.restart_socket_ms
-            .iter()
-            .map(|v| fmt_ms(*v))
-            .collect::<Vec<_>>()
-            .join(", ")
+        ms_list(&s.restarts_to_ready_ms),
+        ms_list(&s.restart_socket_ms)
     );
     let _ = writeln!(
         out,
@@ -417,8 +446,8 @@ pub(crate) fn render_scale(out: &mut String, s: &ScaleResult) {
     let _ = writeln!(
         out,
         "| ListVolumes of all after restart | {} |",
-        sum(&s.list_all_after_restart)
+        p50_p99(&s.list_all_after_restart)
     );
-    let _ = writeln!(out, "| NodeUnstageVolume | {} |", sum(&s.unstage));
-    let _ = writeln!(out, "| DeleteVolume | {} |\n", sum(&s.delete));
+    let _ = writeln!(out, "| NodeUnstageVolume | {} |", p50_p99(&s.unstage));
+    let _ = writeln!(out, "| DeleteVolume | {} |\n", p50_p99(&s.delete));
 }

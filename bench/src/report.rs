@@ -152,56 +152,11 @@ fn check_data(report: &Report, checks: &mut Vec<TargetCheck>) {
 
 /// The provisioning targets: first stage, lifecycle latencies and scaling with concurrency.
 fn check_provision(report: &Report, p: &ProvisionResult, checks: &mut Vec<TargetCheck>) {
-    for first in &p.first_stage {
-        let big = first.size_mib != p.volume_mib;
-        let (target, measured, met) = match (&first.driver_stage, &first.ratio_to_mkfs_mount) {
-            (Some(stage), Some(ratio)) if !big => (
-                format!(
-                    "Stage of a fresh {} MiB ext4 volume ≤ 1.2× the same mkfs + mount done directly ({} pool)",
-                    first.size_mib,
-                    first.pool.name()
-                ),
-                format!(
-                    "{:.2}× (median of {} back-to-back pairs; p50 driver stage {:.2} ms, direct mkfs + mount {:.2} ms, direct attach {:.2} ms)",
-                    ratio.p50,
-                    ratio.n,
-                    stage.p50,
-                    first.direct_mkfs_mount.p50,
-                    first.direct_attach.p50
-                ),
-                Some(ratio.p50 <= 1.2),
-            ),
-            (Some(stage), _) => (
-                format!(
-                    "first stage of a {} GiB volume < 1 s ({} pool)",
-                    first.size_mib / 1024,
-                    first.pool.name()
-                ),
-                format!(
-                    "{:.0} ms max of {} (direct mkfs + mount p50 {:.0} ms)",
-                    stage.max, stage.n, first.direct_mkfs_mount.p50
-                ),
-                Some(stage.max < 1000.0),
-            ),
-            (None, _) => (
-                format!(
-                    "first stage of a {} MiB volume ({} pool)",
-                    first.size_mib,
-                    first.pool.name()
-                ),
-                format!(
-                    "not measurable through the driver: {}; done directly: mkfs + mount {:.0} ms p50",
-                    first.driver_note, first.direct_mkfs_mount.p50
-                ),
-                None,
-            ),
-        };
-        checks.push(TargetCheck {
-            target,
-            measured,
-            met,
-        });
-    }
+    checks.extend(
+        p.first_stage
+            .iter()
+            .map(|first| check_first_stage(p, first)),
+    );
     let c8 = if report.settings.concurrency.contains(&8) {
         8
     } else {
@@ -250,6 +205,59 @@ fn check_provision(report: &Report, p: &ProvisionResult, checks: &mut Vec<Target
                 });
             }
         }
+    }
+}
+
+/// The first-stage target of one measured size and pool: the ratio to mkfs + mount by hand for
+/// the provisioning size, under a second for the big one, or why the driver could not run it.
+fn check_first_stage(p: &ProvisionResult, first: &FirstStageResult) -> TargetCheck {
+    let big = first.size_mib != p.volume_mib;
+    let (target, measured, met) = match (&first.driver_stage, &first.ratio_to_mkfs_mount) {
+        (Some(stage), Some(ratio)) if !big => (
+            format!(
+                "Stage of a fresh {} MiB ext4 volume ≤ 1.2× the same mkfs + mount done directly ({} pool)",
+                first.size_mib,
+                first.pool.name()
+            ),
+            format!(
+                "{:.2}× (median of {} back-to-back pairs; p50 driver stage {:.2} ms, direct mkfs + mount {:.2} ms, direct attach {:.2} ms)",
+                ratio.p50,
+                ratio.n,
+                stage.p50,
+                first.direct_mkfs_mount.p50,
+                first.direct_attach.p50
+            ),
+            Some(ratio.p50 <= 1.2),
+        ),
+        (Some(stage), _) => (
+            format!(
+                "first stage of a {} GiB volume < 1 s ({} pool)",
+                first.size_mib / 1024,
+                first.pool.name()
+            ),
+            format!(
+                "{:.0} ms max of {} (direct mkfs + mount p50 {:.0} ms)",
+                stage.max, stage.n, first.direct_mkfs_mount.p50
+            ),
+            Some(stage.max < 1000.0),
+        ),
+        (None, _) => (
+            format!(
+                "first stage of a {} MiB volume ({} pool)",
+                first.size_mib,
+                first.pool.name()
+            ),
+            format!(
+                "not measurable through the driver: {}; done directly: mkfs + mount {:.0} ms p50",
+                first.driver_note, first.direct_mkfs_mount.p50
+            ),
+            None,
+        ),
+    };
+    TargetCheck {
+        target,
+        measured,
+        met,
     }
 }
 

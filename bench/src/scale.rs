@@ -1,7 +1,7 @@
 //! Section 3, scale: the real `loopcsi` binary as a child with many volumes.
 
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -207,6 +207,8 @@ where
     Ok(summarize(&lat))
 }
 
+/// The scale section: the real binary with `scale_volumes` volumes, `scale_staged` of them
+/// staged, measured loaded and after restarts, then emptied.
 pub(crate) async fn scale_section(
     settings: &Settings,
     scratch: &Scratch,
@@ -215,8 +217,8 @@ pub(crate) async fn scale_section(
 ) -> Result<ScaleResult> {
     let root = scratch.path("scale");
     let state = root.join("state");
-    let co = root.join("co");
-    std::fs::create_dir_all(&co)?;
+    let co = Arc::new(root.join("co"));
+    std::fs::create_dir_all(co.as_path())?;
     let socket = scratch.socket("scale");
     let driver_log = root.join("driver.log");
     let mut result = ScaleResult {
@@ -226,10 +228,61 @@ pub(crate) async fn scale_section(
         volume_mib: settings.scale_volume_mib,
         ..Default::default()
     };
-    let (driver, _, ready) = spawn_driver(bin, &socket, &state, &driver_log).await?;
+    let (mut driver, _, ready) = spawn_driver(bin, &socket, &state, &driver_log).await?;
     result.first_start_to_ready_ms = ready;
     let clients = driver.clients.clone();
+    let mut fleet = Fleet {
+        ids: create_volumes(settings, &clients, &mut result, log).await?,
+        clients,
+        co,
+    };
+    stage_volumes(settings, &fleet, &mut result, log).await?;
 
+    log.say("scale: RSS, ListVolumes, GetCapacity, NodeGetVolumeStats");
+    result.rss_loaded = read_rss(driver.pid)?;
+    measure_loaded(settings, &fleet, &mut result).await?;
+    scan_kernel(settings, &mut result)?;
+
+    log.say("scale: restarts");
+    for _ in 0..3 {
+        driver.stop().await?;
+        let (next, socket_ms, ready_ms) = spawn_driver(bin, &socket, &state, &driver_log).await?;
+        result.restart_socket_ms.push(socket_ms);
+        result.restarts_to_ready_ms.push(ready_ms);
+        driver = next;
+    }
+    result.rss_after_restart = read_rss(driver.pid)?;
+    fleet.clients = driver.clients.clone();
+    let clients = &fleet.clients;
+    result.list_all_after_restart = repeat(list_times(settings), || async {
+        clients.list_all(0).await.map(drop)
+    })
+    .await?;
+
+    log.say("scale: unstaging and deleting");
+    empty_pool(settings, &fleet, &mut result).await?;
+    driver.stop().await?;
+    release_under(&root)?;
+    std::fs::remove_dir_all(&root)?;
+    Ok(result)
+}
+
+/// How often each ListVolumes measure repeats.
+fn list_times(settings: &Settings) -> usize {
+    if settings.smoke {
+        2
+    } else {
+        20
+    }
+}
+
+/// Creates the thin ext4 volumes, 8 RPCs in flight; returns their ids by index.
+async fn create_volumes(
+    settings: &Settings,
+    clients: &Clients,
+    result: &mut ScaleResult,
+    log: &Progress,
+) -> Result<Arc<Vec<String>>> {
     log.say(format!(
         "scale: creating {} volumes",
         settings.scale_volumes
@@ -263,35 +316,77 @@ pub(crate) async fn scale_section(
         .iter()
         .map(|id| id.clone().unwrap_or_default())
         .collect();
-    let ids = Arc::new(ids);
-    let staging_of = {
-        let co = co.clone();
-        move |i: usize| co.join(format!("staging-{i}"))
-    };
+    Ok(Arc::new(ids))
+}
 
+/// The scale section's volumes: the clients of the driver serving them, their ids by index,
+/// and the CO's dir their staging dirs are made under.
+struct Fleet {
+    clients: Clients,
+    ids: Arc<Vec<String>>,
+    co: Arc<PathBuf>,
+}
+
+impl Fleet {
+    /// Where the `i`th volume is staged.
+    fn staging(&self, i: usize) -> PathBuf {
+        staging_dir(&self.co, i)
+    }
+
+    /// Runs `op(clients, id, staging dir)` for the first `n` volumes, 8 at a time.
+    async fn fan_out<F, Fut>(&self, n: usize, op: F) -> Result<(Vec<f64>, f64)>
+    where
+        F: Fn(Clients, String, PathBuf) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send,
+    {
+        let (clients, ids, co) = (
+            self.clients.clone(),
+            Arc::clone(&self.ids),
+            Arc::clone(&self.co),
+        );
+        fan_out(n, 8, move |i| {
+            op(clients.clone(), ids[i].clone(), staging_dir(&co, i))
+        })
+        .await
+    }
+}
+
+/// The staging dir of the `i`th volume under the CO's dir.
+fn staging_dir(co: &Path, i: usize) -> PathBuf {
+    co.join(format!("staging-{i}"))
+}
+
+/// Stages the first `scale_staged` volumes, 8 RPCs in flight.
+async fn stage_volumes(
+    settings: &Settings,
+    fleet: &Fleet,
+    result: &mut ScaleResult,
+    log: &Progress,
+) -> Result<()> {
     log.say(format!("scale: staging {}", settings.scale_staged));
     for i in 0..settings.scale_staged {
-        std::fs::create_dir_all(staging_of(i))?;
+        std::fs::create_dir_all(fleet.staging(i))?;
     }
-    let (lat, wall) = {
-        let clients = clients.clone();
-        let ids = Arc::clone(&ids);
-        let staging_of = staging_of.clone();
-        fan_out(settings.scale_staged, 8, move |i| {
-            let clients = clients.clone();
-            let ids = Arc::clone(&ids);
-            let staging = staging_of(i);
-            async move { clients.stage(&ids[i], &staging, VolKind::Ext4).await }
+    let (lat, wall) = fleet
+        .fan_out(settings.scale_staged, |c, id, staging| async move {
+            c.stage(&id, &staging, VolKind::Ext4).await
         })
-        .await?
-    };
+        .await?;
     result.stage = summarize(&lat);
     result.stage_per_s = settings.scale_staged as f64 / wall;
+    Ok(())
+}
 
-    log.say("scale: RSS, ListVolumes, GetCapacity, NodeGetVolumeStats");
-    result.rss_loaded = read_rss(driver.pid)?;
+/// The read RPCs with every volume in place: ListVolumes (one page and pages of 100),
+/// GetCapacity, NodeGetVolumeStats of the staged volumes.
+async fn measure_loaded(
+    settings: &Settings,
+    fleet: &Fleet,
+    result: &mut ScaleResult,
+) -> Result<()> {
+    let clients = &fleet.clients;
     let expected = settings.scale_volumes;
-    let list_times = if settings.smoke { 2 } else { 20 };
+    let list_times = list_times(settings);
     result.list_all = repeat(list_times, || async {
         let seen = clients.list_all(0).await?;
         if seen != expected {
@@ -310,13 +405,19 @@ pub(crate) async fn scale_section(
     .await?;
     let mut stats = Vec::new();
     for _ in 0..2 {
-        for i in 0..settings.scale_staged {
+        for (i, id) in fleet.ids.iter().enumerate().take(settings.scale_staged) {
             let clock = Instant::now();
-            clients.volume_stats(&ids[i], &staging_of(i)).await?;
+            clients.volume_stats(id, &fleet.staging(i)).await?;
             stats.push(ms(clock.elapsed()));
         }
     }
     result.volume_stats = summarize(&stats);
+    Ok(())
+}
+
+/// What every node RPC reads to observe the kernel, timed with the driver's own functions:
+/// the loop device scan and the mount table.
+fn scan_kernel(settings: &Settings, result: &mut ScaleResult) -> Result<()> {
     result.sysfs_loop_entries = std::fs::read_dir("/sys/block")
         .map(|dir| {
             dir.flatten()
@@ -336,48 +437,22 @@ pub(crate) async fn scale_section(
     }
     result.scan_loop_devices = summarize(&scans);
     result.scan_mountinfo = summarize(&tables);
+    Ok(())
+}
 
-    log.say("scale: restarts");
-    let mut driver = driver;
-    for _ in 0..3 {
-        driver.stop().await?;
-        let (next, socket_ms, ready_ms) = spawn_driver(bin, &socket, &state, &driver_log).await?;
-        result.restart_socket_ms.push(socket_ms);
-        result.restarts_to_ready_ms.push(ready_ms);
-        driver = next;
-    }
-    result.rss_after_restart = read_rss(driver.pid)?;
-    let clients = driver.clients.clone();
-    result.list_all_after_restart =
-        repeat(list_times, || async { clients.list_all(0).await.map(drop) }).await?;
-
-    log.say("scale: unstaging and deleting");
-    let (lat, _) = {
-        let clients = clients.clone();
-        let ids = Arc::clone(&ids);
-        let staging_of = staging_of.clone();
-        fan_out(settings.scale_staged, 8, move |i| {
-            let clients = clients.clone();
-            let ids = Arc::clone(&ids);
-            let staging = staging_of(i);
-            async move { clients.unstage(&ids[i], &staging).await }
+/// Unstages the staged volumes and deletes them all, 8 RPCs in flight.
+async fn empty_pool(settings: &Settings, fleet: &Fleet, result: &mut ScaleResult) -> Result<()> {
+    let (lat, _) = fleet
+        .fan_out(settings.scale_staged, |c, id, staging| async move {
+            c.unstage(&id, &staging).await
         })
-        .await?
-    };
+        .await?;
     result.unstage = summarize(&lat);
-    let (lat, _) = {
-        let clients = clients.clone();
-        let ids = Arc::clone(&ids);
-        fan_out(settings.scale_volumes, 8, move |i| {
-            let clients = clients.clone();
-            let ids = Arc::clone(&ids);
-            async move { clients.delete(&ids[i]).await }
+    let (lat, _) = fleet
+        .fan_out(settings.scale_volumes, |c, id, _| async move {
+            c.delete(&id).await
         })
-        .await?
-    };
+        .await?;
     result.delete = summarize(&lat);
-    driver.stop().await?;
-    release_under(&root)?;
-    std::fs::remove_dir_all(&root)?;
-    Ok(result)
+    Ok(())
 }

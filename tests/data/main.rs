@@ -9,7 +9,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod expansion;
+mod expansion_refusals;
 mod health;
+mod snapshot_rpcs;
 mod snapshots;
 
 use std::hash::Hasher;

@@ -12,6 +12,7 @@ mod identity;
 mod list_and_capacity;
 mod node_publish;
 mod node_stage;
+mod node_unpublish_stats_info;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
