@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::host::linux::Linux;
 use crate::host::tools::Tools;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::{self, SnapshotMeta, VolumeMeta};
@@ -32,7 +33,8 @@ fn require_pool(state_dir: &Path) -> Result<()> {
 /// The pool opened without changing anything, with the metadata files it could not read.
 fn open_read_only(state_dir: &Path) -> Result<(Volumes, Vec<PathBuf>)> {
     require_pool(state_dir)?;
-    let (volumes, recovery) = Volumes::open_read_only(state_dir, Tools::discover()?)?;
+    let host = std::sync::Arc::new(Linux::new(Tools::discover()?));
+    let (volumes, recovery) = Volumes::open_read_only(state_dir, host)?;
     Ok((volumes, recovery.unreadable))
 }
 

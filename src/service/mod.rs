@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::config::{Config, TOPOLOGY_KEY};
 use crate::csi;
 use crate::error::{shown, Error, Result};
+use crate::host::linux::Linux;
 use crate::host::lockfile::LockFile;
 use crate::host::tools::Tools;
 use crate::volume::id::VolumeId;
@@ -53,7 +54,8 @@ pub struct Driver {
 /// into the domain.
 fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Volumes> {
     let started = Instant::now();
-    let (volumes, recovery) = Volumes::open(state_dir, tools, direct_io).inspect_err(|err| {
+    let host = Arc::new(Linux::new(tools));
+    let (volumes, recovery) = Volumes::open(state_dir, host, direct_io).inspect_err(|err| {
         tracing::error!(error = %err, "state recovery failed");
     })?;
     tracing::info!(

@@ -189,8 +189,8 @@ impl NodeOps {
             meta = self.pool.require(id)?;
         }
         dev.refresh_capacity()?;
-        if let VolumeKind::Filesystem(fs) = meta.kind {
-            let fs = fs.get();
+        if let VolumeKind::Filesystem(fs_type) = meta.kind {
+            let fs = fs_type.get();
             let at = match fs.grows_at() {
                 GrowsAt::Device => dev.path(),
                 // The mount point of the file system itself, not a bind of it.
@@ -201,7 +201,7 @@ impl NodeOps {
                     .filter(|p| observed.fs_mounted_at(p))
                     .unwrap_or_else(|| path.to_path_buf()),
             };
-            fs.grow_online(self.tools(), &at)?;
+            self.host().grow_online(fs_type, &at)?;
         }
         if meta.pending_fs_grow {
             let mut updated = (*meta).clone();
@@ -225,18 +225,18 @@ impl NodeOps {
         if !current.pending_fs_grow {
             return Ok(());
         }
-        let VolumeKind::Filesystem(fs) = meta.kind else {
+        let VolumeKind::Filesystem(fs_type) = meta.kind else {
             return Ok(());
         };
-        let fs = fs.get();
+        let fs = fs_type.get();
         match (fs.pending_grow(), staging) {
-            (PendingGrow::Offline, None) => fs.grow_offline(self.tools(), dev)?,
+            (PendingGrow::Offline, None) => self.host().grow_offline(fs_type, dev)?,
             (PendingGrow::Online, Some(mounted)) => {
                 let at = match fs.grows_at() {
                     GrowsAt::Device => dev,
                     GrowsAt::MountPoint => mounted,
                 };
-                fs.grow_online(self.tools(), at)?
+                self.host().grow_online(fs_type, at)?
             }
             _ => return Ok(()),
         }
@@ -287,8 +287,9 @@ impl NodeOps {
                             if let (Some(dev), VolumeKind::Filesystem(fs)) =
                                 (observed.device, meta.kind)
                             {
-                                problems
-                                    .extend(fs.get().recorded_errors(&format!("loop{}", dev.0)));
+                                problems.extend(
+                                    fs.get().recorded_errors(self.host().fs_error_count(dev)),
+                                );
                             }
                         }
                         _ => problems.push(format!(

@@ -369,7 +369,13 @@ mod tests {
     #[test]
     fn a_record_round_trips_and_other_versions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
+        let layout = Layout::prepare(
+            dir.path(),
+            std::sync::Arc::new(crate::host::linux::Linux::new(
+                crate::host::tools::Tools::discover().unwrap(),
+            )),
+        )
+        .unwrap();
         let id = VolumeId::new_random();
         let target = FreezeTarget::new(
             layout.clone(),

@@ -19,7 +19,8 @@ use crate::host;
 use crate::host::files::{self, Usage};
 use crate::host::loopdev::{self, AttachOptions, FileId, LoopDevice};
 use crate::host::mount::{self, MountEntry, MountOptions};
-use crate::host::tools::{Probe, Tools};
+use crate::host::os::Host;
+use crate::host::tools::Probe;
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
 use crate::volume::params::{AccessKind, Capability, VolumeKind};
@@ -36,7 +37,6 @@ pub enum VolumeStats {
 
 pub struct NodeOps {
     pub(crate) pool: Arc<Pool>,
-    tools: Tools,
     direct_io: bool,
 }
 
@@ -186,16 +186,13 @@ impl Observed {
 }
 
 impl NodeOps {
-    pub fn new(pool: Arc<Pool>, tools: Tools, direct_io: bool) -> Self {
-        NodeOps {
-            pool,
-            tools,
-            direct_io,
-        }
+    pub fn new(pool: Arc<Pool>, direct_io: bool) -> Self {
+        NodeOps { pool, direct_io }
     }
 
-    pub fn tools(&self) -> &Tools {
-        &self.tools
+    /// The operating system, through the pool's layout (the one `Host` of the domain).
+    pub(crate) fn host(&self) -> &dyn Host {
+        self.pool.layout().host()
     }
 
     pub(crate) fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
@@ -497,7 +494,7 @@ impl NodeOps {
         let probe = if !meta.formatted && !files::has_data(&image)? {
             Probe::Blank
         } else {
-            self.tools.probe(&dev.path())?
+            self.host().probe(&dev.path())?
         };
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
@@ -515,7 +512,7 @@ impl NodeOps {
             }),
             Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
             Probe::Blank => {
-                self.tools.mkfs(fs, &dev.path())?;
+                self.host().mkfs(fs, &dev.path())?;
                 crate::faults::crash_point("stage.formatted");
                 Ok(true)
             }

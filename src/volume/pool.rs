@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Corruption, Error, Mismatch, Result};
 use crate::host::files::{self, Allocation, Usage};
 use crate::host::mount;
+use crate::host::os::Host;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
@@ -34,32 +35,50 @@ use crate::volume::params::{AccessMode, CapacityRange, Provisioning, VolumeKind,
 /// Metadata format version written by this build.
 const META_VERSION: u32 = 1;
 
-/// Where everything lives under the state dir.
-#[derive(Clone, Debug)]
+/// Where everything lives under the state dir, and the host it lives on: everything that holds
+/// a layout (the pool, the node machinery, a freeze target) reaches the operating system
+/// through that one `Host`, so a test that builds the layout on a fake host gets a domain that
+/// touches nothing else.
+#[derive(Clone)]
 pub struct Layout {
     root: PathBuf,
+    host: Arc<dyn Host>,
+}
+
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layout").field("root", &self.root).finish()
+    }
 }
 
 impl Layout {
     /// Creates the directories if needed and canonicalises the root (the kernel reports
     /// canonical backing-file paths, which we compare against).
-    pub fn prepare(state_dir: &Path) -> Result<Self> {
+    pub fn prepare(state_dir: &Path, host: Arc<dyn Host>) -> Result<Self> {
         for dir in [
             state_dir.to_path_buf(),
             state_dir.join("volumes"),
             state_dir.join("snapshots"),
             state_dir.join("node"),
         ] {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+            host.create_dir_all(&dir)?;
         }
-        let root = state_dir
-            .canonicalize()
-            .map_err(|e| Error::io("canonicalize", state_dir, e))?;
-        Ok(Layout { root })
+        let root = host.canonicalize(state_dir)?;
+        Ok(Layout { root, host })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The operating system the state dir is on.
+    pub fn host(&self) -> &dyn Host {
+        &*self.host
+    }
+
+    /// The host, shared.
+    pub fn shared_host(&self) -> Arc<dyn Host> {
+        Arc::clone(&self.host)
     }
 
     /// Why the file system under the pool cannot keep the driver's crash-safety promises, if it
@@ -68,7 +87,7 @@ impl Layout {
     /// survives a reboot at all. Read once at startup, for a loud warning; the driver still
     /// serves (the operator chose the pool).
     pub fn durability_warning(&self) -> Option<String> {
-        let table = mount::mounts().ok()?;
+        let table = self.host.mounts().ok()?;
         let fs = mount::mount_holding(&table, &self.root)?;
         let what = format!(
             "--state-dir {} is on {} ({} mounted at {})",
@@ -77,7 +96,7 @@ impl Layout {
             fs.source,
             fs.mount_point.display()
         );
-        if mount::ext_journal(&fs) == Some(false) {
+        if self.host.ext_journal(&fs) == Some(false) {
             return Some(format!(
                 "{what}, which has no journal: after a power loss or kernel crash it needs \
                  e2fsck, and a volume created, deleted or staged just before may come back \
@@ -978,7 +997,13 @@ mod tests {
     #[test]
     fn unreadable_metadata_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
+        let layout = Layout::prepare(
+            dir.path(),
+            std::sync::Arc::new(crate::host::linux::Linux::new(
+                crate::host::tools::Tools::discover().unwrap(),
+            )),
+        )
+        .unwrap();
         let id = VolumeId::new_random();
         std::fs::write(layout.meta(&id), b"not json").unwrap();
         std::fs::write(layout.image(&id), b"precious").unwrap();
