@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::host::linux::Linux;
+use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::{self, SnapshotMeta, VolumeMeta};
@@ -51,15 +52,15 @@ struct Unreadable {
 }
 
 impl Unreadable {
-    fn new(path: PathBuf) -> Self {
+    fn new(host: &dyn Host, path: PathBuf) -> Self {
         let id = path
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         // Read it again for the reason (recovery logs it but keeps only the path).
         let loaded = if path.parent().and_then(Path::file_name) == Some("snapshots".as_ref()) {
-            pool::load_meta::<SnapshotMeta>(&path, &id).map(drop)
+            pool::load_meta::<SnapshotMeta>(host, &path, &id).map(drop)
         } else {
-            pool::load_meta::<VolumeMeta>(&path, &id).map(drop)
+            pool::load_meta::<VolumeMeta>(host, &path, &id).map(drop)
         };
         let reason = match loaded {
             Ok(()) => "unreadable when the pool was opened; readable now".to_string(),
@@ -195,7 +196,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<String> {
         .chain(
             unreadable
                 .into_iter()
-                .map(|p| Entry::Unreadable(Unreadable::new(p))),
+                .map(|p| Entry::Unreadable(Unreadable::new(node.host(), p))),
         )
         .collect();
     if json {

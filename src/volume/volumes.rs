@@ -108,6 +108,11 @@ impl Volumes {
         self.store.layout().root()
     }
 
+    /// The operating system the domain runs on (for the operator commands' own reads).
+    pub fn host(&self) -> &dyn Host {
+        self.store.layout().host()
+    }
+
     /// Whether this node can make file system `fs` (its mkfs is installed).
     pub fn supports(&self, fs: FsType) -> bool {
         self.store.layout().host().supports(fs)
@@ -156,7 +161,7 @@ impl Volumes {
     fn refuse_in_use(&self, id: &VolumeId) -> Result<()> {
         let layout = self.store.layout();
         let uses = inuse::volume_uses(
-            &KernelView::read()?,
+            &KernelView::read(layout.host())?,
             &layout.image(id),
             &layout.node_record(id),
         )?;
