@@ -215,7 +215,8 @@ pub fn gc(state_dir: &Path, dry_run: bool, min_age: Duration) -> Result<Reconcil
     let _lock = if dry_run {
         None
     } else {
-        Some(statedir::lock_for_gc(state_dir)?)
+        let host = Linux::new(Tools::discover()?);
+        Some(statedir::lock_for_gc(&host, state_dir)?)
     };
     let (node, _) = open_read_only(state_dir)?;
     node.collect_orphans(GcPolicy { min_age, dry_run })
