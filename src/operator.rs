@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::host::linux::Linux;
+use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::{self, SnapshotMeta, VolumeMeta};
@@ -32,7 +34,8 @@ fn require_pool(state_dir: &Path) -> Result<()> {
 /// The pool opened without changing anything, with the metadata files it could not read.
 fn open_read_only(state_dir: &Path) -> Result<(Volumes, Vec<PathBuf>)> {
     require_pool(state_dir)?;
-    let (volumes, recovery) = Volumes::open_read_only(state_dir, Tools::discover()?)?;
+    let host = std::sync::Arc::new(Linux::new(Tools::discover()?));
+    let (volumes, recovery) = Volumes::open_read_only(state_dir, host)?;
     Ok((volumes, recovery.unreadable))
 }
 
@@ -49,15 +52,15 @@ struct Unreadable {
 }
 
 impl Unreadable {
-    fn new(path: PathBuf) -> Self {
+    fn new(host: &dyn Host, path: PathBuf) -> Self {
         let id = path
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         // Read it again for the reason (recovery logs it but keeps only the path).
         let loaded = if path.parent().and_then(Path::file_name) == Some("snapshots".as_ref()) {
-            pool::load_meta::<SnapshotMeta>(&path, &id).map(drop)
+            pool::load_meta::<SnapshotMeta>(host, &path, &id).map(drop)
         } else {
-            pool::load_meta::<VolumeMeta>(&path, &id).map(drop)
+            pool::load_meta::<VolumeMeta>(host, &path, &id).map(drop)
         };
         let reason = match loaded {
             Ok(()) => "unreadable when the pool was opened; readable now".to_string(),
@@ -193,7 +196,7 @@ pub fn status(state_dir: &Path, json: bool) -> Result<String> {
         .chain(
             unreadable
                 .into_iter()
-                .map(|p| Entry::Unreadable(Unreadable::new(p))),
+                .map(|p| Entry::Unreadable(Unreadable::new(node.host(), p))),
         )
         .collect();
     if json {
@@ -212,7 +215,8 @@ pub fn gc(state_dir: &Path, dry_run: bool, min_age: Duration) -> Result<Reconcil
     let _lock = if dry_run {
         None
     } else {
-        Some(statedir::lock_for_gc(state_dir)?)
+        let host = Linux::new(Tools::discover()?);
+        Some(statedir::lock_for_gc(&host, state_dir)?)
     };
     let (node, _) = open_read_only(state_dir)?;
     node.collect_orphans(GcPolicy { min_age, dry_run })

@@ -18,6 +18,8 @@ use crate::csi::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
+use crate::host::linux::Linux;
+use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::service::{
     controller::ControllerService, identity::IdentityService, node::NodeService, Driver,
@@ -35,12 +37,14 @@ pub struct BoundServer {
 /// socket and starts state recovery.
 pub fn bind(config: &Config) -> Result<BoundServer> {
     config.validate()?;
+    let tools = Tools::discover()?.with_timeout(config.tool_timeout());
+    let host: Arc<dyn Host> = Arc::new(Linux::new(tools));
     let state_dir_lock = crate::volume::statedir::claim_for_driver(
+        &*host,
         &config.state_dir,
         &config.node_id,
         config.allow_node_id_change,
     )?;
-    let tools = Tools::discover()?.with_timeout(config.tool_timeout());
     let socket = config.socket_path()?;
     check_socket_path_length(&socket)?;
     remove_stale_socket(&socket)?;
@@ -60,7 +64,7 @@ pub fn bind(config: &Config) -> Result<BoundServer> {
             listener
         })
         .transpose()?;
-    let driver = Driver::start(config, tools, state_dir_lock);
+    let driver = Driver::start(config, host, state_dir_lock);
     Ok(BoundServer {
         listener,
         socket,

@@ -664,7 +664,9 @@ async fn an_abandoned_freeze_is_reported_taken_over_and_thawed() {
     freeze_as_a_dead_driver(&d.state_dir(), &id, &staging);
     let (volumes, _) = loopcsi::volume::Volumes::open(
         &d.state_dir(),
-        loopcsi::host::tools::Tools::discover().unwrap(),
+        std::sync::Arc::new(loopcsi::host::linux::Linux::new(
+            loopcsi::host::tools::Tools::discover().unwrap(),
+        )),
         true,
     )
     .unwrap();

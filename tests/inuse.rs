@@ -14,7 +14,12 @@ use loopcsi::volume::Volumes;
 
 /// The node side of a driver on `d`'s state dir, as a second view (startup recovery runs).
 fn node_view(d: &TestDriver) -> Volumes {
-    let (volumes, _) = Volumes::open(&d.state_dir(), Tools::discover().unwrap(), true).unwrap();
+    let (volumes, _) = Volumes::open(
+        &d.state_dir(),
+        std::sync::Arc::new(loopcsi::host::linux::Linux::new(Tools::discover().unwrap())),
+        true,
+    )
+    .unwrap();
     volumes
 }
 
@@ -95,7 +100,14 @@ async fn a_published_block_volume_is_in_use_even_without_metadata_or_records() {
         Some(device),
         "the device stays attached"
     );
-    let (_, recovery) = Pool::open(Layout::prepare(&d.state_dir()).unwrap()).unwrap();
+    let (_, recovery) = Pool::open(
+        Layout::prepare(
+            &d.state_dir(),
+            std::sync::Arc::new(loopcsi::host::linux::Linux::new(Tools::discover().unwrap())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert!(recovery.removed_partial_images.is_empty(), "{recovery:?}");
 
     // Put the state back; the CO tears down as usual.

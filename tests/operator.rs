@@ -344,13 +344,25 @@ async fn a_pool_without_a_journal_is_warned_about() {
         "status must warn about a journal-less pool:\n{stderr}"
     );
     assert!(stderr.contains(&state.display().to_string()), "{stderr}");
-    let layout = loopcsi::volume::pool::Layout::prepare(&state).unwrap();
+    let layout = loopcsi::volume::pool::Layout::prepare(
+        &state,
+        std::sync::Arc::new(loopcsi::host::linux::Linux::new(
+            loopcsi::host::tools::Tools::discover().unwrap(),
+        )),
+    )
+    .unwrap();
     assert!(layout.durability_warning().is_some());
     journal_less.assert_clean();
     drop(journal_less);
 
     let journaled = TestDriver::start_on_small_pool("ext4", 64).await;
-    let layout = loopcsi::volume::pool::Layout::prepare(&journaled.state_dir()).unwrap();
+    let layout = loopcsi::volume::pool::Layout::prepare(
+        &journaled.state_dir(),
+        std::sync::Arc::new(loopcsi::host::linux::Linux::new(
+            loopcsi::host::tools::Tools::discover().unwrap(),
+        )),
+    )
+    .unwrap();
     assert_eq!(layout.durability_warning(), None);
     let (ok, _, stderr) = loopcsi_beside(&["status"], &journaled.state_dir()).await;
     assert!(ok && !stderr.contains("journal"), "{stderr}");

@@ -812,7 +812,7 @@ proptest! {
         m in any::<u128>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
+        let layout = Layout::prepare(dir.path(), std::sync::Arc::new(loopcsi::host::linux::Linux::new(loopcsi::host::tools::Tools::discover().unwrap()))).unwrap();
         let volumes = layout.volumes_dir();
         let snapshots = dir.path().canonicalize().unwrap().join("snapshots");
 

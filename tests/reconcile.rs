@@ -12,7 +12,12 @@ use loopcsi::volume::Volumes;
 
 /// The node side of a running driver on `d`'s state dir (startup recovery has run).
 fn running_node(d: &TestDriver) -> Volumes {
-    let (volumes, _) = Volumes::open(&d.state_dir(), Tools::discover().unwrap(), true).unwrap();
+    let (volumes, _) = Volumes::open(
+        &d.state_dir(),
+        std::sync::Arc::new(loopcsi::host::linux::Linux::new(Tools::discover().unwrap())),
+        true,
+    )
+    .unwrap();
     volumes
 }
 

@@ -20,7 +20,7 @@ use crate::config::{Config, TOPOLOGY_KEY};
 use crate::csi;
 use crate::error::{shown, Error, Result};
 use crate::host::lockfile::LockFile;
-use crate::host::tools::Tools;
+use crate::host::os::Host;
 use crate::volume::id::VolumeId;
 use crate::volume::params::{AccessKind, AccessMode, Capability, FsType, MountFlags};
 use crate::volume::Volumes;
@@ -51,9 +51,9 @@ pub struct Driver {
 
 /// Startup recovery: loads the pool (removing what a crash left half-made) and opens the door
 /// into the domain.
-fn recover(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<Volumes> {
+fn recover(state_dir: &Path, host: Arc<dyn Host>, direct_io: bool) -> Result<Volumes> {
     let started = Instant::now();
-    let (volumes, recovery) = Volumes::open(state_dir, tools, direct_io).inspect_err(|err| {
+    let (volumes, recovery) = Volumes::open(state_dir, host, direct_io).inspect_err(|err| {
         tracing::error!(error = %err, "state recovery failed");
     })?;
     tracing::info!(
@@ -103,7 +103,7 @@ impl Driver {
     /// Starts the driver: state recovery runs in the background (Probe answers not-ready until
     /// it is done, and other RPCs wait for it), then reconciliation rounds every
     /// `--reconcile-interval` seconds.
-    pub fn start(config: &Config, tools: Tools, state_dir_lock: LockFile) -> Arc<Self> {
+    pub fn start(config: &Config, host: Arc<dyn Host>, state_dir_lock: LockFile) -> Arc<Self> {
         let metrics = crate::metrics::Metrics::new();
         let round_metrics = Arc::clone(&metrics);
         let (tx, rx) = watch::channel(Readiness::Starting);
@@ -112,7 +112,7 @@ impl Driver {
         let interval = std::time::Duration::from_secs(config.reconcile_interval);
         let background = tokio::spawn(async move {
             let recovered =
-                tokio::task::spawn_blocking(move || recover(&state_dir, tools, direct_io)).await;
+                tokio::task::spawn_blocking(move || recover(&state_dir, host, direct_io)).await;
             let next = match recovered {
                 Ok(Ok(domain)) => Readiness::Ready(Arc::new(domain)),
                 Ok(Err(err)) => Readiness::Failed(err.to_string()),

@@ -55,8 +55,12 @@ impl Node for NodeService {
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
                     let state_dir = domain.state_dir();
-                    let staging =
-                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    let staging = co_path(
+                        domain.host(),
+                        "staging_target_path",
+                        &req.staging_target_path,
+                        state_dir,
+                    )?;
                     let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.stage(&id, &staging, &cap)?;
@@ -80,8 +84,12 @@ impl Node for NodeService {
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
                     let state_dir = domain.state_dir();
-                    let staging =
-                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    let staging = co_path(
+                        domain.host(),
+                        "staging_target_path",
+                        &req.staging_target_path,
+                        state_dir,
+                    )?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.unstage(&id, &staging)?;
                     Ok(csi::NodeUnstageVolumeResponse {})
@@ -106,14 +114,19 @@ impl Node for NodeService {
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
                     let state_dir = domain.state_dir();
-                    let target = co_path("target_path", &req.target_path, state_dir)?;
+                    let target =
+                        co_path(domain.host(), "target_path", &req.target_path, state_dir)?;
                     let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                     if req.staging_target_path.is_empty() {
                         // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
                         return Err(Error::StagingRequired);
                     }
-                    let staging =
-                        co_path("staging_target_path", &req.staging_target_path, state_dir)?;
+                    let staging = co_path(
+                        domain.host(),
+                        "staging_target_path",
+                        &req.staging_target_path,
+                        state_dir,
+                    )?;
                     if staging == target {
                         return Err(Error::invalid(
                             "target_path",
@@ -121,7 +134,7 @@ impl Node for NodeService {
                         ));
                     }
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    unclaimed_target("target_path", &target)?;
+                    unclaimed_target(domain.host(), "target_path", &target)?;
                     domain.publish(
                         &id,
                         Publish {
@@ -150,7 +163,8 @@ impl Node for NodeService {
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
                     let state_dir = domain.state_dir();
-                    let target = co_path("target_path", &req.target_path, state_dir)?;
+                    let target =
+                        co_path(domain.host(), "target_path", &req.target_path, state_dir)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.unpublish(&id, &target)?;
                     Ok(csi::NodeUnpublishVolumeResponse {})
@@ -175,7 +189,7 @@ impl Node for NodeService {
                     required("volume_path", &req.volume_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.get(&id)?;
-                    let path = volume_path(&id, &req.volume_path)?;
+                    let path = volume_path(domain.host(), &id, &req.volume_path)?;
                     let (stats, condition) = domain.stats(&id, &path)?;
                     let usage = match stats {
                         VolumeStats::Filesystem(u) => vec![
@@ -245,7 +259,7 @@ impl Node for NodeService {
                     if let Some(range) = &range {
                         range.validate()?;
                     }
-                    let path = volume_path(&id, &req.volume_path)?;
+                    let path = volume_path(domain.host(), &id, &req.volume_path)?;
                     let size = domain.expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),

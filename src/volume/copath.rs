@@ -8,6 +8,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{shown, Error, Result};
+use crate::host::os::{Host, NodeKind};
 use crate::volume::id::VolumeId;
 
 /// The longest name of one path component (Linux NAME_MAX).
@@ -21,7 +22,12 @@ const KERNEL_TREES: &[&str] = &["/proc", "/sys", "/dev"];
 /// a symlink itself, no component over NAME_MAX, not under /proc, /sys or /dev, and outside the
 /// driver's state dir. Returned with the symlinks of its
 /// ancestors resolved (see `resolve_existing_prefix`).
-pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<PathBuf> {
+pub fn co_path(
+    host: &dyn Host,
+    field: &'static str,
+    value: &str,
+    state_dir: &Path,
+) -> Result<PathBuf> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
@@ -74,7 +80,7 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
     }
     // Symlinks in the ancestors are followed, as the kernel does when mounting: the mount and
     // mountinfo show the resolved path, so every later comparison uses it too.
-    let resolved = resolve_existing_prefix(path);
+    let resolved = resolve_existing_prefix(host, path);
     if let Some(kernel) = KERNEL_TREES
         .iter()
         .find(|tree| path.starts_with(tree) || resolved.starts_with(tree))
@@ -97,7 +103,7 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
             ),
         ));
     }
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+    if is_symlink(host, path) {
         return Err(Error::invalid(
             field,
             format!(
@@ -114,21 +120,19 @@ pub fn co_path(field: &'static str, value: &str, state_dir: &Path) -> Result<Pat
 /// is someone else's data, which a mount would hide. A mount point (its device differs from
 /// its parent's) is left to the domain, which observes what is mounted there (a repeated
 /// publish is idempotent); a missing target is created by the domain; a file is a block target.
-pub fn unclaimed_target(field: &'static str, target: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(target) else {
+pub fn unclaimed_target(host: &dyn Host, field: &'static str, target: &Path) -> Result<()> {
+    let Ok(Some(node)) = host.node(target) else {
         return Ok(());
     };
     let parent_dev = target
         .parent()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| m.dev());
-    if !meta.is_dir() || parent_dev != Some(meta.dev()) {
+        .and_then(|p| host.node_followed(p).ok().flatten())
+        .map(|n| n.dev);
+    if node.kind != NodeKind::Directory || parent_dev != Some(node.dev) {
         return Ok(());
     }
-    let mut entries =
-        std::fs::read_dir(target).map_err(|e| Error::io("read directory", target, e))?;
-    if entries.next().is_some() {
+    let entries = host.list_dir(target)?.unwrap_or_default();
+    if !entries.is_empty() {
         return Err(Error::NotEmptyTarget {
             field,
             path: target.to_path_buf(),
@@ -140,7 +144,7 @@ pub fn unclaimed_target(field: &'static str, target: &Path) -> Result<()> {
 /// The `volume_path` of NodeGetVolumeStats / NodeExpandVolume: required; anything that cannot
 /// be where the volume is (relative, too long, NUL, missing) is NOT_FOUND, as the spec (and
 /// csi-sanity) expect; an existing path is resolved like `co_path`.
-pub fn volume_path(id: &VolumeId, value: &str) -> Result<PathBuf> {
+pub fn volume_path(host: &dyn Host, id: &VolumeId, value: &str) -> Result<PathBuf> {
     if value.is_empty() {
         return Err(Error::invalid("volume_path", "is required"));
     }
@@ -149,24 +153,25 @@ pub fn volume_path(id: &VolumeId, value: &str) -> Result<PathBuf> {
         id: format!("{id} at {}", shown(value)),
     };
     let path = Path::new(value);
-    if value.len() > 4096
-        || value.contains('\0')
-        || !path.is_absolute()
-        || std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
-    {
+    if value.len() > 4096 || value.contains('\0') || !path.is_absolute() || is_symlink(host, path) {
         return Err(not_found());
     }
-    path.canonicalize().map_err(|_| not_found())
+    host.canonicalize(path).map_err(|_| not_found())
+}
+
+/// `path` itself is a symbolic link (its final component is not followed).
+fn is_symlink(host: &dyn Host, path: &Path) -> bool {
+    matches!(host.node(path), Ok(Some(n)) if n.kind == NodeKind::Symlink)
 }
 
 /// `path` with its deepest existing ancestor canonicalised (symlinks in it followed) and the
 /// rest appended: where a mount at `path` would really land, also when the last components do
 /// not exist yet and an ancestor is a symlink.
-fn resolve_existing_prefix(path: &Path) -> PathBuf {
+fn resolve_existing_prefix(host: &dyn Host, path: &Path) -> PathBuf {
     let mut rest = Vec::new();
     let mut current = path;
     loop {
-        if let Ok(real) = current.canonicalize() {
+        if let Ok(real) = host.canonicalize(current) {
             return rest
                 .iter()
                 .rev()

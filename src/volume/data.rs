@@ -12,10 +12,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::host::files::{self, Allocation};
+use crate::host::files::{Allocation, CopyStats};
 use crate::host::fs::{GrowsAt, PendingGrow};
-use crate::host::loopdev;
 use crate::host::mount;
+use crate::host::os::Host;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
@@ -37,25 +37,25 @@ impl SourceCopy {
     ///   (`files::patch_to_match`): afterwards the copy reads back exactly as the frozen image,
     ///   which is the point-in-time copy. Only that comparison runs frozen; the flush of the
     ///   copy runs after the thaw.
-    pub fn copy_to(&self, dst: &Path, size: u64) -> Result<files::CopyStats> {
+    pub fn copy_to(&self, host: &dyn Host, dst: &Path, size: u64) -> Result<CopyStats> {
         let len = self.size_bytes;
         let Some(freeze) = &self.freeze else {
-            return files::copy_sparse(&self.image, dst, len, size);
+            return host.copy_image(&self.image, dst, len, size);
         };
-        if files::reflinks(dst.parent().unwrap_or(Path::new("/"))) {
+        if host.reflinks(dst.parent().unwrap_or(Path::new("/"))) {
             let _frozen = freeze.freeze()?;
-            return files::copy_sparse(&self.image, dst, len, size);
+            return host.copy_image(&self.image, dst, len, size);
         }
-        let stats = files::copy_sparse(&self.image, dst, len, size)?;
+        let stats = host.copy_image(&self.image, dst, len, size)?;
         crate::faults::crash_point("copy.precopied");
         let patched = (|| {
             let frozen = freeze.freeze()?;
             let started = std::time::Instant::now();
-            let rewritten = files::patch_to_match(&self.image, dst, len);
+            let rewritten = host.patch_image(&self.image, dst, len);
             drop(frozen); // thaw before the flush
             let frozen_ms = started.elapsed().as_millis() as u64;
             let rewritten = rewritten?;
-            files::sync_file(dst)?;
+            host.sync_file(dst)?;
             Ok((rewritten, frozen_ms))
         })();
         match patched {
@@ -69,7 +69,7 @@ impl SourceCopy {
                 Ok(stats)
             }
             Err(err) => {
-                let _ = files::remove_durably(dst);
+                let _ = host.remove_durably(dst);
                 Err(err)
             }
         }
@@ -96,7 +96,7 @@ impl NodeOps {
         let mut freeze = None;
         if let VolumeKind::Filesystem(fs) = meta.kind {
             let record = self.load_record(id)?;
-            let observed = Observed::read(&self.pool.layout().image(id))?;
+            let observed = Observed::read(self.host(), &self.pool.layout().image(id))?;
             let staged = record.staged.filter(|s| observed.fs_mounted_at(&s.path));
             if let (Some(staged), Some(numbers)) = (staged, observed.dev_numbers) {
                 freeze = Some(FreezeTarget::new(
@@ -148,7 +148,7 @@ impl NodeOps {
         };
         // File first, metadata second: a crash in between leaves a file larger than recorded,
         // which a retry makes consistent.
-        files::grow_backing_file(&image, size, allocation)?;
+        self.host().grow_image(&image, size, allocation)?;
         crate::faults::crash_point("expand.file_grown");
         let mut updated = meta.clone();
         updated.capacity_bytes = size;
@@ -156,8 +156,8 @@ impl NodeOps {
         // be impossible, the next stage grows it (ext4 offline).
         updated.pending_fs_grow = matches!(meta.kind, VolumeKind::Filesystem(_)) && meta.formatted;
         self.pool.update(held, updated)?;
-        for dev in loopdev::devices_of(&image)? {
-            dev.refresh_capacity()?;
+        for dev in self.host().devices_of(&image)? {
+            self.host().refresh_capacity(dev)?;
         }
         Ok(size)
     }
@@ -175,7 +175,7 @@ impl NodeOps {
         let id = held.id();
         let mut meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
-        let observed = Observed::read_near(&image, Some(path))?;
+        let observed = Observed::read_near(self.host(), &image, Some(path))?;
         let not_here = || Error::NotFound {
             what: "volume at path",
             id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
@@ -188,9 +188,9 @@ impl NodeOps {
             self.grow_volume(held, &meta, range)?;
             meta = self.pool.require(id)?;
         }
-        dev.refresh_capacity()?;
-        if let VolumeKind::Filesystem(fs) = meta.kind {
-            let fs = fs.get();
+        self.host().refresh_capacity(dev)?;
+        if let VolumeKind::Filesystem(fs_type) = meta.kind {
+            let fs = fs_type.get();
             let at = match fs.grows_at() {
                 GrowsAt::Device => dev.path(),
                 // The mount point of the file system itself, not a bind of it.
@@ -201,7 +201,7 @@ impl NodeOps {
                     .filter(|p| observed.fs_mounted_at(p))
                     .unwrap_or_else(|| path.to_path_buf()),
             };
-            fs.grow_online(self.tools(), &at)?;
+            self.host().grow_online(fs_type, &at)?;
         }
         if meta.pending_fs_grow {
             let mut updated = (*meta).clone();
@@ -225,18 +225,18 @@ impl NodeOps {
         if !current.pending_fs_grow {
             return Ok(());
         }
-        let VolumeKind::Filesystem(fs) = meta.kind else {
+        let VolumeKind::Filesystem(fs_type) = meta.kind else {
             return Ok(());
         };
-        let fs = fs.get();
+        let fs = fs_type.get();
         match (fs.pending_grow(), staging) {
-            (PendingGrow::Offline, None) => fs.grow_offline(self.tools(), dev)?,
+            (PendingGrow::Offline, None) => self.host().grow_offline(fs_type, dev)?,
             (PendingGrow::Online, Some(mounted)) => {
                 let at = match fs.grows_at() {
                     GrowsAt::Device => dev,
                     GrowsAt::MountPoint => mounted,
                 };
-                fs.grow_online(self.tools(), at)?
+                self.host().grow_online(fs_type, at)?
             }
             _ => return Ok(()),
         }
@@ -252,14 +252,15 @@ impl NodeOps {
         let meta = self.pool.require(id)?;
         let image = self.pool.layout().image(id);
         let mut problems = Vec::new();
-        match std::fs::metadata(&image) {
-            Err(_) => problems.push(format!("the backing file {} is missing", image.display())),
-            Ok(m) if m.len() < meta.capacity_bytes => problems.push(format!(
+        match self.host().node_followed(&image) {
+            Err(_) | Ok(None) => {
+                problems.push(format!("the backing file {} is missing", image.display()))
+            }
+            Ok(Some(n)) if n.len < meta.capacity_bytes => problems.push(format!(
                 "the backing file is truncated: {} bytes of {}",
-                m.len(),
-                meta.capacity_bytes
+                n.len, meta.capacity_bytes
             )),
-            Ok(_) => {}
+            Ok(Some(_)) => {}
         }
         if let Some(frozen) = self.abandoned_freeze(id, skipper) {
             problems.push(frozen);
@@ -287,8 +288,9 @@ impl NodeOps {
                             if let (Some(dev), VolumeKind::Filesystem(fs)) =
                                 (observed.device, meta.kind)
                             {
-                                problems
-                                    .extend(fs.get().recorded_errors(&format!("loop{}", dev.0)));
+                                problems.extend(
+                                    fs.get().recorded_errors(self.host().fs_error_count(dev)),
+                                );
                             }
                         }
                         _ => problems.push(format!(

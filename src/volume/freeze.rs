@@ -16,8 +16,6 @@
 //! opened directory, never by a mount point's path alone. Only what loopcsi recorded is ever
 //! thawed: a freeze by someone else (an operator's `fsfreeze`) is left alone.
 
-use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -25,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Corruption, Error, Result};
 use crate::host::files;
-use crate::host::loopdev;
 use crate::host::mount::{self, MountOptions};
+use crate::host::os::{FsHandle, Host};
 use crate::host::tools::FsType;
 use crate::volume::id::VolumeId;
 use crate::volume::node::NodeOps;
@@ -67,8 +65,11 @@ fn thaw_mount_point(layout: &Layout, id: &VolumeId) -> PathBuf {
     intents_dir(layout).join(format!("{id}.mnt"))
 }
 
-fn read_intent(path: &Path) -> Result<Intent> {
-    let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+fn read_intent(host: &dyn Host, path: &Path) -> Result<Intent> {
+    let text = host.read_file(path)?.ok_or_else(|| {
+        let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        Error::io("read", path, missing)
+    })?;
     let intent: Intent = serde_json::from_slice(&text).map_err(|e| Error::unparsable(path, e))?;
     if intent.version != INTENT_VERSION {
         return Err(Error::CorruptRecord {
@@ -81,28 +82,6 @@ fn read_intent(path: &Path) -> Result<Intent> {
         });
     }
     Ok(intent)
-}
-
-/// Opens the directory `path` and checks that it is on the file system with device numbers
-/// `numbers`: the descriptor then names that file system whatever happens to the path.
-fn open_fs(path: &Path, numbers: (u32, u32)) -> Result<File> {
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| Error::io("open", path, e))?;
-    let dev = dir
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .dev();
-    if dev != nix::sys::stat::makedev(numbers.0.into(), numbers.1.into()) {
-        return Err(Error::FileSystemMoved {
-            path: path.to_path_buf(),
-            major: numbers.0,
-            minor: numbers.1,
-        });
-    }
-    Ok(dir)
 }
 
 /// A volume's mounted file system that a copy may freeze.
@@ -140,16 +119,17 @@ impl FreezeTarget {
     /// snapshot is refused rather than thawing it under them.
     pub(crate) fn freeze(&self) -> Result<Frozen> {
         let intent = &self.intent;
-        let fs = open_fs(&intent.mount_point, intent.numbers())?;
+        let host = self.layout.host();
+        // The directory, held open, names the file system whatever happens to the path.
+        let fs = host.open_fs(&intent.mount_point, intent.numbers())?;
         let path = intent_path(&self.layout, &intent.volume);
-        let inherited = read_intent(&path).is_ok_and(|old| old.numbers() == intent.numbers());
-        let dir = intents_dir(&self.layout);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let inherited = read_intent(host, &path).is_ok_and(|old| old.numbers() == intent.numbers());
+        host.create_dir_all(&intents_dir(&self.layout))?;
         let json = serde_json::to_vec_pretty(intent)
             .map_err(|e| Error::Internal(format!("serialising a freeze record: {e}")))?;
-        files::write_atomic(&path, &json)?;
+        host.write_record(&path, &json)?;
         crate::faults::crash_point("freeze.intent_recorded");
-        match loopdev::freeze_fs(&fs) {
+        match host.freeze(&fs) {
             Ok(()) => {}
             Err(Errno::EBUSY) if inherited => tracing::warn!(
                 volume.id = %intent.volume,
@@ -161,7 +141,7 @@ impl FreezeTarget {
                 // We did not freeze it: the record must not make anyone thaw it. A record from
                 // an earlier life stays, so its freeze is still thawed.
                 if !inherited {
-                    let _ = files::remove_durably(&path);
+                    let _ = host.remove_durably(&path);
                 }
                 return Err(match errno {
                     Errno::EBUSY => Error::FrozenByOther {
@@ -188,12 +168,13 @@ pub(crate) struct Frozen {
     layout: Layout,
     intent: Intent,
     /// The frozen file system, held open: the thaw reaches it even if its mount moved.
-    fs: File,
+    fs: FsHandle,
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let thawed = match loopdev::thaw_fs(&self.fs) {
+        let host = self.layout.host();
+        let thawed = match host.thaw(&self.fs) {
             // EINVAL: not frozen (someone thawed it already); nothing of ours is left.
             Ok(()) | Err(Errno::EINVAL) => Ok(()),
             Err(errno) => Err(Error::sys(
@@ -204,7 +185,7 @@ impl Drop for Frozen {
         };
         let removed = thawed.and_then(|()| {
             crate::faults::crash_point("thaw.thawed");
-            files::remove_durably(&intent_path(&self.layout, &self.intent.volume))
+            host.remove_durably(&intent_path(&self.layout, &self.intent.volume))
         });
         if let Err(err) = removed {
             tracing::error!(
@@ -219,9 +200,9 @@ impl Drop for Frozen {
 
 /// Thaws the file system mounted at `path` if it is the one with `numbers`. Whether it was
 /// frozen.
-fn thaw_at(path: &Path, numbers: (u32, u32)) -> Result<bool> {
-    let fs = open_fs(path, numbers)?;
-    match loopdev::thaw_fs(&fs) {
+fn thaw_at(host: &dyn Host, path: &Path, numbers: (u32, u32)) -> Result<bool> {
+    let fs = host.open_fs(path, numbers)?;
+    match host.thaw(&fs) {
         Ok(()) => Ok(true),
         Err(Errno::EINVAL) => Ok(false),
         Err(errno) => Err(Error::sys("FITHAW", path.display(), errno)),
@@ -230,34 +211,36 @@ fn thaw_at(path: &Path, numbers: (u32, u32)) -> Result<bool> {
 
 /// Thaws what `intent` names, wherever it is now, and removes the record. Returns what was done.
 fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
+    let host = layout.host();
     let numbers = intent.numbers();
     let scratch = thaw_mount_point(layout, &intent.volume);
-    let table = mount::mounts()?;
+    let table = host.mounts()?;
     let done = if let Some(m) = table.iter().find(|m| (m.major, m.minor) == numbers) {
-        match thaw_at(&m.mount_point, numbers)? {
+        match thaw_at(host, &m.mount_point, numbers)? {
             true => format!("thawed its file system through {}", m.mount_point.display()),
             false => "its file system was not frozen".to_string(),
         }
-    } else if let Some(dev) = loopdev::devices_of(&layout.image(&intent.volume))?
+    } else if let Some(dev) = host
+        .devices_of(&layout.image(&intent.volume))?
         .into_iter()
-        .find(|d| d.dev_numbers().ok() == Some(numbers))
+        .find(|d| host.dev_numbers(*d).ok() == Some(numbers))
     {
         // No mount left, but the volume's device is still attached (a frozen superblock keeps
         // it so): mounting it again reaches that superblock, which can then be thawed.
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| Error::io("create directory", &scratch, e))?;
+        host.create_dir_all(&scratch)?;
         let options = MountOptions::parse(&["nosuid".into(), "nodev".into(), "noexec".into()])
             .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
-        let mounted = mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &options)
+        let mounted = host
+            .mount_device(&dev.path(), &scratch, intent.fs_type.name(), &options)
             .or_else(|_| {
                 // A file system frozen while read-only only mounts read-only again.
                 let ro = MountOptions::parse(&["ro".into(), "nosuid".into(), "nodev".into()])
                     .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
-                mount::mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
+                host.mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
             });
         mounted?;
-        let thawed = thaw_at(&scratch, numbers);
-        mount::unmount(&scratch)?;
+        let thawed = thaw_at(host, &scratch, numbers);
+        host.unmount(&scratch)?;
         match thawed? {
             true => format!(
                 "thawed its unmounted file system through a temporary mount of {}",
@@ -269,16 +252,15 @@ fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
         "its device is gone; nothing of it can be frozen".to_string()
     };
     // A temporary mount a crash left behind (the thaw above went through it).
-    let table = mount::mounts()?;
+    let table = host.mounts()?;
     if mount::mounted_at(&table, &scratch).is_some_and(|m| (m.major, m.minor) == numbers) {
-        mount::unmount(&scratch)?;
+        host.unmount(&scratch)?;
     }
-    match std::fs::remove_dir(&scratch) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("remove directory", &scratch, e)),
+    if !host.remove_empty_dir(&scratch)? {
+        let not_empty = std::io::Error::from_raw_os_error(nix::libc::ENOTEMPTY);
+        return Err(Error::io("remove directory", &scratch, not_empty));
     }
-    files::remove_durably(&intent_path(layout, &intent.volume))?;
+    host.remove_durably(&intent_path(layout, &intent.volume))?;
     Ok(done)
 }
 
@@ -297,21 +279,20 @@ impl NodeOps {
         let layout = self.pool.layout();
         let dir = intents_dir(layout);
         let mut outcome = Thawed::default();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return outcome,
-            Err(e) => {
-                outcome
-                    .failed
-                    .push(Error::io("read directory", &dir, e).to_string());
+        let host = layout.host();
+        let entries = match host.list_dir(&dir) {
+            Ok(Some(entries)) => entries,
+            Ok(None) => return outcome,
+            Err(err) => {
+                outcome.failed.push(err.to_string());
                 return outcome;
             }
         };
-        for path in entries.flatten().map(|e| e.path()) {
+        for path in entries {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(files::TEMP_SUFFIX) {
                 // A record write that did not finish: FIFREEZE only follows the rename.
-                let _ = files::remove_durably(&path);
+                let _ = host.remove_durably(&path);
                 continue;
             }
             let Some(id) = name.strip_suffix(".json").and_then(VolumeId::parse) else {
@@ -320,7 +301,7 @@ impl NodeOps {
             let Some(_guard) = skipper.volume(&id) else {
                 continue;
             };
-            match read_intent(&path).and_then(|intent| thaw_recorded(layout, &intent)) {
+            match read_intent(host, &path).and_then(|intent| thaw_recorded(layout, &intent)) {
                 Ok(done) => {
                     let what = format!(
                         "volume {id}: a snapshot that did not finish had frozen it; {done}"
@@ -346,12 +327,12 @@ impl NodeOps {
     /// freeze exists and no operation on the volume is running in this process.
     pub(crate) fn abandoned_freeze(&self, id: &VolumeId, skipper: &Skipper<'_>) -> Option<String> {
         let path = intent_path(self.pool.layout(), id);
-        if !path.exists() {
+        if !matches!(self.host().node_followed(&path), Ok(Some(_))) {
             return None;
         }
         // A held guard means an operation (a snapshot or clone of it, maybe) is in flight.
         let _guard = skipper.volume(id)?;
-        let at = read_intent(&path)
+        let at = read_intent(self.host(), &path)
             .map(|i| i.mount_point.display().to_string())
             .unwrap_or_else(|_| "its staging path".to_string());
         Some(format!(
@@ -369,7 +350,13 @@ mod tests {
     #[test]
     fn a_record_round_trips_and_other_versions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
+        let layout = Layout::prepare(
+            dir.path(),
+            std::sync::Arc::new(crate::host::linux::Linux::new(
+                crate::host::tools::Tools::discover().unwrap(),
+            )),
+        )
+        .unwrap();
         let id = VolumeId::new_random();
         let target = FreezeTarget::new(
             layout.clone(),
@@ -381,12 +368,12 @@ mod tests {
         let path = intent_path(&layout, &id);
         std::fs::create_dir_all(intents_dir(&layout)).unwrap();
         std::fs::write(&path, serde_json::to_vec(&target.intent).unwrap()).unwrap();
-        assert_eq!(read_intent(&path).unwrap(), target.intent);
+        assert_eq!(read_intent(layout.host(), &path).unwrap(), target.intent);
         let mut newer = target.intent.clone();
         newer.version = INTENT_VERSION + 1;
         std::fs::write(&path, serde_json::to_vec(&newer).unwrap()).unwrap();
         assert!(matches!(
-            read_intent(&path),
+            read_intent(layout.host(), &path),
             Err(Error::CorruptRecord { .. })
         ));
     }
@@ -395,8 +382,9 @@ mod tests {
     fn a_directory_on_another_file_system_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         // No file system has device numbers 0:0.
+        let host = crate::host::linux::Linux::new(crate::host::tools::Tools::discover().unwrap());
         assert!(matches!(
-            open_fs(dir.path(), (0, 0)),
+            host.open_fs(dir.path(), (0, 0)),
             Err(Error::FileSystemMoved { .. })
         ));
     }

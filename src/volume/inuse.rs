@@ -15,12 +15,12 @@
 //! A loop device whose backing file cannot be identified is unknown: it is never taken for
 //! "not this volume's" (see `host::loopdev::Attached::backing`).
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::host::loopdev::{self, Attached, FileId, LoopDevice};
-use crate::host::mount::{self, MountEntry};
+use crate::host::loopdev::{Attached, FileId, LoopDevice};
+use crate::host::mount::MountEntry;
+use crate::host::os::{Host, NodeKind};
 use crate::volume::records::{self, NodeRecord};
 
 /// File systems whose mount points are never stat-ed while looking for bound device nodes: a
@@ -37,8 +37,10 @@ const REMOTE: &[&str] = &[
 ];
 
 /// The kernel's view needed to judge use, read once: attached loop devices with the identity
-/// of their backing files, and the mount table.
-pub struct KernelView {
+/// of their backing files, and the mount table; and the host it was read from, for the stats
+/// a judgement needs later.
+pub struct KernelView<'h> {
+    host: &'h dyn Host,
     pub attached: Vec<Attached>,
     pub table: Vec<MountEntry>,
     /// Device nodes bound somewhere (a mount whose root is a single file that is a block
@@ -46,11 +48,12 @@ pub struct KernelView {
     bound_nodes: std::cell::OnceCell<Vec<(u64, PathBuf)>>,
 }
 
-impl KernelView {
-    pub fn read() -> Result<Self> {
+impl<'h> KernelView<'h> {
+    pub fn read(host: &'h dyn Host) -> Result<Self> {
         Ok(KernelView {
-            attached: loopdev::attached_devices()?,
-            table: mount::mounts()?,
+            host,
+            attached: host.attached_devices()?,
+            table: host.mounts()?,
             bound_nodes: std::cell::OnceCell::new(),
         })
     }
@@ -63,10 +66,8 @@ impl KernelView {
                 .filter(|m| m.root != "/" && !REMOTE.contains(&m.fs_type.as_str()))
                 .filter(|m| !m.fs_type.starts_with("fuse"))
                 .filter_map(|m| {
-                    let meta = std::fs::symlink_metadata(&m.mount_point).ok()?;
-                    meta.file_type()
-                        .is_block_device()
-                        .then(|| (meta.rdev(), m.mount_point.clone()))
+                    let node = self.host.node(&m.mount_point).ok()??;
+                    (node.kind == NodeKind::BlockDevice).then(|| (node.rdev, m.mount_point.clone()))
                 })
                 .collect()
         })
@@ -79,7 +80,7 @@ impl KernelView {
 
     /// Every use of `dev` by a mount: "mounted at X" or "device node bound at Y".
     pub fn mounts_of(&self, dev: &LoopDevice) -> Vec<String> {
-        let Ok((major, minor)) = dev.dev_numbers() else {
+        let Ok((major, minor)) = self.host.dev_numbers(*dev) else {
             return vec![format!(
                 "{} (its numbers cannot be read)",
                 dev.path().display()
@@ -120,19 +121,21 @@ impl KernelView {
 
 /// Every use of the file at `image` by the kernel (devices holding it and their mounts);
 /// nothing when there is no file there.
-pub fn image_uses(view: &KernelView, image: &Path) -> Result<Vec<String>> {
-    Ok(FileId::at(image)?
+pub fn image_uses(view: &KernelView<'_>, image: &Path) -> Result<Vec<String>> {
+    Ok(view
+        .host
+        .file_id(image)?
         .map(|file| view.uses_of_file(&file))
         .unwrap_or_default())
 }
 
 /// Why the volume whose image is at `image` and whose node records are in `records_dir` is in
 /// use, or nothing when it is provably unused on this node.
-pub fn volume_uses(view: &KernelView, image: &Path, records_dir: &Path) -> Result<Vec<String>> {
+pub fn volume_uses(view: &KernelView<'_>, image: &Path, records_dir: &Path) -> Result<Vec<String>> {
     let mut uses = Vec::new();
-    let record = records::load(records_dir)?;
+    let record = records::load(view.host, records_dir)?;
     uses.extend(record_uses(&record));
-    let mut files: Vec<FileId> = FileId::at(image)?.into_iter().collect();
+    let mut files: Vec<FileId> = view.host.file_id(image)?.into_iter().collect();
     if let Some(recorded) = record.staged.as_ref().and_then(|s| s.image) {
         if !files.contains(&recorded) {
             files.push(recorded);

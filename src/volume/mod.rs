@@ -18,3 +18,6 @@ pub mod status;
 pub mod volumes;
 
 pub use volumes::Volumes;
+
+#[cfg(test)]
+mod tests;

@@ -10,16 +10,16 @@
 //! publish re-stage the volume instead of binding an empty directory. The record is intent; the
 //! kernel remains the truth of what exists.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host;
-use crate::host::files::{self, Usage};
-use crate::host::loopdev::{self, AttachOptions, FileId, LoopDevice};
+use crate::host::files::Usage;
+use crate::host::loopdev::{AttachOptions, FileId, LoopDevice};
 use crate::host::mount::{self, MountEntry, MountOptions};
-use crate::host::tools::{Probe, Tools};
+use crate::host::os::{Host, NodeKind};
+use crate::host::tools::Probe;
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
 use crate::volume::params::{AccessKind, Capability, VolumeKind};
@@ -36,12 +36,13 @@ pub enum VolumeStats {
 
 pub struct NodeOps {
     pub(crate) pool: Arc<Pool>,
-    tools: Tools,
     direct_io: bool,
 }
 
-/// The kernel's view of one volume, read once per operation.
-pub(crate) struct Observed {
+/// The kernel's view of one volume, read once per operation, and the host it was read from
+/// (for the stats of paths asked about later).
+pub(crate) struct Observed<'h> {
+    host: &'h dyn Host,
     /// The volume's writable loop device (the one staging attaches).
     pub(crate) device: Option<LoopDevice>,
     pub(crate) dev_numbers: Option<(u32, u32)>,
@@ -57,13 +58,13 @@ pub(crate) struct Observed {
     pub(crate) unidentified: Vec<LoopDevice>,
 }
 
-impl Observed {
-    pub(crate) fn read(image: &Path) -> Result<Self> {
-        Self::read_for(image, None, None)
+impl<'h> Observed<'h> {
+    pub(crate) fn read(host: &'h dyn Host, image: &Path) -> Result<Self> {
+        Self::read_for(host, image, None, None)
     }
 
-    pub(crate) fn read_near(image: &Path, hint: Option<&Path>) -> Result<Self> {
-        Self::read_for(image, None, hint)
+    pub(crate) fn read_near(host: &'h dyn Host, image: &Path, hint: Option<&Path>) -> Result<Self> {
+        Self::read_for(host, image, None, hint)
     }
 
     /// The kernel's view of the volume whose image is at `image`. Loop devices are matched to
@@ -78,23 +79,25 @@ impl Observed {
     /// only taken for a mounted file system, which never has the read-only devices of
     /// read-only raw block publishes; anything else is scanned.
     pub(crate) fn read_for(
+        host: &'h dyn Host,
         image: &Path,
         recorded: Option<FileId>,
         hint: Option<&Path>,
     ) -> Result<Self> {
-        let table = mount::mounts()?;
-        let current = FileId::at(image)?;
+        let table = host.mounts()?;
+        let current = host.file_id(image)?;
         let ours = |file: &FileId| Some(*file) == current || Some(*file) == recorded;
         let hinted = hint
             .and_then(|path| mount::mounted_at(&table, path))
-            .and_then(|m| loopdev::LoopDevice::from_dev_numbers(m.major, m.minor))
+            .and_then(|m| host.loop_device(m.major, m.minor))
             .filter(|dev| {
-                matches!(dev.status(), Ok(Some((file, read_only))) if !read_only && ours(&file))
+                matches!(host.loop_status(*dev), Ok(Some((file, read_only))) if !read_only && ours(&file))
             });
         if let Some(dev) = hinted {
             return Ok(Observed {
+                host,
                 device: Some(dev),
-                dev_numbers: Some(dev.dev_numbers()?),
+                dev_numbers: Some(host.dev_numbers(dev)?),
                 read_only_devices: Vec::new(),
                 table,
                 image_present: current.is_some() && current == recorded.or(current),
@@ -104,7 +107,7 @@ impl Observed {
         let mut device = None;
         let mut read_only_devices = Vec::new();
         let mut unidentified = Vec::new();
-        for attached in loopdev::attached_devices()? {
+        for attached in host.attached_devices()? {
             let Some(file) = attached.backing else {
                 unidentified.push(attached.device);
                 continue;
@@ -114,14 +117,15 @@ impl Observed {
             }
             let dev = attached.device;
             if attached.read_only {
-                read_only_devices.push((dev, dev.dev_numbers()?));
+                read_only_devices.push((dev, host.dev_numbers(dev)?));
             } else if device.is_none() || Some(file) == recorded {
                 // The device of the recorded file wins: it holds what the CO staged.
                 device = Some(dev);
             }
         }
-        let dev_numbers = device.map(|d| d.dev_numbers()).transpose()?;
+        let dev_numbers = device.map(|d| host.dev_numbers(d)).transpose()?;
         Ok(Observed {
+            host,
             device,
             dev_numbers,
             read_only_devices,
@@ -134,7 +138,7 @@ impl Observed {
     /// The read-only device whose node is bound at `path`, if any.
     pub(crate) fn read_only_device_at(&self, path: &Path) -> Option<LoopDevice> {
         mount::mounted_at(&self.table, path)?;
-        let rdev = std::fs::metadata(path).ok()?.rdev();
+        let rdev = self.host.node_followed(path).ok()??.rdev;
         self.read_only_devices
             .iter()
             .find(|(_, (major, minor))| {
@@ -158,9 +162,9 @@ impl Observed {
         else {
             return false;
         };
-        let writable = std::fs::metadata(path).is_ok_and(|m| {
-            m.file_type().is_block_device()
-                && m.rdev() == nix::sys::stat::makedev(major.into(), minor.into())
+        let writable = matches!(self.host.node_followed(path), Ok(Some(n)) if {
+            n.kind == NodeKind::BlockDevice
+                && n.rdev == nix::sys::stat::makedev(major.into(), minor.into())
         });
         writable || self.read_only_device_at(path).is_some()
     }
@@ -186,20 +190,17 @@ impl Observed {
 }
 
 impl NodeOps {
-    pub fn new(pool: Arc<Pool>, tools: Tools, direct_io: bool) -> Self {
-        NodeOps {
-            pool,
-            tools,
-            direct_io,
-        }
+    pub fn new(pool: Arc<Pool>, direct_io: bool) -> Self {
+        NodeOps { pool, direct_io }
     }
 
-    pub fn tools(&self) -> &Tools {
-        &self.tools
+    /// The operating system, through the pool's layout (the one `Host` of the domain).
+    pub(crate) fn host(&self) -> &dyn Host {
+        self.pool.layout().host()
     }
 
     pub(crate) fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
-        records::load(&self.pool.layout().node_record(id))
+        records::load(self.host(), &self.pool.layout().node_record(id))
     }
 
     /// The kernel's view of volume `id` (see `Observed::read_for`), matching loop devices to
@@ -209,9 +210,9 @@ impl NodeOps {
         id: &VolumeId,
         record: &NodeRecord,
         hint: Option<&Path>,
-    ) -> Result<Observed> {
+    ) -> Result<Observed<'_>> {
         let recorded = record.staged.as_ref().and_then(|s| s.image);
-        Observed::read_for(&self.pool.layout().image(id), recorded, hint)
+        Observed::read_for(self.host(), &self.pool.layout().image(id), recorded, hint)
     }
 
     fn records_dir(&self, id: &VolumeId) -> PathBuf {
@@ -249,7 +250,7 @@ impl NodeOps {
             // Nothing readable says which kind: the kernel does (a device node is bound for a
             // raw block volume, a directory is mounted for a file system).
             let node =
-                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+                matches!(self.host().node(path), Ok(Some(n)) if n.kind == NodeKind::BlockDevice);
             return Ok(if node {
                 VolumeKind::Block
             } else {
@@ -296,7 +297,10 @@ impl NodeOps {
             Some(recorded) if observed.device.is_some() && !observed.image_present => {
                 Some(recorded)
             }
-            _ => FileId::at(&self.pool.layout().image(id))?.or(recorded),
+            _ => self
+                .host()
+                .file_id(&self.pool.layout().image(id))?
+                .or(recorded),
         };
         let wanted = StageRecord {
             path: staging.to_path_buf(),
@@ -316,7 +320,7 @@ impl NodeOps {
         // this call completes. A failed stage puts the previous record back.
         let dir = self.records_dir(id);
         let (staged, saved) = host::alongside(
-            || records::save_staged(&dir, &wanted),
+            || records::save_staged(self.host(), &dir, &wanted),
             || self.ensure_staged(held, &meta, staging, cap, observed),
             || format!("writing the stage record of volume {id}"),
         );
@@ -325,8 +329,8 @@ impl NodeOps {
             (Err(err), saved) => {
                 let restored = match (&record.staged, saved) {
                     (_, Err(_)) => Ok(()),
-                    (Some(previous), Ok(())) => records::save_staged(&dir, previous),
-                    (None, Ok(())) => records::remove_staged(&dir),
+                    (Some(previous), Ok(())) => records::save_staged(self.host(), &dir, previous),
+                    (None, Ok(())) => records::remove_staged(self.host(), &dir),
                 };
                 if let Err(restore) = restored {
                     tracing::error!(volume.id = %id, error = %restore, "could not put the stage record back after a failed stage");
@@ -344,7 +348,7 @@ impl NodeOps {
         meta: &VolumeMeta,
         staging: &Path,
         cap: &Capability,
-        observed: Observed,
+        observed: Observed<'_>,
     ) -> Result<LoopDevice> {
         let fs = match meta.kind {
             VolumeKind::Filesystem(fs) => Some(fs),
@@ -371,7 +375,7 @@ impl NodeOps {
         };
         if fs.is_some() {
             // Refuse a bad staging path before touching the volume (no attach, no mkfs).
-            ensure_directory(staging, "staging_target_path")?;
+            ensure_directory(self.host(), staging, "staging_target_path")?;
         }
         let (dev, attached_here) = match observed.device {
             Some(dev) => (dev, false),
@@ -395,7 +399,7 @@ impl NodeOps {
             |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
         if !attached_here
             && !observed.dev_numbers.is_some_and(mounted)
-            && host::held_exclusively(&dev.path())?
+            && self.host().held_exclusively(&dev.path())?
         {
             return Err(Error::DeviceHeld {
                 volume: meta.id,
@@ -412,7 +416,8 @@ impl NodeOps {
                 tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
             } else {
                 self.grow_pending(held, meta, &dev.path(), None)?;
-                mount::mount_device(&dev.path(), staging, fs.name(), &options)?;
+                self.host()
+                    .mount_device(&dev.path(), staging, fs.name(), &options)?;
                 self.grow_pending(held, meta, &dev.path(), Some(staging))?;
                 tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
             }
@@ -421,7 +426,7 @@ impl NodeOps {
         })();
         if let Err(err) = result {
             if attached_here {
-                if let Err(detach) = dev.detach() {
+                if let Err(detach) = self.host().detach(dev) {
                     tracing::error!(device = %dev.path().display(), error = %detach, "could not detach after a failed stage");
                 }
             }
@@ -432,14 +437,15 @@ impl NodeOps {
 
     fn attach(&self, meta: &VolumeMeta) -> Result<LoopDevice> {
         let image = self.pool.layout().image(&meta.id);
-        let dev = loopdev::attach(
+        let dev = self.host().attach(
             &image,
             AttachOptions {
                 direct_io: self.direct_io,
                 read_only: false,
             },
         )?;
-        if self.direct_io && !dev.direct_io() {
+        let direct_io = self.host().direct_io(dev);
+        if self.direct_io && !direct_io {
             tracing::warn!(
                 device = %dev.path().display(),
                 backing.file = %image.display(),
@@ -447,7 +453,7 @@ impl NodeOps {
                  the volume runs with buffered I/O and double page caching"
             );
         }
-        tracing::info!(device = %dev.path().display(), volume.id = %meta.id, direct_io = dev.direct_io(), "attached");
+        tracing::info!(device = %dev.path().display(), volume.id = %meta.id, direct_io, "attached");
         Ok(dev)
     }
 
@@ -466,13 +472,16 @@ impl NodeOps {
     ) -> Result<()> {
         let (mounted, marked) = host::alongside(
             || self.pool.mark_formatted(held),
-            || mount::mount_device(&dev.path(), staging, fs.name(), options),
+            || {
+                self.host()
+                    .mount_device(&dev.path(), staging, fs.name(), options)
+            },
             || format!("recording that volume {} was formatted", held.id()),
         );
         mounted?;
         if let Err(err) = marked {
             // Fail as a whole: the CO retries, and the retry's probe records the format.
-            if let Err(unmount) = mount::unmount(staging) {
+            if let Err(unmount) = self.host().unmount(staging) {
                 tracing::error!(staging = %staging.display(), error = %unmount, "could not unmount after a failed stage");
             }
             return Err(err);
@@ -494,10 +503,10 @@ impl NodeOps {
         // can hide in it, so the (costly) blkid probe is skipped. Anything written, or a volume
         // the driver formatted before, is probed.
         let image = self.pool.layout().image(&meta.id);
-        let probe = if !meta.formatted && !files::has_data(&image)? {
+        let probe = if !meta.formatted && !self.host().has_data(&image)? {
             Probe::Blank
         } else {
-            self.tools.probe(&dev.path())?
+            self.host().probe(&dev.path())?
         };
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
@@ -515,7 +524,7 @@ impl NodeOps {
             }),
             Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
             Probe::Blank => {
-                self.tools.mkfs(fs, &dev.path())?;
+                self.host().mkfs(fs, &dev.path())?;
                 crate::faults::crash_point("stage.formatted");
                 Ok(true)
             }
@@ -566,21 +575,21 @@ impl NodeOps {
                     unstaging: true,
                     ..staged.clone()
                 };
-                records::save_staged(&self.records_dir(id), &unstaging)?;
+                records::save_staged(self.host(), &self.records_dir(id), &unstaging)?;
             }
             if observed.fs_mounted_at(staging) {
-                mount::unmount(staging).map_err(busy_is_precondition)?;
+                self.host().unmount(staging).map_err(busy_is_precondition)?;
                 crate::faults::crash_point("unstage.unmounted");
             }
-            dev.detach()?;
+            self.host().detach(dev)?;
             crate::faults::crash_point("unstage.detached");
             for (read_only, _) in &observed.read_only_devices {
-                read_only.detach()?;
+                self.host().detach(*read_only)?;
             }
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
         if record.exists() {
-            records::clear(&self.records_dir(id))?;
+            records::clear(self.host(), &self.records_dir(id))?;
         }
         Ok(())
     }
@@ -631,7 +640,7 @@ impl NodeOps {
                     capability: cap.clone(),
                     readonly,
                 };
-                records::add_published(&self.records_dir(id), &adopted)?;
+                records::add_published(self.host(), &self.records_dir(id), &adopted)?;
             }
             return Ok(());
         }
@@ -664,9 +673,10 @@ impl NodeOps {
                 unstaging: false,
                 ..staged.clone()
             };
-            records::save_staged(&self.records_dir(id), &restaged)?;
+            records::save_staged(self.host(), &self.records_dir(id), &restaged)?;
         }
         bind_target(
+            self.host(),
             meta.kind,
             &dev,
             &self.pool.layout().image(id),
@@ -680,8 +690,8 @@ impl NodeOps {
             capability: cap.clone(),
             readonly,
         };
-        if let Err(err) = records::add_published(&self.records_dir(id), &published) {
-            let _ = mount::unmount(target);
+        if let Err(err) = records::add_published(self.host(), &self.records_dir(id), &published) {
+            let _ = self.host().unmount(target);
             return Err(err);
         }
         Ok(())
@@ -706,10 +716,10 @@ impl NodeOps {
         let adopted = StageRecord {
             path: staging.to_path_buf(),
             capability: cap.clone(),
-            image: FileId::at(&self.pool.layout().image(id))?,
+            image: self.host().file_id(&self.pool.layout().image(id))?,
             unstaging: false,
         };
-        records::save_staged(&self.records_dir(id), &adopted)?;
+        records::save_staged(self.host(), &self.records_dir(id), &adopted)?;
         tracing::warn!(volume.id = %id, staging = %staging.display(), "rewrote an unreadable stage record from the kernel's view");
         Ok(Some(adopted))
     }
@@ -723,9 +733,9 @@ impl NodeOps {
         let observed = self.observe(id, &record, Some(target))?;
         if observed.live_at(kind, target) {
             let read_only_device = observed.read_only_device_at(target);
-            mount::unmount(target).map_err(busy_is_precondition)?;
+            self.host().unmount(target).map_err(busy_is_precondition)?;
             if let Some(dev) = read_only_device {
-                dev.detach()?;
+                self.host().detach(dev)?;
             }
         } else if let Some(other) = mount::mounted_at(&observed.table, target) {
             return Err(Error::ForeignMountLeft {
@@ -733,11 +743,11 @@ impl NodeOps {
                 mounted: other.source.clone(),
             });
         }
-        remove_target(target, kind)?;
+        remove_target(self.host(), target, kind)?;
         if record.published.iter().any(|p| p.target == target)
             || record.target_damaged(&self.records_dir(id), target)
         {
-            records::remove_published(&self.records_dir(id), target)?;
+            records::remove_published(self.host(), &self.records_dir(id), target)?;
         }
         Ok(())
     }
@@ -756,7 +766,7 @@ impl NodeOps {
         let observed = self.observe(id, &record, Some(path))?;
         match meta.kind {
             VolumeKind::Filesystem(_) if observed.fs_mounted_at(path) => {
-                Ok(VolumeStats::Filesystem(files::usage(path)?))
+                Ok(VolumeStats::Filesystem(self.host().usage(path)?))
             }
             VolumeKind::Block => {
                 let staged_here = record
@@ -778,6 +788,7 @@ impl NodeOps {
 /// Creates the target (directory, or file for a device node) and binds the staged file system
 /// or the loop device onto it.
 pub(crate) fn bind_target(
+    host: &dyn Host,
     kind: VolumeKind,
     dev: &LoopDevice,
     image: &Path,
@@ -789,32 +800,33 @@ pub(crate) fn bind_target(
         VolumeKind::Block if options.read_only() => {
             // A read-only bind does not stop writes to a device node: give the target a
             // device the kernel itself keeps read-only.
-            ensure_file(target)?;
+            ensure_file(host, target)?;
             // The read-only device must hold the very file the writable one does: checked by
             // identity, as the path the kernel shows for `dev` depends on who reads it.
-            let held = dev.status()?.map(|(file, _)| file);
-            if held.is_none() || FileId::at(image)? != held {
+            let held = host.loop_status(*dev)?.map(|(file, _)| file);
+            if held.is_none() || host.file_id(image)? != held {
                 return Err(Error::DeviceSwapped {
                     device: dev.path(),
                     image: image.to_path_buf(),
                 });
             }
             let options_ro = AttachOptions {
-                direct_io: dev.direct_io(),
+                direct_io: host.direct_io(*dev),
                 read_only: true,
             };
-            let read_only = loopdev::attach(image, options_ro)?;
-            mount::bind(&read_only.path(), target, options).inspect_err(|_| {
-                let _ = read_only.detach();
-            })
+            let read_only = host.attach(image, options_ro)?;
+            host.bind(&read_only.path(), target, options)
+                .inspect_err(|_| {
+                    let _ = host.detach(read_only);
+                })
         }
         VolumeKind::Block => {
-            ensure_file(target)?;
-            mount::bind(&dev.path(), target, options)
+            ensure_file(host, target)?;
+            host.bind(&dev.path(), target, options)
         }
         VolumeKind::Filesystem(_) => {
-            ensure_directory(target, "target_path")?;
-            mount::bind(staging, target, options)
+            ensure_directory(host, target, "target_path")?;
+            host.bind(staging, target, options)
         }
     }
 }
@@ -860,77 +872,60 @@ fn busy_is_precondition(err: Error) -> Error {
 }
 
 /// Makes sure `path` is a directory (creating it if missing), refusing symlinks.
-fn ensure_directory(path: &Path, field: &'static str) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(
+fn ensure_directory(host: &dyn Host, path: &Path, field: &'static str) -> Result<()> {
+    match host.node(path)?.map(|n| n.kind) {
+        Some(NodeKind::Symlink) => Err(Error::invalid(
             field,
             format!(
                 "{} is a symbolic link; refusing to mount through it",
                 path.display()
             ),
         )),
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(Error::invalid(
+        Some(NodeKind::Directory) => Ok(()),
+        Some(_) => Err(Error::invalid(
             field,
             format!("{} exists and is not a directory", path.display()),
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
-        }
-        Err(e) => Err(Error::io("stat", path, e)),
+        None => host.create_dir_all(path),
     }
 }
 
 /// Makes sure `path` is a regular file to bind a device node onto, refusing symlinks.
-fn ensure_file(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(
+fn ensure_file(host: &dyn Host, path: &Path) -> Result<()> {
+    match host.node(path)?.map(|n| n.kind) {
+        Some(NodeKind::Symlink) => Err(Error::invalid(
             "target_path",
             format!(
                 "{} is a symbolic link; refusing to mount through it",
                 path.display()
             ),
         )),
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::invalid(
+        Some(NodeKind::File) => Ok(()),
+        Some(_) => Err(Error::invalid(
             "target_path",
             format!("{} exists and is not a regular file", path.display()),
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)
-            .map(drop)
-            .map_err(|e| Error::io("create", path, e)),
-        Err(e) => Err(Error::io("stat", path, e)),
+        None => host.create_empty_file(path),
     }
 }
 
 /// Deletes what publish created at `target` (spec: the SP MUST delete it). A directory that is
 /// not empty holds something the driver did not put there, and is left with a warning.
-fn remove_target(target: &Path, kind: VolumeKind) -> Result<()> {
-    let meta = match std::fs::symlink_metadata(target) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("stat", target, e)),
+fn remove_target(host: &dyn Host, target: &Path, kind: VolumeKind) -> Result<()> {
+    let Some(node) = host.node(target)? else {
+        return Ok(());
     };
-    let removed = match kind {
-        VolumeKind::Filesystem(_) if meta.is_dir() => std::fs::remove_dir(target),
-        VolumeKind::Block if meta.is_file() => std::fs::remove_file(target),
-        _ => {
-            tracing::warn!(target = %target.display(), "target_path is not what publish created; left in place");
-            return Ok(());
-        }
-    };
-    match removed {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {
-            tracing::warn!(target = %target.display(), "target_path is not empty after unmount; left in place");
+    match (kind, node.kind) {
+        (VolumeKind::Filesystem(_), NodeKind::Directory) => {
+            if !host.remove_empty_dir(target)? {
+                tracing::warn!(target = %target.display(), "target_path is not empty after unmount; left in place");
+            }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", target, e)),
+        (VolumeKind::Block, NodeKind::File) => host.remove_file(target),
+        _ => {
+            tracing::warn!(target = %target.display(), "target_path is not what publish created; left in place");
+            Ok(())
+        }
     }
 }

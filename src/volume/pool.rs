@@ -15,7 +15,6 @@
 //! stored here: it is read from sysfs and mountinfo when needed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Corruption, Error, Mismatch, Result};
 use crate::host::files::{self, Allocation, Usage};
 use crate::host::mount;
+use crate::host::os::{Host, NewImage, NodeKind};
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
@@ -34,32 +34,50 @@ use crate::volume::params::{AccessMode, CapacityRange, Provisioning, VolumeKind,
 /// Metadata format version written by this build.
 const META_VERSION: u32 = 1;
 
-/// Where everything lives under the state dir.
-#[derive(Clone, Debug)]
+/// Where everything lives under the state dir, and the host it lives on: everything that holds
+/// a layout (the pool, the node machinery, a freeze target) reaches the operating system
+/// through that one `Host`, so a test that builds the layout on a fake host gets a domain that
+/// touches nothing else.
+#[derive(Clone)]
 pub struct Layout {
     root: PathBuf,
+    host: Arc<dyn Host>,
+}
+
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layout").field("root", &self.root).finish()
+    }
 }
 
 impl Layout {
     /// Creates the directories if needed and canonicalises the root (the kernel reports
     /// canonical backing-file paths, which we compare against).
-    pub fn prepare(state_dir: &Path) -> Result<Self> {
+    pub fn prepare(state_dir: &Path, host: Arc<dyn Host>) -> Result<Self> {
         for dir in [
             state_dir.to_path_buf(),
             state_dir.join("volumes"),
             state_dir.join("snapshots"),
             state_dir.join("node"),
         ] {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+            host.create_dir_all(&dir)?;
         }
-        let root = state_dir
-            .canonicalize()
-            .map_err(|e| Error::io("canonicalize", state_dir, e))?;
-        Ok(Layout { root })
+        let root = host.canonicalize(state_dir)?;
+        Ok(Layout { root, host })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The operating system the state dir is on.
+    pub fn host(&self) -> &dyn Host {
+        &*self.host
+    }
+
+    /// The host, shared.
+    pub fn shared_host(&self) -> Arc<dyn Host> {
+        Arc::clone(&self.host)
     }
 
     /// Why the file system under the pool cannot keep the driver's crash-safety promises, if it
@@ -68,7 +86,7 @@ impl Layout {
     /// survives a reboot at all. Read once at startup, for a loud warning; the driver still
     /// serves (the operator chose the pool).
     pub fn durability_warning(&self) -> Option<String> {
-        let table = mount::mounts().ok()?;
+        let table = self.host.mounts().ok()?;
         let fs = mount::mount_holding(&table, &self.root)?;
         let what = format!(
             "--state-dir {} is on {} ({} mounted at {})",
@@ -77,7 +95,7 @@ impl Layout {
             fs.source,
             fs.mount_point.display()
         );
-        if mount::ext_journal(&fs) == Some(false) {
+        if self.host.ext_journal(&fs) == Some(false) {
             return Some(format!(
                 "{what}, which has no journal: after a power loss or kernel crash it needs \
                  e2fsck, and a volume created, deleted or staged just before may come back \
@@ -276,8 +294,10 @@ impl Pool {
     fn open_with(layout: Layout, clean: bool) -> Result<(Self, Recovery)> {
         let mut recovery = Recovery::default();
         let mut index = Index::default();
-        let view = KernelView::read()?;
+        let host = layout.host();
+        let view = KernelView::read(host)?;
         for meta in recover_dir::<VolumeMeta>(
+            host,
             &layout.volumes_dir(),
             &view,
             &mut recovery,
@@ -288,6 +308,7 @@ impl Pool {
             index.by_id.insert(meta.id, Arc::new(meta));
         }
         for snap in recover_dir::<SnapshotMeta>(
+            host,
             &layout.snapshots_dir(),
             &view,
             &mut recovery,
@@ -297,7 +318,7 @@ impl Pool {
             index.snapshots_by_name.insert(snap.name.clone(), snap.id);
             index.snapshots.insert(snap.id, Arc::new(snap));
         }
-        for path in list_dir(&layout.node_dir())? {
+        for path in list_dir(host, &layout.node_dir())? {
             let known = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -311,12 +332,15 @@ impl Pool {
                         || inuse::image_uses(&view, &layout.image(&id))
                             .map_or(true, |uses| !uses.is_empty())
                 });
-            if known && path.is_dir() {
+            let is_dir = host
+                .node(&path)?
+                .is_some_and(|n| n.kind == NodeKind::Directory);
+            if known && is_dir {
                 // A crash-safe record write that did not finish.
-                for temp in list_dir(&path)? {
+                for temp in list_dir(host, &path)? {
                     if temp.to_string_lossy().ends_with(files::TEMP_SUFFIX) {
                         if clean {
-                            files::remove_durably(&temp)?;
+                            host.remove_durably(&temp)?;
                         }
                         recovery.removed_temp_files.push(temp);
                     }
@@ -325,10 +349,10 @@ impl Pool {
             }
             if clean {
                 tracing::info!(path = %path.display(), "removing stale node records");
-                let removed = if path.is_dir() {
-                    crate::volume::records::clear(&path)
+                let removed = if is_dir {
+                    crate::volume::records::clear(host, &path)
                 } else {
-                    files::remove_durably(&path)
+                    host.remove_durably(&path)
                 };
                 // Something odd in the node dir must not keep the driver from starting.
                 if let Err(err) = removed {
@@ -419,7 +443,7 @@ impl Pool {
 
     /// Space of the pool's file system.
     pub fn usage(&self) -> Result<Usage> {
-        files::usage(&self.layout.volumes_dir())
+        self.host().usage(&self.layout.volumes_dir())
     }
 
     /// The volume CreateVolume names, when it exists with compatible arguments; with
@@ -501,17 +525,18 @@ impl Pool {
         };
         // A fresh image is made durable with the metadata below; a copy is durable already.
         let filled = match &source {
-            None => files::create_backing_file(&image, size, allocation).map(Some),
+            None => self.host().create_image(&image, size, allocation).map(Some),
             Some(source) => source
-                .copy_to(&image, size)
+                .copy_to(self.host(), &image, size)
                 .and_then(|stats| {
                     tracing::info!(
                         data_bytes = stats.data_bytes,
                         extents = stats.extents,
                         "copied the source"
                     );
-                    files::grow_backing_file(&image, size, allocation).inspect_err(|_| {
-                        let _ = files::remove_durably(&image);
+                    let host = self.host();
+                    host.grow_image(&image, size, allocation).inspect_err(|_| {
+                        let _ = host.remove_durably(&image);
                     })
                 })
                 .map(|()| None),
@@ -533,10 +558,10 @@ impl Pool {
             other => other,
         })?;
         crate::faults::crash_point("create.image_written");
-        let committed = self.write_meta_with(&meta, fresh_image.as_ref().map(|f| (f, &*image)));
+        let committed = self.write_meta_with(&meta, fresh_image.as_ref());
         if let Err(err) = committed {
             // Not committed: take the image back so nothing half-made stays.
-            let _ = files::remove_durably(&image);
+            let _ = self.host().remove_durably(&image);
             return Err(err);
         }
         crate::faults::crash_point("create.meta_committed");
@@ -553,10 +578,19 @@ impl Pool {
 
     /// Writes the metadata (the commit point), making `image` (just created beside it) durable
     /// in the same step.
-    fn write_meta_with(&self, meta: &VolumeMeta, image: Option<(&File, &Path)>) -> Result<()> {
+    fn write_meta_with(&self, meta: &VolumeMeta, image: Option<&NewImage>) -> Result<()> {
         let json = serde_json::to_vec_pretty(meta)
             .map_err(|e| Error::Internal(format!("serialising metadata of {}: {e}", meta.id)))?;
-        files::write_atomic_with(&self.layout.meta(&meta.id), &json, image)
+        let path = self.layout.meta(&meta.id);
+        match image {
+            Some(image) => self.host().commit_with(&path, &json, image),
+            None => self.host().write_record(&path, &json),
+        }
+    }
+
+    /// The operating system the pool is on.
+    pub(crate) fn host(&self) -> &dyn Host {
+        self.layout.host()
     }
 
     /// Records that the driver formatted the volume (crash-safe metadata update).
@@ -653,7 +687,7 @@ impl Pool {
             ContentSource::Snapshot(id) => id,
         };
         let image = self.layout.snapshot_image(&id);
-        let stats = source.copy_to(&image, source.size_bytes)?;
+        let stats = source.copy_to(self.host(), &image, source.size_bytes)?;
         let meta = SnapshotMeta {
             version: META_VERSION,
             id,
@@ -672,8 +706,11 @@ impl Pool {
         tracing::info!(snapshot.id = %id, data_bytes = stats.data_bytes, extents = stats.extents, "snapshot copied");
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| Error::Internal(format!("serialising snapshot {id}: {e}")))?;
-        if let Err(err) = files::write_atomic(&self.layout.snapshot_meta(&id), &json) {
-            let _ = files::remove_durably(&image);
+        if let Err(err) = self
+            .host()
+            .write_record(&self.layout.snapshot_meta(&id), &json)
+        {
+            let _ = self.host().remove_durably(&image);
             return Err(err);
         }
         crate::faults::crash_point("snapshot.committed");
@@ -692,11 +729,13 @@ impl Pool {
             // Unreadable metadata: the CO names the id, so these files are what it deletes.
             if let Some(unreadable) = self.unreadable(id).filter(|u| u.what == SnapshotMeta::WHAT) {
                 self.forget_unreadable(id, &unreadable)?;
-                return files::remove_uncommitted(&self.layout.snapshot_image(id));
+                return self
+                    .host()
+                    .remove_uncommitted(&self.layout.snapshot_image(id));
             }
             return Ok(());
         };
-        files::remove_durably(&self.layout.snapshot_meta(id))?;
+        self.host().remove_durably(&self.layout.snapshot_meta(id))?;
         crate::faults::crash_point("delete_snapshot.meta_removed");
         {
             let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
@@ -705,7 +744,8 @@ impl Pool {
                 index.snapshots_by_name.remove(&meta.name);
             }
         }
-        files::remove_uncommitted(&self.layout.snapshot_image(id))
+        self.host()
+            .remove_uncommitted(&self.layout.snapshot_image(id))
     }
 
     /// Replaces a volume's metadata (crash-safe) and its index entry.
@@ -732,7 +772,7 @@ impl Pool {
             (None, None) => return Ok(()),
         };
         // Commit point: once the metadata is gone the volume is gone.
-        files::remove_durably(&self.layout.meta(id))?;
+        self.host().remove_durably(&self.layout.meta(id))?;
         crate::faults::crash_point("delete.meta_removed");
         {
             let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
@@ -742,8 +782,8 @@ impl Pool {
             }
         }
         // Leftovers from here on are cleaned by startup recovery if this fails part-way.
-        crate::volume::records::clear(&self.layout.node_record(id))?;
-        files::remove_uncommitted(&image)
+        crate::volume::records::clear(self.host(), &self.layout.node_record(id))?;
+        self.host().remove_uncommitted(&image)
     }
 }
 
@@ -776,14 +816,14 @@ impl Pool {
         }
         let image = self.layout.image(id);
         self.forget_unreadable(id, unreadable)?;
-        crate::volume::records::clear(&self.layout.node_record(id))?;
-        files::remove_uncommitted(&image)
+        crate::volume::records::clear(self.host(), &self.layout.node_record(id))?;
+        self.host().remove_uncommitted(&image)
     }
 
     /// Removes unreadable metadata (the commit point) for a delete the CO asked for by id.
     fn forget_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
         tracing::warn!(id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a {} whose metadata is unreadable, as the CO asked", unreadable.what);
-        files::remove_durably(&unreadable.path)?;
+        self.host().remove_durably(&unreadable.path)?;
         self.index
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -815,9 +855,12 @@ impl Pool {
     }
 }
 
-fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
-    Ok(entries.flatten().map(|e| e.path()).collect())
+/// The entries of a directory the layout made: missing is an error, as `read_dir` gives it.
+fn list_dir(host: &dyn Host, dir: &Path) -> Result<Vec<PathBuf>> {
+    host.list_dir(dir)?.ok_or_else(|| {
+        let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        Error::io("read directory", dir, missing)
+    })
 }
 
 /// Metadata whose file is the commit point of an object in a directory of `<id>.img` and
@@ -838,8 +881,11 @@ impl Committed for VolumeMeta {
     }
 }
 
-pub(crate) fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
-    let text = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+pub(crate) fn load_meta<M: Committed>(host: &dyn Host, path: &Path, stem: &str) -> Result<M> {
+    let text = host.read_file(path)?.ok_or_else(|| {
+        let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        Error::io("read", path, missing)
+    })?;
     let meta: M = serde_json::from_slice(&text).map_err(|e| Error::unparsable(path, e))?;
     let corrupt = |reason| Error::CorruptRecord {
         path: path.to_path_buf(),
@@ -865,15 +911,16 @@ pub(crate) fn load_meta<M: Committed>(path: &Path, stem: &str) -> Result<M> {
 /// images without metadata (an interrupted create or delete). Unreadable metadata is reported
 /// and left untouched with its image.
 fn recover_dir<M: Committed>(
+    host: &dyn Host,
     dir: &Path,
-    view: &KernelView,
+    view: &KernelView<'_>,
     recovery: &mut Recovery,
     index: &mut Index,
     clean: bool,
 ) -> Result<Vec<M>> {
     let remove = |path: &Path| {
         if clean {
-            files::remove_durably(path)
+            host.remove_durably(path)
         } else {
             Ok(())
         }
@@ -881,13 +928,13 @@ fn recover_dir<M: Committed>(
     let mut metas = Vec::new();
     let mut images = Vec::new();
     let mut unreadable_stems = Vec::new();
-    for path in list_dir(dir)? {
+    for path in list_dir(host, dir)? {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(files::TEMP_SUFFIX) {
             remove(&path)?;
             recovery.removed_temp_files.push(path);
         } else if let Some(stem) = name.strip_suffix(".json") {
-            match load_meta::<M>(&path, stem) {
+            match load_meta::<M>(host, &path, stem) {
                 Ok(meta) => metas.push(meta),
                 Err(err) => {
                     tracing::error!(path = %path.display(), error = %err, "unreadable {} metadata; not served, files and node records left untouched", M::WHAT);
@@ -899,7 +946,7 @@ fn recover_dir<M: Committed>(
                                 what: M::WHAT,
                                 path: path.clone(),
                                 why: err.to_string(),
-                                name: salvage_name(&path),
+                                name: salvage_name(host, &path),
                             },
                         );
                     }
@@ -933,8 +980,8 @@ fn recover_dir<M: Committed>(
 
 /// The `name` of metadata that no longer deserialises as this build's format but still parses
 /// as JSON (e.g. written by a newer version).
-fn salvage_name(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
+fn salvage_name(host: &dyn Host, path: &Path) -> Option<String> {
+    let bytes = host.read_file(path).ok()??;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("name")?.as_str().map(str::to_string)
 }
@@ -978,7 +1025,13 @@ mod tests {
     #[test]
     fn unreadable_metadata_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
+        let layout = Layout::prepare(
+            dir.path(),
+            std::sync::Arc::new(crate::host::linux::Linux::new(
+                crate::host::tools::Tools::discover().unwrap(),
+            )),
+        )
+        .unwrap();
         let id = VolumeId::new_random();
         std::fs::write(layout.meta(&id), b"not json").unwrap();
         std::fs::write(layout.image(&id), b"precious").unwrap();

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::files;
-use crate::host::loopdev::FileId;
 use crate::host::mount;
+use crate::host::os::{Host, NodeKind};
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{ObjectGuard, VolumeGuard};
@@ -60,9 +60,22 @@ fn id_prefix(path: &Path) -> Option<VolumeId> {
     VolumeId::parse(name.get(..uuid::fmt::Hyphenated::LENGTH)?)
 }
 
-fn list(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
-    Ok(entries.flatten().map(|e| e.path()).collect())
+/// The entries of a directory the layout made: missing is an error, as `read_dir` gives it.
+fn list(host: &dyn Host, dir: &Path) -> Result<Vec<PathBuf>> {
+    host.list_dir(dir)?.ok_or_else(|| {
+        let missing = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        Error::io("read directory", dir, missing)
+    })
+}
+
+/// Something is at `path` (links followed), as `Path::exists` tells.
+fn exists(host: &dyn Host, path: &Path) -> bool {
+    matches!(host.node_followed(path), Ok(Some(_)))
+}
+
+/// `path` is a directory (links followed), as `Path::is_dir` tells.
+fn is_dir(host: &dyn Host, path: &Path) -> bool {
+    matches!(host.node_followed(path), Ok(Some(n)) if n.kind == NodeKind::Directory)
 }
 
 /// How orphans are collected.
@@ -92,7 +105,7 @@ impl NodeOps {
         let thaws = self.thaw_abandoned(skipper);
         report.repaired.extend(thaws.thawed);
         report.unrepairable.extend(thaws.failed);
-        for path in list(&self.pool.layout().node_dir())? {
+        for path in list(self.host(), &self.pool.layout().node_dir())? {
             let Some(id) = id_prefix(&path) else { continue };
             let Some(held) = skipper.volume(&id) else {
                 continue;
@@ -128,7 +141,7 @@ impl NodeOps {
     /// Whether the volume exists: its metadata file (the commit point) is on disk, readable
     /// or not.
     fn committed(&self, id: &VolumeId) -> bool {
-        self.pool.layout().meta(id).exists()
+        exists(self.host(), &self.pool.layout().meta(id))
     }
 
     fn reconcile_volume(
@@ -182,7 +195,7 @@ impl NodeOps {
                 ));
                 return Ok(());
             }
-            if !staged.path.is_dir() {
+            if !is_dir(self.host(), &staged.path) {
                 report.unrepairable(format!(
                     "volume {id}: staging path {} is gone; waiting for the CO to stage or unstage",
                     staged.path.display()
@@ -218,7 +231,7 @@ impl NodeOps {
                 ));
                 continue;
             }
-            if std::fs::symlink_metadata(target).is_err() {
+            if !matches!(self.host().node(target), Ok(Some(_))) {
                 report.unrepairable(format!(
                     "volume {id}: target {} is gone; waiting for the CO to publish or unpublish",
                     target.display()
@@ -226,7 +239,15 @@ impl NodeOps {
                 continue;
             }
             let options = publish_options(&published.capability, published.readonly, meta)?;
-            bind_target(meta.kind, &dev, &image, &staged.path, target, &options)?;
+            bind_target(
+                self.host(),
+                meta.kind,
+                &dev,
+                &image,
+                &staged.path,
+                target,
+                &options,
+            )?;
             report.repaired(format!("volume {id}: re-bound target {}", target.display()));
         }
         Ok(())
@@ -244,23 +265,24 @@ impl NodeOps {
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let layout = self.pool.layout();
+        let host = self.host();
         let volumes_dir = layout.volumes_dir();
-        let view = KernelView::read()?;
+        let view = KernelView::read(host)?;
         let mut pool_files = std::collections::HashMap::new();
-        for path in list(&volumes_dir)? {
-            if let Some(file) = FileId::at(&path)? {
+        for path in list(host, &volumes_dir)? {
+            if let Some(file) = host.file_id(&path)? {
                 pool_files.insert(file, path);
             }
         }
         let mut recorded = std::collections::HashMap::new();
-        for dir in list(&layout.node_dir())? {
-            if let (Some(id), Ok(record)) = (id_prefix(&dir), records::load(&dir)) {
+        for dir in list(host, &layout.node_dir())? {
+            if let (Some(id), Ok(record)) = (id_prefix(&dir), records::load(host, &dir)) {
                 if let Some(file) = record.staged.and_then(|s| s.image) {
                     recorded.insert(file, id);
                 }
             }
         }
-        let pool_dev = FileId::at(&volumes_dir)?.map(|f| f.dev);
+        let pool_dev = host.file_id(&volumes_dir)?.map(|f| f.dev);
         for attached in &view.attached {
             let dev = attached.device;
             let Some(file) = attached.backing else {
@@ -311,7 +333,7 @@ impl NodeOps {
             };
             let mut uses = view.mounts_of(&dev);
             if let Some(id) = id {
-                let record = records::load(&layout.node_record(&id))?;
+                let record = records::load(host, &layout.node_record(&id))?;
                 if record.exists() {
                     uses.push(format!("node records of volume {id} exist"));
                 }
@@ -328,7 +350,7 @@ impl NodeOps {
             if policy.dry_run {
                 report.collected(format!("would detach {what}"));
             } else {
-                dev.detach()?;
+                host.detach(dev)?;
                 report.collected(format!("detached {what}"));
             }
         }
@@ -343,13 +365,14 @@ impl NodeOps {
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let layout = self.pool.layout().clone();
-        let view = KernelView::read()?;
+        let host = layout.host();
+        let view = KernelView::read(host)?;
         for dir in [
             layout.volumes_dir(),
             layout.snapshots_dir(),
             layout.node_dir(),
         ] {
-            for path in list(&dir)? {
+            for path in list(host, &dir)? {
                 let Some(id) = id_prefix(&path) else { continue };
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 let what = if name.ends_with(files::TEMP_SUFFIX) {
@@ -361,7 +384,7 @@ impl NodeOps {
                     "image without metadata"
                 } else if dir == layout.snapshots_dir()
                     && name.ends_with(".img")
-                    && !layout.snapshot_meta(&id).exists()
+                    && !exists(host, &layout.snapshot_meta(&id))
                 {
                     "snapshot image without metadata"
                 } else if dir == layout.node_dir()
@@ -374,7 +397,7 @@ impl NodeOps {
                 };
                 let in_use =
                     dir != layout.node_dir() && !inuse::image_uses(&view, &path)?.is_empty();
-                if in_use || !older_than(&path, policy.min_age) {
+                if in_use || !older_than(host, &path, policy.min_age) {
                     continue;
                 }
                 let held = if dir == layout.snapshots_dir() {
@@ -386,10 +409,10 @@ impl NodeOps {
                 if policy.dry_run {
                     report.collected(format!("would remove {what} {}", path.display()));
                 } else {
-                    if path.is_dir() {
-                        crate::volume::records::clear(&path)?;
+                    if is_dir(host, &path) {
+                        crate::volume::records::clear(host, &path)?;
                     } else {
-                        files::remove_durably(&path)?;
+                        host.remove_durably(&path)?;
                     }
                     crate::faults::crash_point("gc.removed");
                     report.collected(format!("removed {what} {}", path.display()));
@@ -401,13 +424,14 @@ impl NodeOps {
 }
 
 /// Whether `path` was last modified at least `age` ago.
-fn older_than(path: &Path, age: Duration) -> bool {
+fn older_than(host: &dyn Host, path: &Path, age: Duration) -> bool {
     if age.is_zero() {
         return true;
     }
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
+    host.node_followed(path)
         .ok()
+        .flatten()
+        .and_then(|n| n.modified)
         .and_then(|modified| modified.elapsed().ok())
         .is_some_and(|elapsed| elapsed >= age)
 }

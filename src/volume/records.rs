@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::host::loopdev::FileId;
-use crate::host::{files, mount};
+use crate::host::os::Host;
 use crate::volume::params::Capability;
 
 const STAGED: &str = "staged.json";
@@ -88,22 +88,22 @@ fn target_file(dir: &Path, target: &Path) -> PathBuf {
     dir.join(format!("{TARGET_PREFIX}{hash:016x}.json"))
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
+fn read_json<T: serde::de::DeserializeOwned>(host: &dyn Host, path: &Path) -> Result<Option<T>> {
+    match host.read_file(path)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::unparsable(path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io("read", path, e)),
+        None => Ok(None),
     }
 }
 
 /// `read_json`, listing a file that cannot be parsed in `record.damaged` instead of failing.
 fn readable<T: serde::de::DeserializeOwned>(
+    host: &dyn Host,
     path: PathBuf,
     record: &mut NodeRecord,
 ) -> Result<Option<T>> {
-    match read_json(&path) {
+    match read_json(host, &path) {
         Ok(value) => Ok(value),
         Err(err @ Error::CorruptRecord { .. }) => {
             let why = err.to_string();
@@ -118,19 +118,18 @@ fn readable<T: serde::de::DeserializeOwned>(
 /// Reads a volume's records from `dir` (`node/<id>`); no directory means no records. A file
 /// that cannot be parsed is listed in `damaged`, never an error: one damaged file must not make
 /// every RPC on the volume fail for ever.
-pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
+pub(crate) fn load(host: &dyn Host, dir: &Path) -> Result<NodeRecord> {
     let mut record = NodeRecord::default();
-    record.staged = readable(dir.join(STAGED), &mut record)?;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
-        Err(e) => return Err(Error::io("read directory", dir, e)),
+    record.staged = readable(host, dir.join(STAGED), &mut record)?;
+    let Some(entries) = host.list_dir(dir)? else {
+        return Ok(record);
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for entry in entries {
+        let Some(name) = entry.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
         if name.starts_with(TARGET_PREFIX) && name.ends_with(".json") {
-            if let Some(published) = readable(entry.path(), &mut record)? {
+            if let Some(published) = readable(host, entry, &mut record)? {
                 record.published.push(published);
             }
         }
@@ -139,50 +138,43 @@ pub(crate) fn load(dir: &Path) -> Result<NodeRecord> {
     Ok(record)
 }
 
-/// Writes one record file into the volume's record directory `dir`, creating the directory
-/// when it is missing. The parent's fsync, which makes the new directory's entry durable, runs
-/// beside the record's temp file fsync (`files::write_atomic_with`), so a first stage waits for
-/// two rounds of flushes instead of three. Until it returns, a crash may lose the record (or
-/// leave an empty record directory, which means "no records"), as it may lose any record not
-/// yet acknowledged.
-fn write_record<T: Serialize>(dir: &Path, file: &Path, value: &T) -> Result<()> {
+/// Writes one record file into the volume's record directory (`Host::write_record`: crash-safe,
+/// and a missing directory is created with its entry flushed beside the record's temp file, so
+/// a first stage waits for two rounds of flushes instead of three). Until it returns, a crash
+/// may lose the record (or leave an empty record directory, which means "no records"), as it
+/// may lose any record not yet acknowledged.
+fn write_record<T: Serialize>(host: &dyn Host, file: &Path, value: &T) -> Result<()> {
     let json = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Internal(format!("serialising {}: {e}", file.display())))?;
-    if dir.is_dir() {
-        return files::write_atomic(file, &json);
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-    // The new directory's entry is flushed together with the record's temp file.
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    let parent_dir = std::fs::File::open(parent).map_err(|e| Error::io("open", parent, e))?;
-    files::write_atomic_with(file, &json, Some((&parent_dir, parent)))
+    host.write_record(file, &json)
 }
 
-pub(crate) fn save_staged(dir: &Path, staged: &StageRecord) -> Result<()> {
-    write_record(dir, &dir.join(STAGED), staged)
+pub(crate) fn save_staged(host: &dyn Host, dir: &Path, staged: &StageRecord) -> Result<()> {
+    write_record(host, &dir.join(STAGED), staged)
 }
 
 /// Forgets the staging; only removes a file.
-pub(crate) fn remove_staged(dir: &Path) -> Result<()> {
-    files::remove_durably(&dir.join(STAGED))
+pub(crate) fn remove_staged(host: &dyn Host, dir: &Path) -> Result<()> {
+    host.remove_durably(&dir.join(STAGED))
 }
 
-pub(crate) fn add_published(dir: &Path, published: &PublishRecord) -> Result<()> {
-    write_record(dir, &target_file(dir, &published.target), published)
+pub(crate) fn add_published(host: &dyn Host, dir: &Path, published: &PublishRecord) -> Result<()> {
+    write_record(host, &target_file(dir, &published.target), published)
 }
 
 /// Forgets a published target; only removes a file.
-pub(crate) fn remove_published(dir: &Path, target: &Path) -> Result<()> {
-    files::remove_durably(&target_file(dir, target))
+pub(crate) fn remove_published(host: &dyn Host, dir: &Path, target: &Path) -> Result<()> {
+    host.remove_durably(&target_file(dir, target))
 }
 
 /// Forgets everything about the volume on this node; only removes files. A directory with a
 /// mount inside (which a record directory never has) is refused, never walked into.
-pub(crate) fn clear(dir: &Path) -> Result<()> {
-    if std::fs::symlink_metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+pub(crate) fn clear(host: &dyn Host, dir: &Path) -> Result<()> {
+    if matches!(host.node(dir), Ok(None)) {
         return Ok(());
     }
-    if let Some(m) = mount::mounts()?
+    if let Some(m) = host
+        .mounts()?
         .iter()
         .find(|m| m.mount_point.starts_with(dir))
     {
@@ -191,11 +183,7 @@ pub(crate) fn clear(dir: &Path) -> Result<()> {
             mount_point: m.mount_point.clone(),
         });
     }
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => files::fsync_dir(dir.parent().unwrap_or(Path::new("/"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove directory", dir, e)),
-    }
+    host.remove_record_dir(dir)
 }
 
 #[cfg(test)]
@@ -206,36 +194,37 @@ mod tests {
     #[test]
     fn records_round_trip_and_clear() {
         let root = tempfile::tempdir().unwrap();
+        let host = &crate::host::fake::FakeHost::new(root.path());
         let dir = root.path().join("vol");
         let cap = Capability {
             access: AccessMode::SingleNodeWriter,
             kind: AccessKind::Block,
         };
-        assert_eq!(load(&dir).unwrap(), NodeRecord::default());
+        assert_eq!(load(host, &dir).unwrap(), NodeRecord::default());
         let staged = StageRecord {
             path: "/s".into(),
             capability: cap.clone(),
             image: Some(FileId { dev: 1, ino: 2 }),
             unstaging: false,
         };
-        save_staged(&dir, &staged).unwrap();
+        save_staged(host, &dir, &staged).unwrap();
         for target in ["/b", "/a"] {
             let p = PublishRecord {
                 target: target.into(),
                 capability: cap.clone(),
                 readonly: false,
             };
-            add_published(&dir, &p).unwrap();
+            add_published(host, &dir, &p).unwrap();
         }
-        let loaded = load(&dir).unwrap();
+        let loaded = load(host, &dir).unwrap();
         assert_eq!(loaded.staged, Some(staged));
         assert_eq!(loaded.published.len(), 2);
         assert_eq!(loaded.published[0].target, PathBuf::from("/a"));
-        remove_published(&dir, Path::new("/a")).unwrap();
-        remove_published(&dir, Path::new("/a")).unwrap();
-        assert_eq!(load(&dir).unwrap().published.len(), 1);
-        clear(&dir).unwrap();
-        clear(&dir).unwrap();
+        remove_published(host, &dir, Path::new("/a")).unwrap();
+        remove_published(host, &dir, Path::new("/a")).unwrap();
+        assert_eq!(load(host, &dir).unwrap().published.len(), 1);
+        clear(host, &dir).unwrap();
+        clear(host, &dir).unwrap();
         assert!(!dir.exists());
     }
 

@@ -18,8 +18,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::host::files;
-use crate::host::lockfile::{self, Holder, LockFile};
+use crate::host::lockfile::{Holder, LockFile};
+use crate::host::os::Host;
 
 /// The lock file's name in the state dir.
 pub const LOCK_FILE: &str = "lock";
@@ -31,12 +31,14 @@ pub const NODE_ID_FILE: &str = "node-id";
 /// the recorded one and records it on first start. The lock is held until the returned value
 /// is dropped.
 pub fn claim_for_driver(
+    host: &dyn Host,
     state_dir: &Path,
     node_id: &str,
     allow_node_id_change: bool,
 ) -> Result<LockFile> {
-    std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create directory", state_dir, e))?;
+    host.create_dir_all(state_dir)?;
     let lock = lock(
+        host,
         state_dir,
         "loopcsi serve",
         |state_dir, holder, lock_file| Error::StateDirInUse {
@@ -46,41 +48,55 @@ pub fn claim_for_driver(
         },
     )?;
     // Under the lock: no other driver can be recording its own id at the same time.
-    check_node_id(state_dir, node_id, allow_node_id_change)?;
+    check_node_id(host, state_dir, node_id, allow_node_id_change)?;
     Ok(lock)
 }
 
 /// Takes the state dir's lock for `loopcsi gc`, which removes files: refused (naming the
 /// driver's PID) while a driver serves the state dir, whose own reconciliation rounds collect
 /// the same orphans without racing its operations in flight.
-pub fn lock_for_gc(state_dir: &Path) -> Result<LockFile> {
-    lock(state_dir, "loopcsi gc", |state_dir, holder, lock_file| {
-        Error::GcWhileServed {
+pub fn lock_for_gc(host: &dyn Host, state_dir: &Path) -> Result<LockFile> {
+    lock(
+        host,
+        state_dir,
+        "loopcsi gc",
+        |state_dir, holder, lock_file| Error::GcWhileServed {
             state_dir,
             holder,
             lock_file,
-        }
-    })
+        },
+    )
 }
 
 /// `refused` names the refusal from the state dir, the holder and the lock file.
 fn lock(
+    host: &dyn Host,
     state_dir: &Path,
     what: &str,
     refused: impl FnOnce(PathBuf, Holder, PathBuf) -> Error,
 ) -> Result<LockFile> {
     let path = state_dir.join(LOCK_FILE);
-    lockfile::try_lock(&path, what)?
+    host.try_lock(&path, what)?
         .map_err(|holder| refused(state_dir.to_path_buf(), holder, path))
 }
 
 /// Refuses a node id other than the recorded one (unless allowed), and records the id.
-fn check_node_id(state_dir: &Path, node_id: &str, allow_change: bool) -> Result<()> {
+fn check_node_id(
+    host: &dyn Host,
+    state_dir: &Path,
+    node_id: &str,
+    allow_change: bool,
+) -> Result<()> {
     let path = state_dir.join(NODE_ID_FILE);
-    let recorded = match std::fs::read_to_string(&path) {
-        Ok(text) => Some(text.trim_end_matches('\n').to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io("read", &path, e)),
+    let recorded = match host.read_file(&path)? {
+        Some(bytes) => {
+            let text = String::from_utf8(bytes).map_err(|e| {
+                let invalid = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                Error::io("read", &path, invalid)
+            })?;
+            Some(text.trim_end_matches('\n').to_string())
+        }
+        None => None,
     };
     match recorded {
         Some(old) if old == node_id => return Ok(()),
@@ -99,7 +115,7 @@ fn check_node_id(state_dir: &Path, node_id: &str, allow_change: bool) -> Result<
         ),
         None => tracing::info!(node.id = %node_id, path = %path.display(), "recording the node id"),
     }
-    files::write_atomic_at_startup(&path, format!("{node_id}\n").as_bytes())
+    host.write_record_at_startup(&path, format!("{node_id}\n").as_bytes())
 }
 
 #[cfg(test)]
@@ -110,14 +126,15 @@ mod tests {
     #[test]
     fn node_id_is_recorded_then_enforced_unless_allowed() {
         let dir = tempfile::tempdir().unwrap();
+        let host = &crate::host::fake::FakeHost::new(dir.path());
         let state = dir.path().join("state");
-        drop(claim_for_driver(&state, "n1", false).unwrap());
+        drop(claim_for_driver(host, &state, "n1", false).unwrap());
         assert_eq!(
             std::fs::read_to_string(state.join(NODE_ID_FILE)).unwrap(),
             "n1\n"
         );
-        drop(claim_for_driver(&state, "n1", false).unwrap());
-        let err = claim_for_driver(&state, "n2", false)
+        drop(claim_for_driver(host, &state, "n1", false).unwrap());
+        let err = claim_for_driver(host, &state, "n2", false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -129,25 +146,26 @@ mod tests {
             "n1\n",
             "a refused start records nothing"
         );
-        drop(claim_for_driver(&state, "n2", true).unwrap());
-        drop(claim_for_driver(&state, "n2", false).unwrap());
+        drop(claim_for_driver(host, &state, "n2", true).unwrap());
+        drop(claim_for_driver(host, &state, "n2", false).unwrap());
     }
 
     #[test]
     fn gc_is_refused_while_a_driver_holds_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let driver = claim_for_driver(dir.path(), "n1", false).unwrap();
-        let err = lock_for_gc(dir.path()).unwrap_err().to_string();
+        let host = &crate::host::fake::FakeHost::new(dir.path());
+        let driver = claim_for_driver(host, dir.path(), "n1", false).unwrap();
+        let err = lock_for_gc(host, dir.path()).unwrap_err().to_string();
         assert!(
             err.contains(&format!("PID {}", std::process::id())) && err.contains("loopcsi serve"),
             "{err}"
         );
-        let err = claim_for_driver(dir.path(), "n1", false)
+        let err = claim_for_driver(host, dir.path(), "n1", false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("one driver per state dir"), "{err}");
         drop(driver);
-        drop(lock_for_gc(dir.path()).unwrap());
+        drop(lock_for_gc(host, dir.path()).unwrap());
         assert!(dir.path().join(LOCK_FILE).exists());
     }
 }

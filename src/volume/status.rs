@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::host::loopdev::{self, FileId};
-use crate::host::{files, mount};
+use crate::host::loopdev::FileId;
+use crate::host::mount;
 use crate::volume::node::NodeOps;
 use crate::volume::params::{Provisioning, VolumeKind};
 use crate::volume::volumes::Skipper;
@@ -53,19 +53,19 @@ impl NodeOps {
         let mut out = Vec::new();
         for meta in self.pool.volumes() {
             let image = self.pool.layout().image(&meta.id);
-            let device = loopdev::find_by_backing_file(&image)?;
+            let device = self.host().find_by_backing_file(&image)?;
             let record = self.load_record(&meta.id)?;
             let condition = self.condition(&meta.id, skipper)?;
             out.push(VolumeStatus {
                 id: meta.id.to_string(),
                 name: meta.name.clone(),
                 capacity_bytes: meta.capacity_bytes,
-                allocated_bytes: files::allocated_bytes(&image).unwrap_or(0),
+                allocated_bytes: self.host().allocated_bytes(&image).unwrap_or(0),
                 kind: meta.kind,
                 provisioning: meta.params.provisioning,
                 formatted: meta.formatted,
                 loop_device: device.map(|d| d.path().display().to_string()),
-                direct_io: device.map(|d| d.direct_io()),
+                direct_io: device.map(|d| self.host().direct_io(d)),
                 staged_at: record.staged.map(|s| s.path),
                 published_at: record.published.into_iter().map(|p| p.target).collect(),
                 healthy: !condition.abnormal,
@@ -79,23 +79,25 @@ impl NodeOps {
     /// read), so a scrape stays cheap with thousands of volumes.
     pub fn inventory(&self) -> Result<Inventory> {
         let layout = self.pool.layout();
+        let host = self.host();
         // Devices are the pool's when they hold a volume's image (by identity: the path the
         // kernel shows depends on the mount namespace that attached them).
         let images: std::collections::HashSet<FileId> = self
             .pool
             .volumes()
             .iter()
-            .filter_map(|meta| FileId::at(&layout.image(&meta.id)).ok().flatten())
+            .filter_map(|meta| host.file_id(&layout.image(&meta.id)).ok().flatten())
             .collect();
-        let devices: Vec<_> = loopdev::attached_devices()?
+        let devices: Vec<_> = host
+            .attached_devices()?
             .into_iter()
             .filter(|a| a.backing.is_some_and(|file| images.contains(&file)))
             .collect();
-        let table = mount::mounts()?;
+        let table = host.mounts()?;
         let mut published = 0u64;
         let mut allocated = 0u64;
         for meta in self.pool.volumes() {
-            allocated += files::allocated_bytes(&layout.image(&meta.id)).unwrap_or(0);
+            allocated += host.allocated_bytes(&layout.image(&meta.id)).unwrap_or(0);
             let record = self.load_record(&meta.id)?;
             published += record
                 .published
@@ -105,7 +107,9 @@ impl NodeOps {
         }
         let (snapshots, _) = self.pool.list_snapshots(None, usize::MAX, |_| true);
         for snap in &snapshots {
-            allocated += files::allocated_bytes(&layout.snapshot_image(&snap.id)).unwrap_or(0);
+            allocated += host
+                .allocated_bytes(&layout.snapshot_image(&snap.id))
+                .unwrap_or(0);
         }
         let usage = self.pool.usage()?;
         Ok(Inventory {

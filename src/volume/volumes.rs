@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host::files::Usage;
-use crate::host::tools::{FsType, Tools};
+use crate::host::os::Host;
+use crate::host::tools::FsType;
 
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
@@ -63,30 +64,36 @@ pub struct Publish<'a> {
 
 impl Volumes {
     /// Opens the pool under `state_dir`, recovering from any crash (see `Pool::open`).
-    pub fn open(state_dir: &Path, tools: Tools, direct_io: bool) -> Result<(Self, Recovery)> {
-        let layout = Layout::prepare(state_dir)?;
+    /// Every OS access of the domain goes through `host` (`Linux` on a node, `FakeHost` in
+    /// unit tests).
+    pub fn open(
+        state_dir: &Path,
+        host: Arc<dyn Host>,
+        direct_io: bool,
+    ) -> Result<(Self, Recovery)> {
+        let layout = Layout::prepare(state_dir, host)?;
         if let Some(warning) = layout.durability_warning() {
             tracing::warn!("{warning}");
         }
         let (pool, recovery) = Pool::open(layout)?;
-        Ok((Self::with(pool, tools, direct_io), recovery))
+        Ok((Self::with(pool, direct_io), recovery))
     }
 
     /// Opens the pool without changing anything on disk (the operator commands, beside a live
     /// driver).
-    pub fn open_read_only(state_dir: &Path, tools: Tools) -> Result<(Self, Recovery)> {
-        let layout = Layout::prepare(state_dir)?;
+    pub fn open_read_only(state_dir: &Path, host: Arc<dyn Host>) -> Result<(Self, Recovery)> {
+        let layout = Layout::prepare(state_dir, host)?;
         if let Some(warning) = layout.durability_warning() {
             tracing::warn!("{warning}");
         }
         let (pool, recovery) = Pool::open_read_only(layout)?;
-        Ok((Self::with(pool, tools, true), recovery))
+        Ok((Self::with(pool, true), recovery))
     }
 
-    fn with(pool: Pool, tools: Tools, direct_io: bool) -> Self {
+    fn with(pool: Pool, direct_io: bool) -> Self {
         let store = Arc::new(pool);
         Volumes {
-            node: NodeOps::new(Arc::clone(&store), tools, direct_io),
+            node: NodeOps::new(Arc::clone(&store), direct_io),
             store,
             locks: OperationLocks::default(),
         }
@@ -101,13 +108,14 @@ impl Volumes {
         self.store.layout().root()
     }
 
-    /// Whether this node can make file system `fs` (its mkfs is installed).
-    pub fn supports(&self, fs: FsType) -> bool {
-        self.node.tools().supports(fs)
+    /// The operating system the domain runs on (for the operator commands' own reads).
+    pub fn host(&self) -> &dyn Host {
+        self.store.layout().host()
     }
 
-    pub fn tools(&self) -> &Tools {
-        self.node.tools()
+    /// Whether this node can make file system `fs` (its mkfs is installed).
+    pub fn supports(&self, fs: FsType) -> bool {
+        self.store.layout().host().supports(fs)
     }
 
     // ---- the controller's use cases ----
@@ -153,7 +161,7 @@ impl Volumes {
     fn refuse_in_use(&self, id: &VolumeId) -> Result<()> {
         let layout = self.store.layout();
         let uses = inuse::volume_uses(
-            &KernelView::read()?,
+            &KernelView::read(layout.host())?,
             &layout.image(id),
             &layout.node_record(id),
         )?;
@@ -354,6 +362,8 @@ impl Volumes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::linux::Linux;
+    use crate::host::tools::Tools;
     use crate::volume::params::{AccessMode, VolumeKind, VolumeParams};
 
     fn new_volume(name: &str) -> NewVolume {
@@ -371,16 +381,16 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Volumes, Recovery) {
-        let tools = Tools::discover().unwrap();
-        Volumes::open(dir, tools, true).unwrap()
+        let host = Arc::new(Linux::new(Tools::discover().unwrap()));
+        Volumes::open(dir, host, true).unwrap()
     }
 
     /// Moved from the pool's tests when the name guard moved to the door.
     #[test]
     fn create_is_idempotent_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::prepare(dir.path()).unwrap();
         let (pool, _) = open(dir.path());
+        let layout = pool.store.layout().clone();
         let (a, how) = pool.create(new_volume("a/../b"), |e| e).unwrap();
         assert_eq!(how, Created::New);
         let (again, how) = pool.create(new_volume("a/../b"), |e| e).unwrap();

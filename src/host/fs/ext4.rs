@@ -90,11 +90,7 @@ impl Filesystem for Ext4 {
     }
 
     /// ext4 counts the errors it met since mkfs in sysfs.
-    fn recorded_errors(&self, device: &str) -> Option<String> {
-        let errors = std::fs::read_to_string(format!("/sys/fs/ext4/{device}/errors_count"))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+    fn recorded_errors(&self, errors: u64) -> Option<String> {
         (errors > 0).then(|| format!("ext4 recorded {errors} file-system error(s); run e2fsck"))
     }
 }

@@ -112,9 +112,10 @@ pub trait Filesystem: Sync {
     /// Grows the mounted file system to its device's size; `at` is what `grows_at` asks for.
     fn grow_online(&self, tools: &Tools, at: &Path) -> Result<()>;
 
-    /// Errors the file system recorded on the loop device named `device` (`loop3`), as a
-    /// problem for the volume's health; `None` when it has none or keeps no count.
-    fn recorded_errors(&self, device: &str) -> Option<String>;
+    /// Errors the file system recorded on a loop device (`count`, as `Host::fs_error_count`
+    /// read it), as a problem for the volume's health; `None` when it has none or keeps no
+    /// count. The count is read through the host, so a fake can report errors.
+    fn recorded_errors(&self, count: u64) -> Option<String>;
 }
 
 #[cfg(test)]

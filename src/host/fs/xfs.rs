@@ -68,7 +68,7 @@ impl Filesystem for Xfs {
     }
 
     /// xfs keeps no error count in sysfs; errors show as a shut-down (read-only) file system.
-    fn recorded_errors(&self, _device: &str) -> Option<String> {
+    fn recorded_errors(&self, _count: u64) -> Option<String> {
         None
     }
 }
