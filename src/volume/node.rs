@@ -14,17 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::host;
 use crate::host::files::Usage;
-use crate::host::loopdev::{AttachOptions, FileId, LoopDevice};
-use crate::host::mount::{self, MountEntry, MountOptions};
+use crate::host::mount::{self};
 use crate::host::os::{Host, NodeKind};
-use crate::host::tools::Probe;
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
-use crate::volume::params::{AccessKind, Capability, VolumeKind};
+pub(crate) use crate::volume::observed::Observed;
+use crate::volume::params::{Capability, VolumeKind};
 use crate::volume::pool::{Pool, VolumeMeta};
 use crate::volume::records::{self, NodeRecord, PublishRecord, StageRecord};
+pub(crate) use crate::volume::targets::*;
 use crate::volume::volumes::Publish;
 
 /// Usage of a volume as NodeGetVolumeStats reports it.
@@ -36,157 +35,7 @@ pub enum VolumeStats {
 
 pub struct NodeOps {
     pub(crate) pool: Arc<Pool>,
-    direct_io: bool,
-}
-
-/// The kernel's view of one volume, read once per operation, and the host it was read from
-/// (for the stats of paths asked about later).
-pub(crate) struct Observed<'h> {
-    host: &'h dyn Host,
-    /// The volume's writable loop device (the one staging attaches).
-    pub(crate) device: Option<LoopDevice>,
-    pub(crate) dev_numbers: Option<(u32, u32)>,
-    /// Read-only loop devices of read-only raw block publishes, with their numbers.
-    pub(crate) read_only_devices: Vec<(LoopDevice, (u32, u32))>,
-    pub(crate) table: Vec<MountEntry>,
-    /// The image at the volume's path is the file that was staged (or, with no stage record,
-    /// there is a file there at all). False means the image was deleted or replaced behind the
-    /// driver's back: a device still attached holds the only copy of the staged data.
-    pub(crate) image_present: bool,
-    /// Attached loop devices whose backing file could not be identified: any of them might
-    /// hold this volume's image, so nothing is attached while one exists.
-    pub(crate) unidentified: Vec<LoopDevice>,
-}
-
-impl<'h> Observed<'h> {
-    pub(crate) fn read(host: &'h dyn Host, image: &Path) -> Result<Self> {
-        Self::read_for(host, image, None, None)
-    }
-
-    pub(crate) fn read_near(host: &'h dyn Host, image: &Path, hint: Option<&Path>) -> Result<Self> {
-        Self::read_for(host, image, None, hint)
-    }
-
-    /// The kernel's view of the volume whose image is at `image`. Loop devices are matched to
-    /// the image by the backing file's identity (device and inode numbers), never by the path
-    /// the kernel renders, which depends on the reader's mount namespace. `recorded` is the
-    /// image's identity when the volume was staged (from its stage record): a device still
-    /// holding that file is the volume's even when the image was deleted or replaced since.
-    ///
-    /// `hint` is a staging path or target the caller expects the volume's file system at: when
-    /// the device mounted there is attached writable to the image, the scan of every attached
-    /// device is skipped (~2 ms per call on a node with 200 staged volumes). The shortcut is
-    /// only taken for a mounted file system, which never has the read-only devices of
-    /// read-only raw block publishes; anything else is scanned.
-    pub(crate) fn read_for(
-        host: &'h dyn Host,
-        image: &Path,
-        recorded: Option<FileId>,
-        hint: Option<&Path>,
-    ) -> Result<Self> {
-        let table = host.mounts()?;
-        let current = host.file_id(image)?;
-        let ours = |file: &FileId| Some(*file) == current || Some(*file) == recorded;
-        let hinted = hint
-            .and_then(|path| mount::mounted_at(&table, path))
-            .and_then(|m| host.loop_device(m.major, m.minor))
-            .filter(|dev| {
-                matches!(host.loop_status(*dev), Ok(Some((file, read_only))) if !read_only && ours(&file))
-            });
-        if let Some(dev) = hinted {
-            return Ok(Observed {
-                host,
-                device: Some(dev),
-                dev_numbers: Some(host.dev_numbers(dev)?),
-                read_only_devices: Vec::new(),
-                table,
-                image_present: current.is_some() && current == recorded.or(current),
-                unidentified: Vec::new(),
-            });
-        }
-        let mut device = None;
-        let mut read_only_devices = Vec::new();
-        let mut unidentified = Vec::new();
-        for attached in host.attached_devices()? {
-            let Some(file) = attached.backing else {
-                unidentified.push(attached.device);
-                continue;
-            };
-            if !ours(&file) {
-                continue;
-            }
-            let dev = attached.device;
-            if attached.read_only {
-                read_only_devices.push((dev, host.dev_numbers(dev)?));
-            } else if device.is_none() || Some(file) == recorded {
-                // The device of the recorded file wins: it holds what the CO staged.
-                device = Some(dev);
-            }
-        }
-        let dev_numbers = device.map(|d| host.dev_numbers(d)).transpose()?;
-        Ok(Observed {
-            host,
-            device,
-            dev_numbers,
-            read_only_devices,
-            table,
-            image_present: current.is_some() && current == recorded.or(current),
-            unidentified,
-        })
-    }
-
-    /// The read-only device whose node is bound at `path`, if any.
-    pub(crate) fn read_only_device_at(&self, path: &Path) -> Option<LoopDevice> {
-        mount::mounted_at(&self.table, path)?;
-        let rdev = self.host.node_followed(path).ok()??.rdev;
-        self.read_only_devices
-            .iter()
-            .find(|(_, (major, minor))| {
-                rdev == nix::sys::stat::makedev((*major).into(), (*minor).into())
-            })
-            .map(|(dev, _)| *dev)
-    }
-
-    /// The volume's file system is mounted at `path`.
-    pub(crate) fn fs_mounted_at(&self, path: &Path) -> bool {
-        match (self.dev_numbers, mount::mounted_at(&self.table, path)) {
-            (Some(numbers), Some(m)) => (m.major, m.minor) == numbers,
-            _ => false,
-        }
-    }
-
-    /// One of the volume's device nodes (writable, or a read-only one) is bind-mounted at `path`.
-    pub(crate) fn device_bound_at(&self, path: &Path) -> bool {
-        let (Some((major, minor)), Some(_)) =
-            (self.dev_numbers, mount::mounted_at(&self.table, path))
-        else {
-            return false;
-        };
-        let writable = matches!(self.host.node_followed(path), Ok(Some(n)) if {
-            n.kind == NodeKind::BlockDevice
-                && n.rdev == nix::sys::stat::makedev(major.into(), minor.into())
-        });
-        writable || self.read_only_device_at(path).is_some()
-    }
-
-    pub(crate) fn live_at(&self, kind: VolumeKind, path: &Path) -> bool {
-        match kind {
-            VolumeKind::Block => self.device_bound_at(path),
-            VolumeKind::Filesystem(_) => self.fs_mounted_at(path),
-        }
-    }
-
-    /// Mount points of the volume's file system other than `except`.
-    fn other_mounts(&self, except: &Path) -> Vec<PathBuf> {
-        let Some(numbers) = self.dev_numbers else {
-            return Vec::new();
-        };
-        self.table
-            .iter()
-            .filter(|m| (m.major, m.minor) == numbers && m.mount_point != except)
-            .map(|m| m.mount_point.clone())
-            .collect()
-    }
+    pub(crate) direct_io: bool,
 }
 
 impl NodeOps {
@@ -215,13 +64,17 @@ impl NodeOps {
         Observed::read_for(self.host(), &self.pool.layout().image(id), recorded, hint)
     }
 
-    fn records_dir(&self, id: &VolumeId) -> PathBuf {
+    pub(crate) fn records_dir(&self, id: &VolumeId) -> PathBuf {
         self.pool.layout().node_record(id)
     }
 
     /// The volume and its operation guard; NOT_FOUND for an unknown id, and
     /// FAILED_PRECONDITION when the capability does not fit the volume.
-    fn checked(&self, id: &VolumeId, capability: Option<&Capability>) -> Result<Arc<VolumeMeta>> {
+    pub(crate) fn checked(
+        &self,
+        id: &VolumeId,
+        capability: Option<&Capability>,
+    ) -> Result<Arc<VolumeMeta>> {
         let meta = self.pool.require(id)?;
         if let Some(cap) = capability {
             cap.check_against(meta.kind)
@@ -234,7 +87,12 @@ impl NodeOps {
     /// unreadable, from what the node records say the CO asked for. Teardown (unpublish,
     /// unstage) must work without metadata, or mounts and devices would leak for ever.
     /// NOT_FOUND only when nothing at all is known of the volume on this node.
-    fn teardown_kind(&self, id: &VolumeId, record: &NodeRecord, path: &Path) -> Result<VolumeKind> {
+    pub(crate) fn teardown_kind(
+        &self,
+        id: &VolumeId,
+        record: &NodeRecord,
+        path: &Path,
+    ) -> Result<VolumeKind> {
         if let Some(meta) = self.pool.get(id) {
             return Ok(meta.kind);
         }
@@ -261,274 +119,6 @@ impl NodeOps {
             what: "volume",
             id: id.to_string(),
         })
-    }
-
-    /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
-    /// was never formatted, mount at `staging`. Block volumes are only attached.
-    pub fn stage(&self, held: &VolumeGuard, staging: &Path, cap: &Capability) -> Result<()> {
-        let id = held.id();
-        let meta = self.checked(id, Some(cap))?;
-        let record = self.load_record(id)?;
-        let observed = self.observe(
-            id,
-            &record,
-            record.staged.as_ref().map(|s| s.path.as_path()),
-        )?;
-        if let Some(staged) = &record.staged {
-            let live = observed.device.is_some()
-                && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
-            if staged.path != staging && live {
-                return Err(Error::StagedElsewhere {
-                    volume: *id,
-                    staging: staged.path.clone(),
-                });
-            }
-            if staged.path == staging && live && staged.capability != *cap {
-                return Err(Error::StagedDifferently {
-                    volume: *id,
-                    staging: staging.to_path_buf(),
-                });
-            }
-        }
-        // The identity of what is being staged. While a device still holds the recorded file,
-        // that file is the volume's, even if something else now sits at the image's path.
-        let recorded = record.staged.as_ref().and_then(|s| s.image);
-        let image = match recorded {
-            Some(recorded) if observed.device.is_some() && !observed.image_present => {
-                Some(recorded)
-            }
-            _ => self
-                .host()
-                .file_id(&self.pool.layout().image(id))?
-                .or(recorded),
-        };
-        let wanted = StageRecord {
-            path: staging.to_path_buf(),
-            capability: cap.clone(),
-            image,
-            unstaging: false,
-        };
-        if record.staged.as_ref() == Some(&wanted) {
-            return self
-                .ensure_staged(held, &meta, staging, cap, observed)
-                .map(drop);
-        }
-        // The record is intent and does not depend on the kernel work, so it is written (two
-        // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A
-        // crash in between leaves a record of a stage that did not finish: the state a reboot
-        // leaves, which publish and the reconciler already repair, and which the CO's retry of
-        // this call completes. A failed stage puts the previous record back.
-        let dir = self.records_dir(id);
-        let (staged, saved) = host::alongside(
-            || records::save_staged(self.host(), &dir, &wanted),
-            || self.ensure_staged(held, &meta, staging, cap, observed),
-            || format!("writing the stage record of volume {id}"),
-        );
-        match (staged, saved) {
-            (Ok(_), saved) => saved,
-            (Err(err), saved) => {
-                let restored = match (&record.staged, saved) {
-                    (_, Err(_)) => Ok(()),
-                    (Some(previous), Ok(())) => records::save_staged(self.host(), &dir, previous),
-                    (None, Ok(())) => records::remove_staged(self.host(), &dir),
-                };
-                if let Err(restore) = restored {
-                    tracing::error!(volume.id = %id, error = %restore, "could not put the stage record back after a failed stage");
-                }
-                Err(err)
-            }
-        }
-    }
-
-    /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
-    /// a loop device attached by this call is detached again.
-    pub(crate) fn ensure_staged(
-        &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
-        staging: &Path,
-        cap: &Capability,
-        observed: Observed<'_>,
-    ) -> Result<LoopDevice> {
-        let fs = match meta.kind {
-            VolumeKind::Filesystem(fs) => Some(fs),
-            VolumeKind::Block => None,
-        };
-        if let (Some(dev), None) = (observed.device, fs) {
-            return Ok(dev);
-        }
-        if let Some(dev) = observed.device {
-            if observed.fs_mounted_at(staging) {
-                return Ok(dev);
-            }
-        }
-        if let Some(other) = mount::mounted_at(&observed.table, staging) {
-            return Err(Error::ForeignMount {
-                field: "staging_target_path",
-                path: staging.to_path_buf(),
-                mounted: other.source.clone(),
-            });
-        }
-        let options = match fs {
-            Some(_) => mount_options(cap, meta)?,
-            None => MountOptions::default(),
-        };
-        if fs.is_some() {
-            // Refuse a bad staging path before touching the volume (no attach, no mkfs).
-            ensure_directory(self.host(), staging, "staging_target_path")?;
-        }
-        let (dev, attached_here) = match observed.device {
-            Some(dev) => (dev, false),
-            None => {
-                // Never a second writable device for one image: when a device's backing file
-                // cannot be identified, it might be this image's.
-                if let Some(unknown) = observed.unidentified.first() {
-                    return Err(Error::UnidentifiedDevice {
-                        device: unknown.path(),
-                        volume: meta.id,
-                    });
-                }
-                (self.attach(meta)?, true)
-            }
-        };
-        // A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds
-        // the device exclusively until it ends: probing, formatting or mounting now would fail
-        // with EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED,
-        // and the CO's retry finds the tool's work done.
-        let mounted =
-            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
-        if !attached_here
-            && !observed.dev_numbers.is_some_and(mounted)
-            && self.host().held_exclusively(&dev.path())?
-        {
-            return Err(Error::DeviceHeld {
-                volume: meta.id,
-                device: dev.path(),
-            });
-        }
-        crate::faults::crash_point("stage.attached");
-        let Some(fs) = fs else {
-            return Ok(dev);
-        };
-        let result = (|| {
-            if self.format_if_blank(held, meta, &dev, fs)? {
-                self.mount_fresh(held, &dev, staging, fs, &options)?;
-                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
-            } else {
-                self.grow_pending(held, meta, &dev.path(), None)?;
-                self.host()
-                    .mount_device(&dev.path(), staging, fs.name(), &options)?;
-                self.grow_pending(held, meta, &dev.path(), Some(staging))?;
-                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
-            }
-            crate::faults::crash_point("stage.mounted");
-            Ok(())
-        })();
-        if let Err(err) = result {
-            if attached_here {
-                if let Err(detach) = self.host().detach(dev) {
-                    tracing::error!(device = %dev.path().display(), error = %detach, "could not detach after a failed stage");
-                }
-            }
-            return Err(err);
-        }
-        Ok(dev)
-    }
-
-    fn attach(&self, meta: &VolumeMeta) -> Result<LoopDevice> {
-        let image = self.pool.layout().image(&meta.id);
-        let dev = self.host().attach(
-            &image,
-            AttachOptions {
-                direct_io: self.direct_io,
-                read_only: false,
-            },
-        )?;
-        let direct_io = self.host().direct_io(dev);
-        if self.direct_io && !direct_io {
-            tracing::warn!(
-                device = %dev.path().display(),
-                backing.file = %image.display(),
-                "direct I/O is off for this loop device (the pool file system does not support it): \
-                 the volume runs with buffered I/O and double page caching"
-            );
-        }
-        tracing::info!(device = %dev.path().display(), volume.id = %meta.id, direct_io, "attached");
-        Ok(dev)
-    }
-
-    /// Mounts a file system mkfs just made, recording in the metadata that the driver formatted
-    /// the volume while the mount runs (two fsyncs on a disk pool, which would otherwise follow
-    /// mkfs one after the other with the mount). Nothing can be pending to grow: mkfs spanned the
-    /// whole device. The record is needed before the next stage, not before this mount: a crash
-    /// before it is durable leaves a file system that the next stage's probe finds and records.
-    fn mount_fresh(
-        &self,
-        held: &VolumeGuard,
-        dev: &LoopDevice,
-        staging: &Path,
-        fs: crate::volume::params::FsType,
-        options: &MountOptions,
-    ) -> Result<()> {
-        let (mounted, marked) = host::alongside(
-            || self.pool.mark_formatted(held),
-            || {
-                self.host()
-                    .mount_device(&dev.path(), staging, fs.name(), options)
-            },
-            || format!("recording that volume {} was formatted", held.id()),
-        );
-        mounted?;
-        if let Err(err) = marked {
-            // Fail as a whole: the CO retries, and the retry's probe records the format.
-            if let Err(unmount) = self.host().unmount(staging) {
-                tracing::error!(staging = %staging.display(), error = %unmount, "could not unmount after a failed stage");
-            }
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    /// Never formats a device that has any signature, or a volume the driver formatted before
-    /// (a blank probe then means damage, and formatting would hide it). True when it ran mkfs
-    /// now; the caller then records the format (`mount_fresh`).
-    fn format_if_blank(
-        &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
-        dev: &LoopDevice,
-        fs: crate::volume::params::FsType,
-    ) -> Result<bool> {
-        // A backing file with no data extents at all is blank to the last byte: no signature
-        // can hide in it, so the (costly) blkid probe is skipped. Anything written, or a volume
-        // the driver formatted before, is probed.
-        let image = self.pool.layout().image(&meta.id);
-        let probe = if !meta.formatted && !self.host().has_data(&image)? {
-            Probe::Blank
-        } else {
-            self.host().probe(&dev.path())?
-        };
-        match probe {
-            // Formatted by a call that crashed before it could record so: record it now.
-            Probe::FileSystem(found) if found == fs.name() => {
-                self.pool.mark_formatted(held).map(|()| false)
-            }
-            Probe::FileSystem(found) => Err(Error::WrongFileSystem {
-                volume: meta.id,
-                found,
-                wanted: fs.name(),
-            }),
-            Probe::Other(found) => Err(Error::ForeignContent {
-                volume: meta.id,
-                found,
-            }),
-            Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
-            Probe::Blank => {
-                self.host().mkfs(fs, &dev.path())?;
-                crate::faults::crash_point("stage.formatted");
-                Ok(true)
-            }
-        }
     }
 
     /// NodeUnstageVolume: unmount the staging path and detach the loop device. Not staged at
@@ -781,151 +371,6 @@ impl NodeOps {
                 }
             }
             VolumeKind::Filesystem(_) => Err(not_here()),
-        }
-    }
-}
-
-/// Creates the target (directory, or file for a device node) and binds the staged file system
-/// or the loop device onto it.
-pub(crate) fn bind_target(
-    host: &dyn Host,
-    kind: VolumeKind,
-    dev: &LoopDevice,
-    image: &Path,
-    staging: &Path,
-    target: &Path,
-    options: &MountOptions,
-) -> Result<()> {
-    match kind {
-        VolumeKind::Block if options.read_only() => {
-            // A read-only bind does not stop writes to a device node: give the target a
-            // device the kernel itself keeps read-only.
-            ensure_file(host, target)?;
-            // The read-only device must hold the very file the writable one does: checked by
-            // identity, as the path the kernel shows for `dev` depends on who reads it.
-            let held = host.loop_status(*dev)?.map(|(file, _)| file);
-            if held.is_none() || host.file_id(image)? != held {
-                return Err(Error::DeviceSwapped {
-                    device: dev.path(),
-                    image: image.to_path_buf(),
-                });
-            }
-            let options_ro = AttachOptions {
-                direct_io: host.direct_io(*dev),
-                read_only: true,
-            };
-            let read_only = host.attach(image, options_ro)?;
-            host.bind(&read_only.path(), target, options)
-                .inspect_err(|_| {
-                    let _ = host.detach(read_only);
-                })
-        }
-        VolumeKind::Block => {
-            ensure_file(host, target)?;
-            host.bind(&dev.path(), target, options)
-        }
-        VolumeKind::Filesystem(_) => {
-            ensure_directory(host, target, "target_path")?;
-            host.bind(staging, target, options)
-        }
-    }
-}
-
-/// The options of a publish bind: the capability's generic flags, read-only when asked for.
-pub(crate) fn publish_options(
-    cap: &Capability,
-    readonly: bool,
-    meta: &VolumeMeta,
-) -> Result<MountOptions> {
-    let mut options = match &cap.kind {
-        AccessKind::Mount { .. } => mount_options(cap, meta)?,
-        AccessKind::Block => MountOptions::default(),
-    };
-    if readonly || cap.access.read_only() {
-        options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
-    }
-    Ok(options)
-}
-
-fn mount_options(cap: &Capability, meta: &VolumeMeta) -> Result<MountOptions> {
-    let mut options = cap.mount_options().clone();
-    if let VolumeKind::Filesystem(fs) = meta.kind {
-        let thick = meta.params.provisioning == crate::volume::params::Provisioning::Thick;
-        fs.get().mount_defaults(&mut options, thick);
-    }
-    if cap.access.read_only() || meta.access_modes.iter().all(|m| m.read_only()) {
-        options.flags.insert(nix::mount::MsFlags::MS_RDONLY);
-    }
-    Ok(options)
-}
-
-/// EBUSY from umount means a process still uses the mount: the CO must stop it first.
-fn busy_is_precondition(err: Error) -> Error {
-    match err {
-        Error::Sys {
-            errno: nix::errno::Errno::EBUSY,
-            target,
-            ..
-        } => Error::MountBusy { target },
-        other => other,
-    }
-}
-
-/// Makes sure `path` is a directory (creating it if missing), refusing symlinks.
-fn ensure_directory(host: &dyn Host, path: &Path, field: &'static str) -> Result<()> {
-    match host.node(path)?.map(|n| n.kind) {
-        Some(NodeKind::Symlink) => Err(Error::invalid(
-            field,
-            format!(
-                "{} is a symbolic link; refusing to mount through it",
-                path.display()
-            ),
-        )),
-        Some(NodeKind::Directory) => Ok(()),
-        Some(_) => Err(Error::invalid(
-            field,
-            format!("{} exists and is not a directory", path.display()),
-        )),
-        None => host.create_dir_all(path),
-    }
-}
-
-/// Makes sure `path` is a regular file to bind a device node onto, refusing symlinks.
-fn ensure_file(host: &dyn Host, path: &Path) -> Result<()> {
-    match host.node(path)?.map(|n| n.kind) {
-        Some(NodeKind::Symlink) => Err(Error::invalid(
-            "target_path",
-            format!(
-                "{} is a symbolic link; refusing to mount through it",
-                path.display()
-            ),
-        )),
-        Some(NodeKind::File) => Ok(()),
-        Some(_) => Err(Error::invalid(
-            "target_path",
-            format!("{} exists and is not a regular file", path.display()),
-        )),
-        None => host.create_empty_file(path),
-    }
-}
-
-/// Deletes what publish created at `target` (spec: the SP MUST delete it). A directory that is
-/// not empty holds something the driver did not put there, and is left with a warning.
-fn remove_target(host: &dyn Host, target: &Path, kind: VolumeKind) -> Result<()> {
-    let Some(node) = host.node(target)? else {
-        return Ok(());
-    };
-    match (kind, node.kind) {
-        (VolumeKind::Filesystem(_), NodeKind::Directory) => {
-            if !host.remove_empty_dir(target)? {
-                tracing::warn!(target = %target.display(), "target_path is not empty after unmount; left in place");
-            }
-            Ok(())
-        }
-        (VolumeKind::Block, NodeKind::File) => host.remove_file(target),
-        _ => {
-            tracing::warn!(target = %target.display(), "target_path is not what publish created; left in place");
-            Ok(())
         }
     }
 }

@@ -1,0 +1,286 @@
+//! NodeStageVolume: attach, format if blank and never formatted, mount; and bringing the kernel
+//! back to "staged" for publish and the reconciler.
+
+use crate::volume::node::{NodeOps, Observed};
+use crate::volume::targets::*;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::host;
+use crate::host::loopdev::{AttachOptions, LoopDevice};
+use crate::host::mount::{self, MountOptions};
+use crate::host::tools::Probe;
+use crate::volume::locks::VolumeGuard;
+use crate::volume::params::{Capability, VolumeKind};
+use crate::volume::pool::VolumeMeta;
+use crate::volume::records::{self, StageRecord};
+
+impl NodeOps {
+    /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
+    /// was never formatted, mount at `staging`. Block volumes are only attached.
+    pub fn stage(&self, held: &VolumeGuard, staging: &Path, cap: &Capability) -> Result<()> {
+        let id = held.id();
+        let meta = self.checked(id, Some(cap))?;
+        let record = self.load_record(id)?;
+        let observed = self.observe(
+            id,
+            &record,
+            record.staged.as_ref().map(|s| s.path.as_path()),
+        )?;
+        if let Some(staged) = &record.staged {
+            let live = observed.device.is_some()
+                && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
+            if staged.path != staging && live {
+                return Err(Error::StagedElsewhere {
+                    volume: *id,
+                    staging: staged.path.clone(),
+                });
+            }
+            if staged.path == staging && live && staged.capability != *cap {
+                return Err(Error::StagedDifferently {
+                    volume: *id,
+                    staging: staging.to_path_buf(),
+                });
+            }
+        }
+        // The identity of what is being staged. While a device still holds the recorded file,
+        // that file is the volume's, even if something else now sits at the image's path.
+        let recorded = record.staged.as_ref().and_then(|s| s.image);
+        let image = match recorded {
+            Some(recorded) if observed.device.is_some() && !observed.image_present => {
+                Some(recorded)
+            }
+            _ => self
+                .host()
+                .file_id(&self.pool.layout().image(id))?
+                .or(recorded),
+        };
+        let wanted = StageRecord {
+            path: staging.to_path_buf(),
+            capability: cap.clone(),
+            image,
+            unstaging: false,
+        };
+        if record.staged.as_ref() == Some(&wanted) {
+            return self
+                .ensure_staged(held, &meta, staging, cap, observed)
+                .map(drop);
+        }
+        // The record is intent and does not depend on the kernel work, so it is written (two
+        // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A
+        // crash in between leaves a record of a stage that did not finish: the state a reboot
+        // leaves, which publish and the reconciler already repair, and which the CO's retry of
+        // this call completes. A failed stage puts the previous record back.
+        let dir = self.records_dir(id);
+        let (staged, saved) = host::alongside(
+            || records::save_staged(self.host(), &dir, &wanted),
+            || self.ensure_staged(held, &meta, staging, cap, observed),
+            || format!("writing the stage record of volume {id}"),
+        );
+        match (staged, saved) {
+            (Ok(_), saved) => saved,
+            (Err(err), saved) => {
+                let restored = match (&record.staged, saved) {
+                    (_, Err(_)) => Ok(()),
+                    (Some(previous), Ok(())) => records::save_staged(self.host(), &dir, previous),
+                    (None, Ok(())) => records::remove_staged(self.host(), &dir),
+                };
+                if let Err(restore) = restored {
+                    tracing::error!(volume.id = %id, error = %restore, "could not put the stage record back after a failed stage");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
+    /// a loop device attached by this call is detached again.
+    pub(crate) fn ensure_staged(
+        &self,
+        held: &VolumeGuard,
+        meta: &VolumeMeta,
+        staging: &Path,
+        cap: &Capability,
+        observed: Observed<'_>,
+    ) -> Result<LoopDevice> {
+        let fs = match meta.kind {
+            VolumeKind::Filesystem(fs) => Some(fs),
+            VolumeKind::Block => None,
+        };
+        if let (Some(dev), None) = (observed.device, fs) {
+            return Ok(dev);
+        }
+        if let Some(dev) = observed.device {
+            if observed.fs_mounted_at(staging) {
+                return Ok(dev);
+            }
+        }
+        if let Some(other) = mount::mounted_at(&observed.table, staging) {
+            return Err(Error::ForeignMount {
+                field: "staging_target_path",
+                path: staging.to_path_buf(),
+                mounted: other.source.clone(),
+            });
+        }
+        let options = match fs {
+            Some(_) => mount_options(cap, meta)?,
+            None => MountOptions::default(),
+        };
+        if fs.is_some() {
+            // Refuse a bad staging path before touching the volume (no attach, no mkfs).
+            ensure_directory(self.host(), staging, "staging_target_path")?;
+        }
+        let (dev, attached_here) = match observed.device {
+            Some(dev) => (dev, false),
+            None => {
+                // Never a second writable device for one image: when a device's backing file
+                // cannot be identified, it might be this image's.
+                if let Some(unknown) = observed.unidentified.first() {
+                    return Err(Error::UnidentifiedDevice {
+                        device: unknown.path(),
+                        volume: meta.id,
+                    });
+                }
+                (self.attach(meta)?, true)
+            }
+        };
+        // A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds
+        // the device exclusively until it ends: probing, formatting or mounting now would fail
+        // with EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED,
+        // and the CO's retry finds the tool's work done.
+        let mounted =
+            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
+        if !attached_here
+            && !observed.dev_numbers.is_some_and(mounted)
+            && self.host().held_exclusively(&dev.path())?
+        {
+            return Err(Error::DeviceHeld {
+                volume: meta.id,
+                device: dev.path(),
+            });
+        }
+        crate::faults::crash_point("stage.attached");
+        let Some(fs) = fs else {
+            return Ok(dev);
+        };
+        let result = (|| {
+            if self.format_if_blank(held, meta, &dev, fs)? {
+                self.mount_fresh(held, &dev, staging, fs, &options)?;
+                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
+            } else {
+                self.grow_pending(held, meta, &dev.path(), None)?;
+                self.host()
+                    .mount_device(&dev.path(), staging, fs.name(), &options)?;
+                self.grow_pending(held, meta, &dev.path(), Some(staging))?;
+                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
+            }
+            crate::faults::crash_point("stage.mounted");
+            Ok(())
+        })();
+        if let Err(err) = result {
+            if attached_here {
+                if let Err(detach) = self.host().detach(dev) {
+                    tracing::error!(device = %dev.path().display(), error = %detach, "could not detach after a failed stage");
+                }
+            }
+            return Err(err);
+        }
+        Ok(dev)
+    }
+
+    pub(crate) fn attach(&self, meta: &VolumeMeta) -> Result<LoopDevice> {
+        let image = self.pool.layout().image(&meta.id);
+        let dev = self.host().attach(
+            &image,
+            AttachOptions {
+                direct_io: self.direct_io,
+                read_only: false,
+            },
+        )?;
+        let direct_io = self.host().direct_io(dev);
+        if self.direct_io && !direct_io {
+            tracing::warn!(
+                device = %dev.path().display(),
+                backing.file = %image.display(),
+                "direct I/O is off for this loop device (the pool file system does not support it): \
+                 the volume runs with buffered I/O and double page caching"
+            );
+        }
+        tracing::info!(device = %dev.path().display(), volume.id = %meta.id, direct_io, "attached");
+        Ok(dev)
+    }
+
+    /// Mounts a file system mkfs just made, recording in the metadata that the driver formatted
+    /// the volume while the mount runs (two fsyncs on a disk pool, which would otherwise follow
+    /// mkfs one after the other with the mount). Nothing can be pending to grow: mkfs spanned the
+    /// whole device. The record is needed before the next stage, not before this mount: a crash
+    /// before it is durable leaves a file system that the next stage's probe finds and records.
+    pub(crate) fn mount_fresh(
+        &self,
+        held: &VolumeGuard,
+        dev: &LoopDevice,
+        staging: &Path,
+        fs: crate::volume::params::FsType,
+        options: &MountOptions,
+    ) -> Result<()> {
+        let (mounted, marked) = host::alongside(
+            || self.pool.mark_formatted(held),
+            || {
+                self.host()
+                    .mount_device(&dev.path(), staging, fs.name(), options)
+            },
+            || format!("recording that volume {} was formatted", held.id()),
+        );
+        mounted?;
+        if let Err(err) = marked {
+            // Fail as a whole: the CO retries, and the retry's probe records the format.
+            if let Err(unmount) = self.host().unmount(staging) {
+                tracing::error!(staging = %staging.display(), error = %unmount, "could not unmount after a failed stage");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Never formats a device that has any signature, or a volume the driver formatted before
+    /// (a blank probe then means damage, and formatting would hide it). True when it ran mkfs
+    /// now; the caller then records the format (`mount_fresh`).
+    pub(crate) fn format_if_blank(
+        &self,
+        held: &VolumeGuard,
+        meta: &VolumeMeta,
+        dev: &LoopDevice,
+        fs: crate::volume::params::FsType,
+    ) -> Result<bool> {
+        // A backing file with no data extents at all is blank to the last byte: no signature
+        // can hide in it, so the (costly) blkid probe is skipped. Anything written, or a volume
+        // the driver formatted before, is probed.
+        let image = self.pool.layout().image(&meta.id);
+        let probe = if !meta.formatted && !self.host().has_data(&image)? {
+            Probe::Blank
+        } else {
+            self.host().probe(&dev.path())?
+        };
+        match probe {
+            // Formatted by a call that crashed before it could record so: record it now.
+            Probe::FileSystem(found) if found == fs.name() => {
+                self.pool.mark_formatted(held).map(|()| false)
+            }
+            Probe::FileSystem(found) => Err(Error::WrongFileSystem {
+                volume: meta.id,
+                found,
+                wanted: fs.name(),
+            }),
+            Probe::Other(found) => Err(Error::ForeignContent {
+                volume: meta.id,
+                found,
+            }),
+            Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
+            Probe::Blank => {
+                self.host().mkfs(fs, &dev.path())?;
+                crate::faults::crash_point("stage.formatted");
+                Ok(true)
+            }
+        }
+    }
+}
