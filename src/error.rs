@@ -427,10 +427,15 @@ impl Error {
     /// The gRPC code the CSI spec prescribes for this cause. No wildcard: a new variant does
     /// not compile until its code is decided here (and in the table test below).
     pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
         if self.is_out_of_space() {
-            return Code::ResourceExhausted;
+            return tonic::Code::ResourceExhausted;
         }
+        self.code_by_cause()
+    }
+
+    /// The code of each variant, whatever its I/O error says.
+    fn code_by_cause(&self) -> tonic::Code {
+        use tonic::Code;
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound { .. } | Error::SourceNotFound { .. } => Code::NotFound,

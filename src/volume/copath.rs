@@ -18,16 +18,9 @@ const NAME_MAX: usize = 255;
 /// the host's view of processes, sysfs or device nodes, and no CO puts a target there.
 const KERNEL_TREES: &[&str] = &["/proc", "/sys", "/dev"];
 
-/// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), not
-/// a symlink itself, no component over NAME_MAX, not under /proc, /sys or /dev, and outside the
-/// driver's state dir. Returned with the symlinks of its
-/// ancestors resolved (see `resolve_existing_prefix`).
-pub fn co_path(
-    host: &dyn Host,
-    field: &'static str,
-    value: &str,
-    state_dir: &Path,
-) -> Result<PathBuf> {
+/// The checks of a CO path that need no file system: required, at most PATH_MAX, no NUL,
+/// absolute, normalised (no `.` or `..`), not the root, no component over NAME_MAX.
+fn well_formed<'a>(field: &'static str, value: &'a str) -> Result<&'a Path> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
@@ -78,6 +71,20 @@ pub fn co_path(
             ),
         ));
     }
+    Ok(path)
+}
+
+/// A path the CO gives (staging or target): required, absolute, normalised (no `.`/`..`), not
+/// a symlink itself, no component over NAME_MAX, not under /proc, /sys or /dev, and outside the
+/// driver's state dir. Returned with the symlinks of its
+/// ancestors resolved (see `resolve_existing_prefix`).
+pub fn co_path(
+    host: &dyn Host,
+    field: &'static str,
+    value: &str,
+    state_dir: &Path,
+) -> Result<PathBuf> {
+    let path = well_formed(field, value)?;
     // Symlinks in the ancestors are followed, as the kernel does when mounting: the mount and
     // mountinfo show the resolved path, so every later comparison uses it too.
     let resolved = resolve_existing_prefix(host, path);

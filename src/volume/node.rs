@@ -211,44 +211,9 @@ impl NodeOps {
         let options = publish_options(cap, readonly, &meta)?;
         let wanted_ro = options.read_only();
         if observed.live_at(meta.kind, target) {
-            let same = match record.published.iter().find(|p| p.target == target) {
-                Some(existing) => existing.capability == *cap && existing.readonly == readonly,
-                // Bound by a call that crashed before recording it: adopt the bind when it
-                // is what this call asks for.
-                None => mount::mounted_at(&observed.table, target)
-                    .is_some_and(|m| m.read_only() == wanted_ro),
-            };
-            if !same {
-                return Err(Error::PublishedDifferently {
-                    volume: *id,
-                    target: target.to_path_buf(),
-                });
-            }
-            if !record.published.iter().any(|p| p.target == target) {
-                let adopted = PublishRecord {
-                    target: target.to_path_buf(),
-                    capability: cap.clone(),
-                    readonly,
-                };
-                records::add_published(self.host(), &self.records_dir(id), &adopted)?;
-            }
-            return Ok(());
+            return self.already_published(id, &record, &observed, &req, wanted_ro);
         }
-        let others: Vec<&PublishRecord> = record
-            .published
-            .iter()
-            .filter(|p| p.target != target && observed.live_at(meta.kind, &p.target))
-            .collect();
-        if let Some(other) = others.first() {
-            if !cap.access.allows_several_targets()
-                || !other.capability.access.allows_several_targets()
-            {
-                return Err(Error::SingleTarget {
-                    volume: *id,
-                    target: other.target.clone(),
-                });
-            }
-        }
+        refuse_a_second_target(id, &record, &observed, meta.kind, &req)?;
         if let Some(other) = mount::mounted_at(&observed.table, target) {
             return Err(Error::ForeignMount {
                 field: "target_path",
@@ -283,6 +248,42 @@ impl NodeOps {
         if let Err(err) = records::add_published(self.host(), &self.records_dir(id), &published) {
             let _ = self.host().unmount(target);
             return Err(err);
+        }
+        Ok(())
+    }
+
+    /// A publish at a target where the volume is already live: OK when it is what this call
+    /// asks for (a bind made by a call that crashed before recording it is adopted),
+    /// ALREADY_EXISTS otherwise.
+    fn already_published(
+        &self,
+        id: &VolumeId,
+        record: &NodeRecord,
+        observed: &Observed<'_>,
+        req: &Publish<'_>,
+        wanted_ro: bool,
+    ) -> Result<()> {
+        let target = req.target;
+        let same = match record.published.iter().find(|p| p.target == target) {
+            Some(existing) => {
+                existing.capability == *req.capability && existing.readonly == req.readonly
+            }
+            None => mount::mounted_at(&observed.table, target)
+                .is_some_and(|m| m.read_only() == wanted_ro),
+        };
+        if !same {
+            return Err(Error::PublishedDifferently {
+                volume: *id,
+                target: target.to_path_buf(),
+            });
+        }
+        if !record.published.iter().any(|p| p.target == target) {
+            let adopted = PublishRecord {
+                target: target.to_path_buf(),
+                capability: req.capability.clone(),
+                readonly: req.readonly,
+            };
+            records::add_published(self.host(), &self.records_dir(id), &adopted)?;
         }
         Ok(())
     }
@@ -373,4 +374,29 @@ impl NodeOps {
             VolumeKind::Filesystem(_) => Err(not_here()),
         }
     }
+}
+
+/// A single-target access mode (on either side) refuses a second live target.
+fn refuse_a_second_target(
+    id: &VolumeId,
+    record: &NodeRecord,
+    observed: &Observed<'_>,
+    kind: VolumeKind,
+    req: &Publish<'_>,
+) -> Result<()> {
+    let other = record
+        .published
+        .iter()
+        .find(|p| p.target != req.target && observed.live_at(kind, &p.target));
+    if let Some(other) = other {
+        if !req.capability.access.allows_several_targets()
+            || !other.capability.access.allows_several_targets()
+        {
+            return Err(Error::SingleTarget {
+                volume: *id,
+                target: other.target.clone(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -154,27 +154,7 @@ impl Pool {
         req: NewVolume,
         source: Option<SourceCopy>,
     ) -> Result<Arc<VolumeMeta>> {
-        let mut minimum = req.kind.minimum_size();
-        if let Some(source) = &source {
-            if source.kind != req.kind {
-                return Err(Error::invalid(
-                    "volume_content_source",
-                    format!(
-                        "the source holds {}, but {} was requested",
-                        source.kind, req.kind
-                    ),
-                ));
-            }
-            minimum = minimum.max(source.size_bytes);
-            if req.capacity.limit_bytes > 0
-                && u64::try_from(req.capacity.limit_bytes).is_ok_and(|l| l < source.size_bytes)
-            {
-                return Err(Error::LimitBelowSource {
-                    limit: req.capacity.limit_bytes,
-                    source_bytes: source.size_bytes,
-                });
-            }
-        }
+        let minimum = minimum_size(&req, source.as_ref())?;
         let size = req.capacity.resolve(minimum)?;
         let available = self.usage()?.available_bytes;
         if size > available {
@@ -210,24 +190,7 @@ impl Pool {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
         };
-        // A fresh image is made durable with the metadata below; a copy is durable already.
-        let filled = match &source {
-            None => self.host().create_image(&image, size, allocation).map(Some),
-            Some(source) => source
-                .copy_to(self.host(), &image, size)
-                .and_then(|stats| {
-                    tracing::info!(
-                        data_bytes = stats.data_bytes,
-                        extents = stats.extents,
-                        "copied the source"
-                    );
-                    let host = self.host();
-                    host.grow_image(&image, size, allocation).inspect_err(|_| {
-                        let _ = host.remove_durably(&image);
-                    })
-                })
-                .map(|()| None),
-        };
+        let filled = self.fill_image(&image, size, allocation, source.as_ref());
         // The copy is durable: release the source before the metadata commit.
         if let (Some(source), Ok(_)) = (source, &filled) {
             crate::faults::crash_point(match source.content {
@@ -257,6 +220,35 @@ impl Pool {
         index.by_name.insert(meta.name.clone(), id);
         index.by_id.insert(id, Arc::clone(&meta));
         Ok(meta)
+    }
+
+    /// Makes the new volume's image: a fresh file (made durable with the metadata, so its
+    /// handle is returned), or a copy of the source, durable already and grown to `size`.
+    fn fill_image(
+        &self,
+        image: &std::path::Path,
+        size: u64,
+        allocation: Allocation,
+        source: Option<&SourceCopy>,
+    ) -> Result<Option<NewImage>> {
+        // A fresh image is made durable with the metadata below; a copy is durable already.
+        match source {
+            None => self.host().create_image(image, size, allocation).map(Some),
+            Some(source) => source
+                .copy_to(self.host(), image, size)
+                .and_then(|stats| {
+                    tracing::info!(
+                        data_bytes = stats.data_bytes,
+                        extents = stats.extents,
+                        "copied the source"
+                    );
+                    let host = self.host();
+                    host.grow_image(image, size, allocation).inspect_err(|_| {
+                        let _ = host.remove_durably(image);
+                    })
+                })
+                .map(|()| None),
+        }
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
@@ -475,6 +467,33 @@ impl Pool {
 }
 
 impl Pool {}
+
+/// The smallest size a new volume may have: its kind's minimum, and no less than its source.
+/// A source of another kind is INVALID_ARGUMENT; a limit below the source, OUT_OF_RANGE.
+fn minimum_size(req: &NewVolume, source: Option<&SourceCopy>) -> Result<u64> {
+    let mut minimum = req.kind.minimum_size();
+    if let Some(source) = source {
+        if source.kind != req.kind {
+            return Err(Error::invalid(
+                "volume_content_source",
+                format!(
+                    "the source holds {}, but {} was requested",
+                    source.kind, req.kind
+                ),
+            ));
+        }
+        minimum = minimum.max(source.size_bytes);
+        if req.capacity.limit_bytes > 0
+            && u64::try_from(req.capacity.limit_bytes).is_ok_and(|l| l < source.size_bytes)
+        {
+            return Err(Error::LimitBelowSource {
+                limit: req.capacity.limit_bytes,
+                source_bytes: source.size_bytes,
+            });
+        }
+    }
+    Ok(minimum)
+}
 
 #[cfg(test)]
 mod tests {

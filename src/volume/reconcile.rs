@@ -15,6 +15,9 @@
 //! guard is taken with try-lock, as any RPC would). Loop devices and mounts that do not belong
 //! to the pool directory are never touched.
 
+use std::collections::HashMap;
+
+use crate::host::loopdev::FileId;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -172,7 +175,6 @@ impl NodeOps {
             ));
             return Ok(());
         }
-        let image = self.pool.layout().image(&id);
         let observed = self.observe(&id, &record, Some(&staged.path))?;
         if let (Some(dev), false) = (observed.device, observed.image_present) {
             report.unrepairable(format!(
@@ -214,7 +216,20 @@ impl NodeOps {
                 staged.path.display()
             ));
         }
-        let observed = self.observe(&id, &record, Some(&staged.path))?;
+        self.rebind_targets(meta, &record, &staged.path, report)
+    }
+
+    /// Re-binds the recorded targets whose binds are gone, onto the (repaired) staging.
+    fn rebind_targets(
+        &self,
+        meta: &VolumeMeta,
+        record: &crate::volume::records::NodeRecord,
+        staging: &std::path::Path,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let id = meta.id;
+        let image = self.pool.layout().image(&id);
+        let observed = self.observe(&id, record, Some(staging))?;
         let Some(dev) = observed.device else {
             return Ok(());
         };
@@ -244,7 +259,7 @@ impl NodeOps {
                 meta.kind,
                 &dev,
                 &image,
-                &staged.path,
+                staging,
                 target,
                 &options,
             )?;
@@ -268,20 +283,7 @@ impl NodeOps {
         let host = self.host();
         let volumes_dir = layout.volumes_dir();
         let view = KernelView::read(host)?;
-        let mut pool_files = std::collections::HashMap::new();
-        for path in list(host, &volumes_dir)? {
-            if let Some(file) = host.file_id(&path)? {
-                pool_files.insert(file, path);
-            }
-        }
-        let mut recorded = std::collections::HashMap::new();
-        for dir in list(host, &layout.node_dir())? {
-            if let (Some(id), Ok(record)) = (id_prefix(&dir), records::load(host, &dir)) {
-                if let Some(file) = record.staged.and_then(|s| s.image) {
-                    recorded.insert(file, id);
-                }
-            }
-        }
+        let (pool_files, recorded) = self.known_images()?;
         let pool_dev = host.file_id(&volumes_dir)?.map(|f| f.dev);
         for attached in &view.attached {
             let dev = attached.device;
@@ -300,14 +302,7 @@ impl NodeOps {
                 }
                 continue;
             }
-            let deleted_here = attached
-                .shown
-                .to_str()
-                .and_then(|s| s.strip_suffix(" (deleted)"))
-                .map(PathBuf::from)
-                .filter(|p| {
-                    p.parent() == Some(volumes_dir.as_path()) && Some(file.dev) == pool_dev
-                });
+            let deleted_here = deleted_pool_image(attached, &volumes_dir, pool_dev);
             let (path, deleted) = match (pool_files.get(&file), deleted_here) {
                 (Some(path), _) => (path.clone(), false),
                 (None, Some(path)) => (path, true),
@@ -355,6 +350,28 @@ impl NodeOps {
             }
         }
         Ok(())
+    }
+
+    /// The pool's images by file identity, and the identities the stage records hold (the file
+    /// that was staged, even if it is gone from the pool since).
+    fn known_images(&self) -> Result<(HashMap<FileId, PathBuf>, HashMap<FileId, VolumeId>)> {
+        let layout = self.pool.layout();
+        let host = self.host();
+        let mut pool_files = HashMap::new();
+        for path in list(host, &layout.volumes_dir())? {
+            if let Some(file) = host.file_id(&path)? {
+                pool_files.insert(file, path);
+            }
+        }
+        let mut recorded = HashMap::new();
+        for dir in list(host, &layout.node_dir())? {
+            if let (Some(id), Ok(record)) = (id_prefix(&dir), records::load(host, &dir)) {
+                if let Some(file) = record.staged.and_then(|s| s.image) {
+                    recorded.insert(file, id);
+                }
+            }
+        }
+        Ok((pool_files, recorded))
     }
 
     /// Images without metadata, stale temp files and node records of unknown volumes.
@@ -434,4 +451,20 @@ fn older_than(host: &dyn Host, path: &Path, age: Duration) -> bool {
         .and_then(|n| n.modified)
         .and_then(|modified| modified.elapsed().ok())
         .is_some_and(|elapsed| elapsed >= age)
+}
+
+/// The pool image a device still holds although it was deleted: the kernel renders its path
+/// with " (deleted)", in the pool directory, on the pool's file system.
+fn deleted_pool_image(
+    attached: &crate::host::loopdev::Attached,
+    volumes_dir: &std::path::Path,
+    pool_dev: Option<u64>,
+) -> Option<PathBuf> {
+    let file = attached.backing?;
+    attached
+        .shown
+        .to_str()
+        .and_then(|s| s.strip_suffix(" (deleted)"))
+        .map(PathBuf::from)
+        .filter(|p| p.parent() == Some(volumes_dir) && Some(file.dev) == pool_dev)
 }

@@ -144,39 +144,14 @@ impl NodeOps {
                 (self.attach(meta)?, true)
             }
         };
-        // A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds
-        // the device exclusively until it ends: probing, formatting or mounting now would fail
-        // with EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED,
-        // and the CO's retry finds the tool's work done.
-        let mounted =
-            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
-        if !attached_here
-            && !observed.dev_numbers.is_some_and(mounted)
-            && self.host().held_exclusively(&dev.path())?
-        {
-            return Err(Error::DeviceHeld {
-                volume: meta.id,
-                device: dev.path(),
-            });
+        if !attached_here {
+            self.refuse_if_held(meta, dev, &observed)?;
         }
         crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
             return Ok(dev);
         };
-        let result = (|| {
-            if self.format_if_blank(held, meta, &dev, fs)? {
-                self.mount_fresh(held, &dev, staging, fs, &options)?;
-                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
-            } else {
-                self.grow_pending(held, meta, &dev.path(), None)?;
-                self.host()
-                    .mount_device(&dev.path(), staging, fs.name(), &options)?;
-                self.grow_pending(held, meta, &dev.path(), Some(staging))?;
-                tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
-            }
-            crate::faults::crash_point("stage.mounted");
-            Ok(())
-        })();
+        let result = self.format_and_mount(held, meta, dev, staging, fs, &options);
         if let Err(err) = result {
             if attached_here {
                 if let Err(detach) = self.host().detach(dev) {
@@ -186,6 +161,54 @@ impl NodeOps {
             return Err(err);
         }
         Ok(dev)
+    }
+
+    /// A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds the
+    /// device exclusively until it ends: probing, formatting or mounting now would fail with
+    /// EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED, and
+    /// the CO's retry finds the tool's work done.
+    fn refuse_if_held(
+        &self,
+        meta: &VolumeMeta,
+        dev: LoopDevice,
+        observed: &Observed<'_>,
+    ) -> Result<()> {
+        let mounted =
+            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
+        if !observed.dev_numbers.is_some_and(mounted)
+            && self.host().held_exclusively(&dev.path())?
+        {
+            return Err(Error::DeviceHeld {
+                volume: meta.id,
+                device: dev.path(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Formats the attached device if it is blank and was never formatted, else grows what is
+    /// pending; then mounts it at `staging`.
+    fn format_and_mount(
+        &self,
+        held: &VolumeGuard,
+        meta: &VolumeMeta,
+        dev: LoopDevice,
+        staging: &Path,
+        fs: crate::host::fs::FsType,
+        options: &MountOptions,
+    ) -> Result<()> {
+        if self.format_if_blank(held, meta, &dev, fs)? {
+            self.mount_fresh(held, &dev, staging, fs, options)?;
+            tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
+        } else {
+            self.grow_pending(held, meta, &dev.path(), None)?;
+            self.host()
+                .mount_device(&dev.path(), staging, fs.name(), options)?;
+            self.grow_pending(held, meta, &dev.path(), Some(staging))?;
+            tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
+        }
+        crate::faults::crash_point("stage.mounted");
+        Ok(())
     }
 
     pub(crate) fn attach(&self, meta: &VolumeMeta) -> Result<LoopDevice> {
