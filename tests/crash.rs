@@ -662,14 +662,7 @@ async fn an_abandoned_freeze_is_reported_taken_over_and_thawed() {
 
     // The same, thawed by a reconciliation round (as the running driver does every interval).
     freeze_as_a_dead_driver(&d.state_dir(), &id, &staging);
-    let (volumes, _) = loopcsi::volume::Volumes::open(
-        &d.state_dir(),
-        std::sync::Arc::new(loopcsi::host::linux::Linux::new(
-            loopcsi::host::tools::Tools::discover().unwrap(),
-        )),
-        true,
-    )
-    .unwrap();
+    let volumes = d.open_volumes();
     let report = volumes.reconcile().unwrap();
     assert_not_frozen(&staging);
     assert!(

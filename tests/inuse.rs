@@ -14,13 +14,7 @@ use loopcsi::volume::Volumes;
 
 /// The node side of a driver on `d`'s state dir, as a second view (startup recovery runs).
 fn node_view(d: &TestDriver) -> Volumes {
-    let (volumes, _) = Volumes::open(
-        &d.state_dir(),
-        std::sync::Arc::new(loopcsi::host::linux::Linux::new(Tools::discover().unwrap())),
-        true,
-    )
-    .unwrap();
-    volumes
+    d.open_volumes()
 }
 
 fn meta_path(d: &TestDriver, id: &str) -> std::path::PathBuf {

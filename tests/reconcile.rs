@@ -6,19 +6,13 @@
 mod common;
 
 use common::*;
-use loopcsi::host::{loopdev, mount, tools::Tools};
+use loopcsi::host::{loopdev, mount};
 use loopcsi::volume::reconcile::ReconcileReport;
 use loopcsi::volume::Volumes;
 
 /// The node side of a running driver on `d`'s state dir (startup recovery has run).
 fn running_node(d: &TestDriver) -> Volumes {
-    let (volumes, _) = Volumes::open(
-        &d.state_dir(),
-        std::sync::Arc::new(loopcsi::host::linux::Linux::new(Tools::discover().unwrap())),
-        true,
-    )
-    .unwrap();
-    volumes
+    d.open_volumes()
 }
 
 /// One reconciliation round on the driver's state dir, as the running driver does it.

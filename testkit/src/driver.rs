@@ -220,6 +220,16 @@ impl TestDriver {
         assert_eq!(leftovers_under(&self.root), Vec::<String>::new());
     }
 
+    /// A second view of this driver's state dir through the domain's door, opened as a driver
+    /// starting on it opens it (startup recovery runs), on the real host.
+    pub fn open_volumes(&self) -> loopcsi::volume::Volumes {
+        let tools = loopcsi::host::tools::Tools::discover().expect("the tools are installed");
+        let host = std::sync::Arc::new(loopcsi::host::linux::Linux::new(tools));
+        loopcsi::volume::Volumes::open(&self.state_dir(), host, true)
+            .expect("the state dir opens")
+            .0
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
