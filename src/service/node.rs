@@ -8,7 +8,6 @@ use crate::csi::{self, node_server::Node};
 use crate::error::{Error, Result};
 use crate::rpc_span;
 use crate::service::{required, required_capability, volume_id, Driver};
-use crate::volume::copath::{co_path, unclaimed_target, volume_path};
 use crate::volume::node::VolumeStats;
 use crate::volume::volumes::Publish;
 
@@ -54,13 +53,8 @@ impl Node for NodeService {
                 rpc_span!("NodeStageVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.state_dir();
-                    let staging = co_path(
-                        domain.host(),
-                        "staging_target_path",
-                        &req.staging_target_path,
-                        state_dir,
-                    )?;
+                    let staging =
+                        domain.co_path("staging_target_path", &req.staging_target_path)?;
                     let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.stage(&id, &staging, &cap)?;
@@ -83,13 +77,8 @@ impl Node for NodeService {
                 rpc_span!("NodeUnstageVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.state_dir();
-                    let staging = co_path(
-                        domain.host(),
-                        "staging_target_path",
-                        &req.staging_target_path,
-                        state_dir,
-                    )?;
+                    let staging =
+                        domain.co_path("staging_target_path", &req.staging_target_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.unstage(&id, &staging)?;
                     Ok(csi::NodeUnstageVolumeResponse {})
@@ -113,20 +102,14 @@ impl Node for NodeService {
                 rpc_span!("NodePublishVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.state_dir();
-                    let target =
-                        co_path(domain.host(), "target_path", &req.target_path, state_dir)?;
+                    let target = domain.co_path("target_path", &req.target_path)?;
                     let cap = required_capability(req.volume_capability.as_ref(), domain)?;
                     if req.staging_target_path.is_empty() {
                         // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first (spec).
                         return Err(Error::StagingRequired);
                     }
-                    let staging = co_path(
-                        domain.host(),
-                        "staging_target_path",
-                        &req.staging_target_path,
-                        state_dir,
-                    )?;
+                    let staging =
+                        domain.co_path("staging_target_path", &req.staging_target_path)?;
                     if staging == target {
                         return Err(Error::invalid(
                             "target_path",
@@ -134,7 +117,7 @@ impl Node for NodeService {
                         ));
                     }
                     let id = volume_id("volume_id", &req.volume_id)?;
-                    unclaimed_target(domain.host(), "target_path", &target)?;
+                    domain.unclaimed_target("target_path", &target)?;
                     domain.publish(
                         &id,
                         Publish {
@@ -162,9 +145,7 @@ impl Node for NodeService {
                 rpc_span!("NodeUnpublishVolume", &req.volume_id),
                 move |domain| {
                     required("volume_id", &req.volume_id)?;
-                    let state_dir = domain.state_dir();
-                    let target =
-                        co_path(domain.host(), "target_path", &req.target_path, state_dir)?;
+                    let target = domain.co_path("target_path", &req.target_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.unpublish(&id, &target)?;
                     Ok(csi::NodeUnpublishVolumeResponse {})
@@ -189,7 +170,7 @@ impl Node for NodeService {
                     required("volume_path", &req.volume_path)?;
                     let id = volume_id("volume_id", &req.volume_id)?;
                     domain.get(&id)?;
-                    let path = volume_path(domain.host(), &id, &req.volume_path)?;
+                    let path = domain.volume_path(&id, &req.volume_path)?;
                     let (stats, condition) = domain.stats(&id, &path)?;
                     let usage = match stats {
                         VolumeStats::Filesystem(u) => vec![
@@ -259,7 +240,7 @@ impl Node for NodeService {
                     if let Some(range) = &range {
                         range.validate()?;
                     }
-                    let path = volume_path(domain.host(), &id, &req.volume_path)?;
+                    let path = domain.volume_path(&id, &req.volume_path)?;
                     let size = domain.expand(&id, &path, range)?;
                     Ok(csi::NodeExpandVolumeResponse {
                         capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),

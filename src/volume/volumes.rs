@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::host::files::Usage;
 use crate::host::os::Host;
 use crate::host::tools::FsType;
+use crate::volume::copath;
 
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
@@ -116,6 +117,22 @@ impl Volumes {
     /// Whether this node can make file system `fs` (its mkfs is installed).
     pub fn supports(&self, fs: FsType) -> bool {
         self.store.layout().host().supports(fs)
+    }
+
+    /// A staging or target path the CO gives, checked and resolved (see `copath::co_path`).
+    pub fn co_path(&self, field: &'static str, value: &str) -> Result<PathBuf> {
+        copath::co_path(self.host(), field, value, self.state_dir())
+    }
+
+    /// A publish target must not be a directory with someone else's entries
+    /// (see `copath::unclaimed_target`).
+    pub fn unclaimed_target(&self, field: &'static str, target: &Path) -> Result<()> {
+        copath::unclaimed_target(self.host(), field, target)
+    }
+
+    /// The `volume_path` of a stats or expand call (see `copath::volume_path`).
+    pub fn volume_path(&self, id: &VolumeId, value: &str) -> Result<PathBuf> {
+        copath::volume_path(self.host(), id, value)
     }
 
     // ---- the controller's use cases ----
