@@ -17,9 +17,10 @@ use crate::host::fs::{GrowsAt, PendingGrow};
 use crate::host::mount;
 use crate::host::os::Host;
 use crate::volume::freeze::FreezeTarget;
+use crate::volume::handle::{Near, OpenVolume, VolumeView};
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
-use crate::volume::node::{NodeOps, Observed};
+use crate::volume::node::NodeOps;
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
 use crate::volume::pool::{SourceCopy, VolumeMeta};
 use crate::volume::volumes::Skipper;
@@ -92,12 +93,14 @@ impl NodeOps {
         held: &VolumeGuard,
     ) -> Result<(Arc<VolumeMeta>, Option<FreezeTarget>)> {
         let id = held.id();
-        let meta = self.pool.require(id)?;
+        let v = self.view(id, Near::Staged)?;
+        let meta = Arc::clone(v.meta()?);
         let mut freeze = None;
         if let VolumeKind::Filesystem(fs) = meta.kind {
-            let record = self.load_record(id)?;
-            let observed = Observed::read(self.host(), &self.pool.layout().image(id))?;
-            let staged = record.staged.filter(|s| observed.fs_mounted_at(&s.path));
+            // A device that holds a file no longer at the image's path is not what is copied.
+            let observed = &v.observed;
+            let staged = (v.record.staged.clone())
+                .filter(|s| observed.image_present && observed.fs_mounted_at(&s.path));
             if let (Some(staged), Some(numbers)) = (staged, observed.dev_numbers) {
                 freeze = Some(FreezeTarget::new(
                     self.pool.layout().clone(),
@@ -115,12 +118,8 @@ impl NodeOps {
     /// allocated), records the new size, and tells every loop device attached to it.
     /// Shrinking is OUT_OF_RANGE; a volume already as large as asked is left alone. Returns
     /// the volume's size.
-    fn grow_volume(
-        &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
-        range: CapacityRange,
-    ) -> Result<u64> {
+    fn grow_volume(&self, v: &mut OpenVolume<'_>, range: CapacityRange) -> Result<u64> {
+        let meta = Arc::clone(v.meta()?);
         range.validate()?;
         if range.admits(meta.capacity_bytes) {
             return Ok(meta.capacity_bytes);
@@ -141,7 +140,7 @@ impl NodeOps {
                 available,
             });
         }
-        let image = self.pool.layout().image(&meta.id);
+        let image = v.image.clone();
         let allocation = match meta.params.provisioning {
             Provisioning::Thin => Allocation::Sparse,
             Provisioning::Thick => Allocation::Full,
@@ -150,12 +149,12 @@ impl NodeOps {
         // which a retry makes consistent.
         self.host().grow_image(&image, size, allocation)?;
         crate::faults::crash_point("expand.file_grown");
-        let mut updated = meta.clone();
+        let mut updated = (*meta).clone();
         updated.capacity_bytes = size;
         // Until it is grown, the file system is smaller than the volume; should the online grow
         // be impossible, the next stage grows it (ext4 offline).
         updated.pending_fs_grow = matches!(meta.kind, VolumeKind::Filesystem(_)) && meta.formatted;
-        self.pool.update(held, updated)?;
+        v.update_meta(updated)?;
         for dev in self.host().devices_of(&image)? {
             self.host().refresh_capacity(dev)?;
         }
@@ -166,39 +165,38 @@ impl NodeOps {
     /// given), the loop device, and the file system mounted at `path` (staging or target).
     /// Expansion happens on the node because the volume lives there: in a node-local
     /// deployment the cluster's one resizer cannot reach other nodes' pools.
-    pub fn node_expand(
+    pub(crate) fn node_expand(
         &self,
-        held: &VolumeGuard,
+        mut v: OpenVolume<'_>,
         path: &Path,
         range: Option<CapacityRange>,
     ) -> Result<u64> {
-        let id = held.id();
-        let mut meta = self.pool.require(id)?;
-        let image = self.pool.layout().image(id);
-        let observed = Observed::read_near(self.host(), &image, Some(path))?;
+        let id = v.id;
         let not_here = || Error::NotFound {
             what: "volume at path",
             id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
         };
-        let dev = observed.device.ok_or_else(not_here)?;
-        if !path.is_absolute() || !observed.live_at(meta.kind, path) {
+        let kind = v.meta()?.kind;
+        // A device still holding a file that is no longer the image is not this volume's to grow.
+        let dev = (v.observed.device)
+            .filter(|_| v.observed.image_present)
+            .ok_or_else(not_here)?;
+        if !path.is_absolute() || !v.observed.live_at(kind, path) {
             return Err(not_here());
         }
         if let Some(range) = range {
-            self.grow_volume(held, &meta, range)?;
-            meta = self.pool.require(id)?;
+            self.grow_volume(&mut v, range)?;
         }
+        let meta = Arc::clone(v.meta()?);
         self.host().refresh_capacity(dev)?;
         if let VolumeKind::Filesystem(fs_type) = meta.kind {
             let fs = fs_type.get();
             let at = match fs.grows_at() {
                 GrowsAt::Device => dev.path(),
                 // The mount point of the file system itself, not a bind of it.
-                GrowsAt::MountPoint => self
-                    .load_record(id)?
-                    .staged
-                    .map(|s| s.path)
-                    .filter(|p| observed.fs_mounted_at(p))
+                GrowsAt::MountPoint => (v.record.staged.as_ref())
+                    .map(|s| s.path.clone())
+                    .filter(|p| v.observed.fs_mounted_at(p))
                     .unwrap_or_else(|| path.to_path_buf()),
             };
             self.host().grow_online(fs_type, &at)?;
@@ -206,7 +204,7 @@ impl NodeOps {
         if meta.pending_fs_grow {
             let mut updated = (*meta).clone();
             updated.pending_fs_grow = false;
-            self.pool.update(held, updated)?;
+            v.update_meta(updated)?;
         }
         Ok(meta.capacity_bytes)
     }
@@ -216,16 +214,15 @@ impl NodeOps {
     /// needs (ext4 offline, xfs online; see `Filesystem::pending_grow`).
     pub(crate) fn grow_pending(
         &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
+        v: &mut OpenVolume<'_>,
         dev: &Path,
         staging: Option<&Path>,
     ) -> Result<()> {
-        let current = self.pool.require(&meta.id)?;
+        let current = Arc::clone(v.meta()?);
         if !current.pending_fs_grow {
             return Ok(());
         }
-        let VolumeKind::Filesystem(fs_type) = meta.kind else {
+        let VolumeKind::Filesystem(fs_type) = current.kind else {
             return Ok(());
         };
         let fs = fs_type.get();
@@ -242,17 +239,25 @@ impl NodeOps {
         }
         let mut updated = (*current).clone();
         updated.pending_fs_grow = false;
-        self.pool.update(held, updated).map(drop)
+        v.update_meta(updated).map(drop)
     }
 
     /// The health of a volume as the kernel and the pool show it (ControllerGetVolume and
     /// NodeGetVolumeStats): the backing file missing or truncated, the loop device gone while
     /// staged, the file system read-only after errors.
     pub fn condition(&self, id: &VolumeId, skipper: &Skipper<'_>) -> Result<Condition> {
-        let meta = self.pool.require(id)?;
-        let image = self.pool.layout().image(id);
+        self.condition_of(&self.view(id, Near::Staged)?, skipper)
+    }
+
+    /// The health of the volume `v` shows (see `condition`).
+    pub(crate) fn condition_of(
+        &self,
+        v: &VolumeView<'_>,
+        skipper: &Skipper<'_>,
+    ) -> Result<Condition> {
+        let (id, meta, image) = (&v.id, v.meta()?, &v.image);
         let mut problems = Vec::new();
-        match self.host().node_followed(&image) {
+        match self.host().node_followed(image) {
             Err(_) | Ok(None) => {
                 problems.push(format!("the backing file {} is missing", image.display()))
             }
@@ -265,9 +270,8 @@ impl NodeOps {
         if let Some(frozen) = self.abandoned_freeze(id, skipper) {
             problems.push(frozen);
         }
-        let record = self.load_record(id)?;
-        if let Some(staged) = &record.staged {
-            let observed = self.observe(id, &record, Some(&staged.path))?;
+        if let Some(staged) = &v.record.staged {
+            let observed = &v.observed;
             match (observed.device, meta.kind) {
                 (None, _) => problems.push(format!(
                     "the volume is staged at {} but its loop device is gone",

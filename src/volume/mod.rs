@@ -4,6 +4,7 @@
 pub mod copath;
 pub mod data;
 pub mod freeze;
+pub(crate) mod handle;
 pub mod id;
 pub mod inuse;
 pub mod layout;

@@ -17,12 +17,11 @@ use crate::error::{Error, Result};
 use crate::host::files::Usage;
 use crate::host::mount::{self};
 use crate::host::os::{Host, NodeKind};
-use crate::volume::id::VolumeId;
-use crate::volume::locks::VolumeGuard;
+use crate::volume::handle::{OpenVolume, VolumeView};
 pub(crate) use crate::volume::observed::Observed;
 use crate::volume::params::{Capability, VolumeKind};
-use crate::volume::pool::{Pool, VolumeMeta};
-use crate::volume::records::{self, NodeRecord, PublishRecord, StageRecord};
+use crate::volume::pool::Pool;
+use crate::volume::records::{self, PublishRecord, StageRecord};
 pub(crate) use crate::volume::targets::*;
 use crate::volume::volumes::Publish;
 
@@ -48,52 +47,13 @@ impl NodeOps {
         self.pool.layout().host()
     }
 
-    pub(crate) fn load_record(&self, id: &VolumeId) -> Result<NodeRecord> {
-        records::load(self.host(), &self.pool.layout().node_record(id))
-    }
-
-    /// The kernel's view of volume `id` (see `Observed::read_for`), matching loop devices to
-    /// the image by identity, including the identity recorded when it was staged.
-    pub(crate) fn observe(
-        &self,
-        id: &VolumeId,
-        record: &NodeRecord,
-        hint: Option<&Path>,
-    ) -> Result<Observed<'_>> {
-        let recorded = record.staged.as_ref().and_then(|s| s.image);
-        Observed::read_for(self.host(), &self.pool.layout().image(id), recorded, hint)
-    }
-
-    pub(crate) fn records_dir(&self, id: &VolumeId) -> PathBuf {
-        self.pool.layout().node_record(id)
-    }
-
-    /// The volume and its operation guard; NOT_FOUND for an unknown id, and
-    /// FAILED_PRECONDITION when the capability does not fit the volume.
-    pub(crate) fn checked(
-        &self,
-        id: &VolumeId,
-        capability: Option<&Capability>,
-    ) -> Result<Arc<VolumeMeta>> {
-        let meta = self.pool.require(id)?;
-        if let Some(cap) = capability {
-            cap.check_against(meta.kind)
-                .map_err(|reason| Error::CapabilityMismatch { reason })?;
-        }
-        Ok(meta)
-    }
-
     /// The kind of volume to tear down: from the metadata, or, when the metadata is missing or
     /// unreadable, from what the node records say the CO asked for. Teardown (unpublish,
     /// unstage) must work without metadata, or mounts and devices would leak for ever.
     /// NOT_FOUND only when nothing at all is known of the volume on this node.
-    pub(crate) fn teardown_kind(
-        &self,
-        id: &VolumeId,
-        record: &NodeRecord,
-        path: &Path,
-    ) -> Result<VolumeKind> {
-        if let Some(meta) = self.pool.get(id) {
+    pub(crate) fn teardown_kind(&self, v: &VolumeView<'_>, path: &Path) -> Result<VolumeKind> {
+        let (id, record) = (&v.id, &v.record);
+        if let Some(meta) = &v.meta {
             return Ok(meta.kind);
         }
         let from_records = record
@@ -123,17 +83,15 @@ impl NodeOps {
 
     /// NodeUnstageVolume: unmount the staging path and detach the loop device. Not staged at
     /// that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
-    pub fn unstage(&self, held: &VolumeGuard, staging: &Path) -> Result<()> {
-        let id = held.id();
-        let record = self.load_record(id)?;
-        let kind = self.teardown_kind(id, &record, staging)?;
+    pub(crate) fn unstage(&self, v: OpenVolume<'_>, staging: &Path) -> Result<()> {
+        let (id, record, observed) = (&v.id, &v.record, &v.observed);
+        let kind = self.teardown_kind(&v, staging)?;
         if let Some(staged) = &record.staged {
             if staged.path != staging {
                 // Staged elsewhere (or never here): nothing to undo at this path.
                 return Ok(());
             }
         }
-        let observed = self.observe(id, &record, Some(staging))?;
         let published: Vec<PathBuf> = record
             .published
             .iter()
@@ -165,7 +123,7 @@ impl NodeOps {
                     unstaging: true,
                     ..staged.clone()
                 };
-                records::save_staged(self.host(), &self.records_dir(id), &unstaging)?;
+                records::save_staged(self.host(), &v.records, &unstaging)?;
             }
             if observed.fs_mounted_at(staging) {
                 self.host().unmount(staging).map_err(busy_is_precondition)?;
@@ -179,62 +137,61 @@ impl NodeOps {
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
         if record.exists() {
-            records::clear(self.host(), &self.records_dir(id))?;
+            records::clear(self.host(), &v.records)?;
         }
         Ok(())
     }
 
     /// NodePublishVolume: bind the staged file system (or the device node) at `target`, after
     /// repairing the staging if a reboot took it away.
-    pub fn publish(&self, held: &VolumeGuard, req: Publish<'_>) -> Result<()> {
-        let id = held.id();
+    pub(crate) fn publish(&self, mut v: OpenVolume<'_>, req: Publish<'_>) -> Result<()> {
         let Publish {
             staging,
             target,
             capability: cap,
             readonly,
         } = req;
-        let meta = self.checked(id, Some(cap))?;
-        let mut record = self.load_record(id)?;
-        if record.staged.is_none() && record.staged_damaged(&self.records_dir(id)) {
+        let meta = v.checked(cap)?;
+        if v.record.staged.is_none() && v.record.staged_damaged(&v.records) {
             // The stage record is unreadable: the kernel tells whether the volume is staged at
             // the path the CO names, and the record is written anew from this call.
-            record.staged = self.adopt_staging(id, &record, staging, cap)?;
+            let mut record = v.record.clone();
+            record.staged = self.adopt_staging(&v, staging, cap)?;
+            v.set_record(record);
         }
-        let Some(staged) = record.staged.clone().filter(|s| s.path == staging) else {
+        let id = v.id;
+        let Some(staged) = v.record.staged.clone().filter(|s| s.path == staging) else {
             return Err(Error::NotStaged {
-                volume: *id,
+                volume: id,
                 staging: staging.to_path_buf(),
             });
         };
-        let observed = self.observe(id, &record, Some(staging))?;
         let options = publish_options(cap, readonly, &meta)?;
-        let wanted_ro = options.read_only();
-        if observed.live_at(meta.kind, target) {
-            return self.already_published(id, &record, &observed, &req, wanted_ro);
+        if v.observed.live_at(meta.kind, target) {
+            return self.already_published(&v, &req, options.read_only());
         }
-        refuse_a_second_target(id, &record, &observed, meta.kind, &req)?;
-        if let Some(other) = mount::mounted_at(&observed.table, target) {
+        refuse_a_second_target(&v, meta.kind, &req)?;
+        if let Some(other) = mount::mounted_at(&v.observed.table, target) {
             return Err(Error::ForeignMount {
                 field: "target_path",
                 path: target.to_path_buf(),
                 mounted: other.source.clone(),
             });
         }
-        let dev = self.ensure_staged(held, &meta, staging, &staged.capability, observed)?;
+        let dev = self.ensure_staged(&mut v, staging, &staged.capability)?;
         if staged.unstaging {
             // Staged again for this publish: the unstage the CO began is over.
             let restaged = StageRecord {
                 unstaging: false,
                 ..staged.clone()
             };
-            records::save_staged(self.host(), &self.records_dir(id), &restaged)?;
+            records::save_staged(self.host(), &v.records, &restaged)?;
         }
         bind_target(
             self.host(),
             meta.kind,
             &dev,
-            &self.pool.layout().image(id),
+            &v.image,
             staging,
             target,
             &options,
@@ -245,7 +202,7 @@ impl NodeOps {
             capability: cap.clone(),
             readonly,
         };
-        if let Err(err) = records::add_published(self.host(), &self.records_dir(id), &published) {
+        if let Err(err) = records::add_published(self.host(), &v.records, &published) {
             let _ = self.host().unmount(target);
             return Err(err);
         }
@@ -257,12 +214,11 @@ impl NodeOps {
     /// ALREADY_EXISTS otherwise.
     fn already_published(
         &self,
-        id: &VolumeId,
-        record: &NodeRecord,
-        observed: &Observed<'_>,
+        v: &VolumeView<'_>,
         req: &Publish<'_>,
         wanted_ro: bool,
     ) -> Result<()> {
+        let (id, record, observed) = (&v.id, &v.record, &v.observed);
         let target = req.target;
         let same = match record.published.iter().find(|p| p.target == target) {
             Some(existing) => {
@@ -283,7 +239,7 @@ impl NodeOps {
                 capability: req.capability.clone(),
                 readonly: req.readonly,
             };
-            records::add_published(self.host(), &self.records_dir(id), &adopted)?;
+            records::add_published(self.host(), &v.records, &adopted)?;
         }
         Ok(())
     }
@@ -293,12 +249,11 @@ impl NodeOps {
     /// attached). Written crash-safely over the damaged file.
     fn adopt_staging(
         &self,
-        id: &VolumeId,
-        record: &NodeRecord,
+        v: &VolumeView<'_>,
         staging: &Path,
         cap: &Capability,
     ) -> Result<Option<StageRecord>> {
-        let observed = self.observe(id, record, Some(staging))?;
+        let (id, observed) = (&v.id, &v.observed);
         let live = observed.device.is_some()
             && (cap.volume_kind() == VolumeKind::Block || observed.fs_mounted_at(staging));
         if !live {
@@ -307,21 +262,19 @@ impl NodeOps {
         let adopted = StageRecord {
             path: staging.to_path_buf(),
             capability: cap.clone(),
-            image: self.host().file_id(&self.pool.layout().image(id))?,
+            image: self.host().file_id(&v.image)?,
             unstaging: false,
         };
-        records::save_staged(self.host(), &self.records_dir(id), &adopted)?;
+        records::save_staged(self.host(), &v.records, &adopted)?;
         tracing::warn!(volume.id = %id, staging = %staging.display(), "rewrote an unreadable stage record from the kernel's view");
         Ok(Some(adopted))
     }
 
     /// NodeUnpublishVolume: unmount `target` and delete the file or directory publish created.
     /// A target that is not mounted (or does not exist) is success.
-    pub fn unpublish(&self, held: &VolumeGuard, target: &Path) -> Result<()> {
-        let id = held.id();
-        let record = self.load_record(id)?;
-        let kind = self.teardown_kind(id, &record, target)?;
-        let observed = self.observe(id, &record, Some(target))?;
+    pub(crate) fn unpublish(&self, v: OpenVolume<'_>, target: &Path) -> Result<()> {
+        let (record, observed) = (&v.record, &v.observed);
+        let kind = self.teardown_kind(&v, target)?;
         if observed.live_at(kind, target) {
             let read_only_device = observed.read_only_device_at(target);
             self.host().unmount(target).map_err(busy_is_precondition)?;
@@ -336,16 +289,16 @@ impl NodeOps {
         }
         remove_target(self.host(), target, kind)?;
         if record.published.iter().any(|p| p.target == target)
-            || record.target_damaged(&self.records_dir(id), target)
+            || record.target_damaged(&v.records, target)
         {
-            records::remove_published(self.host(), &self.records_dir(id), target)?;
+            records::remove_published(self.host(), &v.records, target)?;
         }
         Ok(())
     }
 
     /// NodeGetVolumeStats for `path`, which must be where this volume is staged or published.
-    pub fn stats(&self, id: &VolumeId, path: &Path) -> Result<VolumeStats> {
-        let meta = self.checked(id, None)?;
+    pub(crate) fn stats(&self, v: &VolumeView<'_>, path: &Path) -> Result<VolumeStats> {
+        let (id, meta) = (&v.id, v.meta()?);
         let not_here = || Error::NotFound {
             what: "volume at path",
             id: format!("{id} at {}", crate::error::shown(&path.to_string_lossy())),
@@ -353,8 +306,7 @@ impl NodeOps {
         if !path.is_absolute() {
             return Err(not_here());
         }
-        let record = self.load_record(id)?;
-        let observed = self.observe(id, &record, Some(path))?;
+        let (record, observed) = (&v.record, &v.observed);
         match meta.kind {
             VolumeKind::Filesystem(_) if observed.fs_mounted_at(path) => {
                 Ok(VolumeStats::Filesystem(self.host().usage(path)?))
@@ -362,6 +314,7 @@ impl NodeOps {
             VolumeKind::Block => {
                 let staged_here = record
                     .staged
+                    .as_ref()
                     .is_some_and(|s| s.path == path && observed.device.is_some());
                 if staged_here || observed.device_bound_at(path) {
                     Ok(VolumeStats::Block {
@@ -377,13 +330,8 @@ impl NodeOps {
 }
 
 /// A single-target access mode (on either side) refuses a second live target.
-fn refuse_a_second_target(
-    id: &VolumeId,
-    record: &NodeRecord,
-    observed: &Observed<'_>,
-    kind: VolumeKind,
-    req: &Publish<'_>,
-) -> Result<()> {
+fn refuse_a_second_target(v: &VolumeView<'_>, kind: VolumeKind, req: &Publish<'_>) -> Result<()> {
+    let (id, record, observed) = (&v.id, &v.record, &v.observed);
     let other = record
         .published
         .iter()

@@ -29,14 +29,6 @@ pub(crate) struct Observed<'h> {
 }
 
 impl<'h> Observed<'h> {
-    pub(crate) fn read(host: &'h dyn Host, image: &Path) -> Result<Self> {
-        Self::read_for(host, image, None, None)
-    }
-
-    pub(crate) fn read_near(host: &'h dyn Host, image: &Path, hint: Option<&Path>) -> Result<Self> {
-        Self::read_for(host, image, None, hint)
-    }
-
     /// The kernel's view of the volume whose image is at `image`. Loop devices are matched to
     /// the image by the backing file's identity (device and inode numbers), never by the path
     /// the kernel renders, which depends on the reader's mount namespace. `recorded` is the

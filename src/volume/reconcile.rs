@@ -19,18 +19,19 @@ use std::collections::HashMap;
 
 use crate::host::loopdev::FileId;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::files;
 use crate::host::mount;
 use crate::host::os::{Host, NodeKind};
+use crate::volume::handle::{Near, OpenVolume};
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
-use crate::volume::locks::{ObjectGuard, VolumeGuard};
+use crate::volume::locks::ObjectGuard;
 use crate::volume::node::{bind_target, publish_options, NodeOps};
 use crate::volume::params::VolumeKind;
-use crate::volume::pool::VolumeMeta;
 use crate::volume::records;
 use crate::volume::volumes::Skipper;
 
@@ -113,13 +114,11 @@ impl NodeOps {
             let Some(held) = skipper.volume(&id) else {
                 continue;
             };
-            let Some(meta) = self.pool.get(&id) else {
-                continue;
-            };
-            if path.extension().is_some_and(|e| e == "tmp") {
+            if self.pool.get(&id).is_none() || path.extension().is_some_and(|e| e == "tmp") {
                 continue;
             }
-            if let Err(err) = self.reconcile_volume(&held, &meta, &mut report) {
+            let opened = self.open(held, Near::Staged);
+            if let Err(err) = opened.and_then(|v| self.reconcile_volume(v, &mut report)) {
                 report.unrepairable(format!("volume {id}: {err}"));
             }
         }
@@ -147,14 +146,9 @@ impl NodeOps {
         exists(self.host(), &self.pool.layout().meta(id))
     }
 
-    fn reconcile_volume(
-        &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
-        report: &mut ReconcileReport,
-    ) -> Result<()> {
-        let id = meta.id;
-        let record = self.load_record(&id)?;
+    fn reconcile_volume(&self, mut v: OpenVolume<'_>, report: &mut ReconcileReport) -> Result<()> {
+        let (id, meta) = (v.id, Arc::clone(v.meta()?));
+        let record = v.record.clone();
         for (path, why) in &record.damaged {
             report.unrepairable(format!(
                 "volume {id}: node record {} is unreadable ({why}); the CO's next stage, publish, \
@@ -175,7 +169,7 @@ impl NodeOps {
             ));
             return Ok(());
         }
-        let observed = self.observe(&id, &record, Some(&staged.path))?;
+        let observed = &v.observed;
         if let (Some(dev), false) = (observed.device, observed.image_present) {
             report.unrepairable(format!(
                 "volume {id}: its image was deleted or replaced behind the driver's back; {} \
@@ -205,7 +199,10 @@ impl NodeOps {
                 return Ok(());
             }
             let had_device = observed.device.is_some();
-            self.ensure_staged(held, meta, &staged.path, &staged.capability, observed)?;
+            self.ensure_staged(&mut v, &staged.path, &staged.capability)?;
+            // The kernel changed under this operation: the binds below are made onto what it
+            // shows now.
+            v.reobserve(Near::Staged)?;
             report.repaired(format!(
                 "volume {id}: {} staging at {}",
                 if had_device {
@@ -216,20 +213,18 @@ impl NodeOps {
                 staged.path.display()
             ));
         }
-        self.rebind_targets(meta, &record, &staged.path, report)
+        self.rebind_targets(&v, &staged.path, report)
     }
 
     /// Re-binds the recorded targets whose binds are gone, onto the (repaired) staging.
     fn rebind_targets(
         &self,
-        meta: &VolumeMeta,
-        record: &crate::volume::records::NodeRecord,
+        v: &OpenVolume<'_>,
         staging: &std::path::Path,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let id = meta.id;
-        let image = self.pool.layout().image(&id);
-        let observed = self.observe(&id, record, Some(staging))?;
+        let (id, meta, record, observed) = (v.id, v.meta()?, &v.record, &v.observed);
+        let image = &v.image;
         let Some(dev) = observed.device else {
             return Ok(());
         };
@@ -258,7 +253,7 @@ impl NodeOps {
                 self.host(),
                 meta.kind,
                 &dev,
-                &image,
+                image,
                 staging,
                 target,
                 &options,

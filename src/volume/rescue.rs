@@ -4,7 +4,7 @@
 //! copies the device into a new image at the volume's path and only then lets it go.
 
 use crate::error::{Error, Result};
-use crate::volume::locks::VolumeGuard;
+use crate::volume::handle::OpenVolume;
 use crate::volume::node::NodeOps;
 use crate::volume::params::VolumeKind;
 use crate::volume::records;
@@ -14,12 +14,10 @@ impl NodeOps {
     /// device into a new image at the volume's path, then releases the device. Refused while
     /// the volume is published (its application could still write to the old device).
     /// Returns a line saying what was done.
-    pub fn rescue(&self, held: &VolumeGuard) -> Result<String> {
-        let id = held.id();
-        let record = self.load_record(id)?;
-        let image = self.pool.layout().image(id);
+    pub(crate) fn rescue(&self, v: OpenVolume<'_>) -> Result<String> {
+        let (id, record, observed) = (&v.id, &v.record, &v.observed);
+        let image = v.image.clone();
         let staging = record.staged.as_ref().map(|s| s.path.clone());
-        let observed = self.observe(id, &record, staging.as_deref())?;
         let Some(dev) = observed.device.filter(|_| !observed.image_present) else {
             return Err(Error::NothingToRescue { volume: *id, image });
         };
@@ -27,9 +25,7 @@ impl NodeOps {
         if host.file_id(&image)?.is_some() {
             return Err(Error::RescueImageOccupied { image });
         }
-        let kind = self
-            .pool
-            .get(id)
+        let kind = (v.meta.as_ref())
             .map(|m| m.kind)
             .or_else(|| record.staged.as_ref().map(|s| s.capability.volume_kind()));
         let live: Vec<_> = record
@@ -54,9 +50,9 @@ impl NodeOps {
         // image or the whole copy.
         let size = host.copy_device_to_image(&dev.path(), &image)?;
         host.detach(dev)?;
-        if let Some(mut staged) = record.staged {
+        if let Some(mut staged) = record.staged.clone() {
             staged.image = host.file_id(&image)?;
-            records::save_staged(host, &self.pool.layout().node_record(id), &staged)?;
+            records::save_staged(host, &v.records, &staged)?;
         }
         let done = format!(
             "rescued volume {id}: copied {size} bytes from {} into {}; the device is detached \

@@ -1,16 +1,17 @@
 //! NodeStageVolume: attach, format if blank and never formatted, mount; and bringing the kernel
 //! back to "staged" for publish and the reconciler.
 
+use crate::volume::handle::OpenVolume;
 use crate::volume::node::{NodeOps, Observed};
 use crate::volume::targets::*;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host;
 use crate::host::loopdev::{AttachOptions, LoopDevice};
 use crate::host::mount::{self, MountOptions};
 use crate::host::tools::Probe;
-use crate::volume::locks::VolumeGuard;
 use crate::volume::params::{Capability, VolumeKind};
 use crate::volume::pool::VolumeMeta;
 use crate::volume::records::{self, StageRecord};
@@ -18,15 +19,14 @@ use crate::volume::records::{self, StageRecord};
 impl NodeOps {
     /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
     /// was never formatted, mount at `staging`. Block volumes are only attached.
-    pub fn stage(&self, held: &VolumeGuard, staging: &Path, cap: &Capability) -> Result<()> {
-        let id = held.id();
-        let meta = self.checked(id, Some(cap))?;
-        let record = self.load_record(id)?;
-        let observed = self.observe(
-            id,
-            &record,
-            record.staged.as_ref().map(|s| s.path.as_path()),
-        )?;
+    pub(crate) fn stage(
+        &self,
+        mut v: OpenVolume<'_>,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<()> {
+        let meta = v.checked(cap)?;
+        let (id, record, observed) = (&v.id, &v.record, &v.observed);
         if let Some(staged) = &record.staged {
             let live = observed.device.is_some()
                 && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
@@ -50,10 +50,7 @@ impl NodeOps {
             Some(recorded) if observed.device.is_some() && !observed.image_present => {
                 Some(recorded)
             }
-            _ => self
-                .host()
-                .file_id(&self.pool.layout().image(id))?
-                .or(recorded),
+            _ => self.host().file_id(&v.image)?.or(recorded),
         };
         let wanted = StageRecord {
             path: staging.to_path_buf(),
@@ -62,25 +59,23 @@ impl NodeOps {
             unstaging: false,
         };
         if record.staged.as_ref() == Some(&wanted) {
-            return self
-                .ensure_staged(held, &meta, staging, cap, observed)
-                .map(drop);
+            return self.ensure_staged(&mut v, staging, cap).map(drop);
         }
         // The record is intent and does not depend on the kernel work, so it is written (two
         // or three fsyncs on a disk pool) while attach, mkfs and mount run, not after them. A
         // crash in between leaves a record of a stage that did not finish: the state a reboot
         // leaves, which publish and the reconciler already repair, and which the CO's retry of
         // this call completes. A failed stage puts the previous record back.
-        let dir = self.records_dir(id);
+        let (id, previous, dir) = (*id, record.staged.clone(), v.records.clone());
         let (staged, saved) = host::alongside(
             || records::save_staged(self.host(), &dir, &wanted),
-            || self.ensure_staged(held, &meta, staging, cap, observed),
+            || self.ensure_staged(&mut v, staging, cap),
             || format!("writing the stage record of volume {id}"),
         );
         match (staged, saved) {
             (Ok(_), saved) => saved,
             (Err(err), saved) => {
-                let restored = match (&record.staged, saved) {
+                let restored = match (&previous, saved) {
                     (_, Err(_)) => Ok(()),
                     (Some(previous), Ok(())) => records::save_staged(self.host(), &dir, previous),
                     (None, Ok(())) => records::remove_staged(self.host(), &dir),
@@ -97,12 +92,12 @@ impl NodeOps {
     /// a loop device attached by this call is detached again.
     pub(crate) fn ensure_staged(
         &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
+        v: &mut OpenVolume<'_>,
         staging: &Path,
         cap: &Capability,
-        observed: Observed<'_>,
     ) -> Result<LoopDevice> {
+        let meta = Arc::clone(v.meta()?);
+        let observed = &v.observed;
         let fs = match meta.kind {
             VolumeKind::Filesystem(fs) => Some(fs),
             VolumeKind::Block => None,
@@ -123,7 +118,7 @@ impl NodeOps {
             });
         }
         let options = match fs {
-            Some(_) => mount_options(cap, meta)?,
+            Some(_) => mount_options(cap, &meta)?,
             None => MountOptions::default(),
         };
         if fs.is_some() {
@@ -141,17 +136,17 @@ impl NodeOps {
                         volume: meta.id,
                     });
                 }
-                (self.attach(meta)?, true)
+                (self.attach(&meta)?, true)
             }
         };
         if !attached_here {
-            self.refuse_if_held(meta, dev, &observed)?;
+            self.refuse_if_held(&meta, dev, observed)?;
         }
         crate::faults::crash_point("stage.attached");
         let Some(fs) = fs else {
             return Ok(dev);
         };
-        let result = self.format_and_mount(held, meta, dev, staging, fs, &options);
+        let result = self.format_and_mount(v, dev, staging, fs, &options);
         if let Err(err) = result {
             if attached_here {
                 if let Err(detach) = self.host().detach(dev) {
@@ -190,22 +185,22 @@ impl NodeOps {
     /// pending; then mounts it at `staging`.
     fn format_and_mount(
         &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
+        v: &mut OpenVolume<'_>,
         dev: LoopDevice,
         staging: &Path,
         fs: crate::host::fs::FsType,
         options: &MountOptions,
     ) -> Result<()> {
-        if self.format_if_blank(held, meta, &dev, fs)? {
-            self.mount_fresh(held, &dev, staging, fs, options)?;
-            tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
+        let id = v.id;
+        if self.format_if_blank(v, &dev, fs)? {
+            self.mount_fresh(v, &dev, staging, fs, options)?;
+            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
         } else {
-            self.grow_pending(held, meta, &dev.path(), None)?;
+            self.grow_pending(v, &dev.path(), None)?;
             self.host()
                 .mount_device(&dev.path(), staging, fs.name(), options)?;
-            self.grow_pending(held, meta, &dev.path(), Some(staging))?;
-            tracing::info!(volume.id = %meta.id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
+            self.grow_pending(v, &dev.path(), Some(staging))?;
+            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
         }
         crate::faults::crash_point("stage.mounted");
         Ok(())
@@ -240,19 +235,20 @@ impl NodeOps {
     /// before it is durable leaves a file system that the next stage's probe finds and records.
     pub(crate) fn mount_fresh(
         &self,
-        held: &VolumeGuard,
+        v: &mut OpenVolume<'_>,
         dev: &LoopDevice,
         staging: &Path,
         fs: crate::volume::params::FsType,
         options: &MountOptions,
     ) -> Result<()> {
+        let id = v.id;
         let (mounted, marked) = host::alongside(
-            || self.pool.mark_formatted(held),
+            || v.mark_formatted(),
             || {
                 self.host()
                     .mount_device(&dev.path(), staging, fs.name(), options)
             },
-            || format!("recording that volume {} was formatted", held.id()),
+            || format!("recording that volume {id} was formatted"),
         );
         mounted?;
         if let Err(err) = marked {
@@ -270,25 +266,22 @@ impl NodeOps {
     /// now; the caller then records the format (`mount_fresh`).
     pub(crate) fn format_if_blank(
         &self,
-        held: &VolumeGuard,
-        meta: &VolumeMeta,
+        v: &mut OpenVolume<'_>,
         dev: &LoopDevice,
         fs: crate::volume::params::FsType,
     ) -> Result<bool> {
+        let meta = Arc::clone(v.meta()?);
         // A backing file with no data extents at all is blank to the last byte: no signature
         // can hide in it, so the (costly) blkid probe is skipped. Anything written, or a volume
         // the driver formatted before, is probed.
-        let image = self.pool.layout().image(&meta.id);
-        let probe = if !meta.formatted && !self.host().has_data(&image)? {
+        let probe = if !meta.formatted && !self.host().has_data(&v.image)? {
             Probe::Blank
         } else {
             self.host().probe(&dev.path())?
         };
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
-            Probe::FileSystem(found) if found == fs.name() => {
-                self.pool.mark_formatted(held).map(|()| false)
-            }
+            Probe::FileSystem(found) if found == fs.name() => v.mark_formatted().map(|()| false),
             Probe::FileSystem(found) => Err(Error::WrongFileSystem {
                 volume: meta.id,
                 found,

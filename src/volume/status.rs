@@ -9,8 +9,10 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::host::loopdev::FileId;
 use crate::host::mount;
+use crate::volume::handle::Near;
 use crate::volume::node::NodeOps;
 use crate::volume::params::{Provisioning, VolumeKind};
+use crate::volume::records;
 use crate::volume::volumes::Skipper;
 
 /// What a scrape reads from the pool and the kernel.
@@ -54,8 +56,9 @@ impl NodeOps {
         for meta in self.pool.volumes() {
             let image = self.pool.layout().image(&meta.id);
             let device = self.host().find_by_backing_file(&image)?;
-            let record = self.load_record(&meta.id)?;
-            let condition = self.condition(&meta.id, skipper)?;
+            let v = self.view(&meta.id, Near::Staged)?;
+            let condition = self.condition_of(&v, skipper)?;
+            let record = v.record;
             out.push(VolumeStatus {
                 id: meta.id.to_string(),
                 name: meta.name.clone(),
@@ -98,7 +101,7 @@ impl NodeOps {
         let mut allocated = 0u64;
         for meta in self.pool.volumes() {
             allocated += host.allocated_bytes(&layout.image(&meta.id)).unwrap_or(0);
-            let record = self.load_record(&meta.id)?;
+            let record = records::load(host, &layout.node_record(&meta.id))?;
             published += record
                 .published
                 .iter()

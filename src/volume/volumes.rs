@@ -20,6 +20,7 @@ use crate::volume::copath;
 
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
+use crate::volume::handle::Near;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
@@ -210,7 +211,8 @@ impl Volumes {
     /// (backing file, loop device, file system at `path`).
     pub fn expand(&self, id: &VolumeId, path: &Path, range: Option<CapacityRange>) -> Result<u64> {
         let held = self.locks.volume(id)?;
-        self.node.node_expand(&held, path, range)
+        self.node
+            .node_expand(self.node.open(held, Near::At(path))?, path, range)
     }
 
     /// Why the volume is not healthy, if it is not (VolumeCondition).
@@ -299,33 +301,38 @@ impl Volumes {
     /// NodeStageVolume (see `NodeOps::stage`).
     pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
         let held = self.locks.volume(id)?;
-        self.node.stage(&held, staging, cap)
+        self.node
+            .stage(self.node.open(held, Near::Staged)?, staging, cap)
     }
 
     /// NodeUnstageVolume (see `NodeOps::unstage`).
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
         let held = self.locks.volume(id)?;
-        self.node.unstage(&held, staging)
+        self.node
+            .unstage(self.node.open(held, Near::At(staging))?, staging)
     }
 
     /// NodePublishVolume (see `NodeOps::publish`).
     pub fn publish(&self, id: &VolumeId, req: Publish<'_>) -> Result<()> {
         let held = self.locks.volume(id)?;
-        self.node.publish(&held, req)
+        self.node
+            .publish(self.node.open(held, Near::At(req.staging))?, req)
     }
 
     /// NodeUnpublishVolume (see `NodeOps::unpublish`).
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         let held = self.locks.volume(id)?;
-        self.node.unpublish(&held, target)
+        self.node
+            .unpublish(self.node.open(held, Near::At(target))?, target)
     }
 
     /// NodeGetVolumeStats: usage at `path` and the volume's condition. Reads only, so it takes
     /// no guard: a stats call never makes another operation ABORTED.
     pub fn stats(&self, id: &VolumeId, path: &Path) -> Result<(VolumeStats, Condition)> {
         self.store.require(id)?;
-        let stats = self.node.stats(id, path)?;
-        Ok((stats, self.condition(id)?))
+        let view = self.node.view(id, Near::At(path))?;
+        let stats = self.node.stats(&view, path)?;
+        Ok((stats, self.node.condition_of(&view, &self.skipper())?))
     }
 
     // ---- background work and the operator's commands ----
@@ -353,7 +360,7 @@ impl Volumes {
     /// device into a new image.
     pub fn rescue(&self, id: &VolumeId) -> Result<String> {
         let held = self.locks.volume(id)?;
-        self.node.rescue(&held)
+        self.node.rescue(self.node.open(held, Near::Staged)?)
     }
 
     /// `loopcsi status`: every volume's status, in id order.
