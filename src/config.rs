@@ -140,12 +140,25 @@ pub struct Config {
     /// the deadline only has to free a volume from a tool hung on a dead device.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub tool_timeout: u64,
+
+    /// Milliseconds a snapshot or clone of a mounted volume may keep its file system frozen
+    /// (its application's writes wait meanwhile). On a pool that shares extents the freeze
+    /// takes milliseconds; elsewhere the data is copied while the application runs and only a
+    /// last comparison runs frozen. Should that not finish in time, the file system is thawed
+    /// and the CreateSnapshot (or clone) fails with FAILED_PRECONDITION naming the remedies.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_freeze_ms: u64,
 }
 
 impl Config {
     /// `--tool-timeout` as a duration.
     pub fn tool_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.tool_timeout)
+    }
+
+    /// `--max-freeze-ms` as a duration.
+    pub fn max_freeze(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.max_freeze_ms)
     }
 
     /// Checks what clap cannot: endpoint scheme, node id and driver name formats.
@@ -238,6 +251,7 @@ mod tests {
             allow_node_id_change: false,
             no_get_snapshot_capability: false,
             tool_timeout: 600,
+            max_freeze_ms: 5000,
         }
     }
 

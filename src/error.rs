@@ -257,6 +257,23 @@ pub enum Error {
         volume: VolumeId,
         mount_point: PathBuf,
     },
+    /// A live copy whose frozen pass did not finish within the freeze limit: the file system
+    /// was thawed and the copy discarded.
+    #[error(
+        "the snapshot or clone of volume {volume} was abandoned: its file system stays frozen \
+         at most {} ms (--max-freeze-ms), and comparing its data with the copy while frozen \
+         had covered {compared} of {data} bytes by then; the application was thawed and \
+         nothing was kept. Put the pool on a file system that shares extents (xfs with \
+         reflink=1, or btrfs), where the freeze lasts milliseconds; or snapshot the volume \
+         while no pod uses it; or raise --max-freeze-ms",
+        .limit.as_millis()
+    )]
+    FreezeLimit {
+        volume: VolumeId,
+        limit: std::time::Duration,
+        compared: u64,
+        data: u64,
+    },
     /// NodeStageVolume at a path other than where the volume is staged.
     #[error("volume {volume} is already staged at {}", .staging.display())]
     StagedElsewhere { volume: VolumeId, staging: PathBuf },
@@ -470,6 +487,7 @@ impl Error {
             | Error::MountInsideRecords { .. }
             | Error::FileSystemMoved { .. }
             | Error::FrozenByOther { .. }
+            | Error::FreezeLimit { .. }
             | Error::StagedElsewhere { .. }
             | Error::ForeignMount { .. }
             | Error::ForeignMountLeft { .. }

@@ -1,5 +1,6 @@
 //! The command line and the resolved settings of one run.
 
+use crate::{GIB, MIB};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -41,7 +42,11 @@ pub(crate) struct Args {
     pub(crate) fio_size_mib: Option<u64>,
 
     /// Sections to run.
-    #[arg(long, value_delimiter = ',', default_value = "data,provision,scale")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "data,provision,scale,stall"
+    )]
     pub(crate) sections: Vec<Section>,
 
     /// Pools for the data-path section [default: disk,ram; smoke: ram].
@@ -68,6 +73,16 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) scale_staged: Option<usize>,
 
+    /// Sizes of the volumes snapshotted under a writer in the stall section, GiB
+    /// [default: 1,20; smoke: one of 64 MiB].
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) stall_volume_gib: Option<Vec<u64>>,
+
+    /// Data written into each stall volume before it is snapshotted: 90 % of the volume, at
+    /// most this many MiB (the pool needs room for it twice) [default: 4096].
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) stall_data_mib: u64,
+
     /// The `loopcsi` binary for the scale section [default: `loopcsi` next to this binary].
     #[arg(long)]
     pub(crate) driver_bin: Option<PathBuf>,
@@ -83,6 +98,7 @@ pub(crate) enum Section {
     Data,
     Provision,
     Scale,
+    Stall,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -126,6 +142,8 @@ pub(crate) struct Settings {
     pub(crate) scale_staged: usize,
     pub(crate) scale_volume_mib: u64,
     pub(crate) tool_samples: usize,
+    /// (volume bytes, data bytes) of each volume of the stall section.
+    pub(crate) stall_volumes: Vec<(u64, u64)>,
 }
 
 impl Settings {
@@ -165,6 +183,20 @@ impl Settings {
             scale_staged: pick(args.scale_staged, 200, 4),
             scale_volume_mib: 64,
             tool_samples: if smoke { 2 } else { 20 },
+            stall_volumes: match (&args.stall_volume_gib, smoke) {
+                (None, true) => vec![(64 * MIB, 32 * MIB)],
+                (sizes, _) => sizes
+                    .clone()
+                    .unwrap_or_else(|| vec![1, 20])
+                    .into_iter()
+                    .map(|gib| {
+                        (
+                            gib * GIB,
+                            (gib * GIB / 10 * 9).min(args.stall_data_mib * MIB),
+                        )
+                    })
+                    .collect(),
+            },
         };
         if settings.rounds == 0 || settings.volumes == 0 || settings.fio_size_mib < 4 {
             bail!("--rounds and --volumes must be at least 1, --fio-size-mib at least 4");

@@ -11,6 +11,9 @@
 //!   several concurrencies, thin and thick, ext4 and block, beside the same steps done directly.
 //! - `scale`: the real `loopcsi` binary as a child with 1000 volumes (200 staged): RSS, restart to
 //!   ready, ListVolumes, GetCapacity, NodeGetVolumeStats.
+//! - `stall`: the longest write an application sees while its live ext4 volume is snapshotted
+//!   (1 GiB and 20 GiB volumes) on the --pool-dir file system, before and after the bounded
+//!   freeze.
 //!
 //! Everything the bench makes lives in one temp dir under `--pool-dir`; it is released (mounts,
 //! loop devices, tmpfs) and removed at the end, also on error or SIGINT/SIGTERM. Nothing outside
@@ -26,6 +29,7 @@ mod render;
 mod report;
 mod scale;
 mod scratch;
+mod stall;
 mod stats;
 mod tools;
 
@@ -100,6 +104,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         data: Vec::new(),
         provision: None,
         scale: None,
+        stall: Vec::new(),
         targets: Vec::new(),
         duration_s: 0.0,
     };
@@ -127,6 +132,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             );
         }
         report.scale = Some(scale_section(&settings, &scratch, &bin, &log).await?);
+    }
+    if settings.runs(Section::Stall) {
+        report.stall = stall::stall_section(&settings, &scratch, &log).await?;
     }
     scratch.finish()?;
     report.duration_s = started.elapsed().as_secs_f64();

@@ -60,6 +60,9 @@ pub(crate) fn render(report: &Report) -> String {
     if let Some(sc) = &report.scale {
         render_scale(&mut out, sc);
     }
+    if !report.stall.is_empty() {
+        crate::stall::render_stall(&mut out, &report.stall);
+    }
     let _ = writeln!(out, "## Targets\n");
     let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
     for c in &report.targets {

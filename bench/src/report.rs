@@ -43,6 +43,7 @@ pub(crate) struct Report {
     pub(crate) data: Vec<DataPoolResult>,
     pub(crate) provision: Option<ProvisionResult>,
     pub(crate) scale: Option<ScaleResult>,
+    pub(crate) stall: Vec<crate::stall::StallResult>,
     pub(crate) targets: Vec<TargetCheck>,
     pub(crate) duration_s: f64,
 }

@@ -38,6 +38,7 @@ fn bench_smoke_runs_every_section_and_cleans_up() {
         "### ram pool",
         "## Provisioning",
         "## Scale",
+        "## Snapshot write stall",
         "## Targets",
     ] {
         assert!(

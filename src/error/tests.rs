@@ -35,6 +35,7 @@ table! {
     RescueWhilePublished => FailedPrecondition, InUse => FailedPrecondition,
     NameUnknowable => FailedPrecondition, MountInsideRecords => FailedPrecondition,
     FileSystemMoved => FailedPrecondition, FrozenByOther => FailedPrecondition,
+    FreezeLimit => FailedPrecondition,
     StagedElsewhere => FailedPrecondition, ForeignMount => FailedPrecondition,
     ForeignMountLeft => FailedPrecondition, UnidentifiedDevice => FailedPrecondition,
     WrongFileSystem => FailedPrecondition, ForeignContent => FailedPrecondition,
@@ -197,6 +198,12 @@ fn samples() -> Vec<Error> {
             path: p.clone(),
             major: 7,
             minor: 3,
+        },
+        Error::FreezeLimit {
+            volume: v,
+            limit: std::time::Duration::from_secs(5),
+            compared: 1,
+            data: 2,
         },
         Error::FrozenByOther {
             volume: v,

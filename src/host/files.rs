@@ -297,12 +297,29 @@ pub fn copy_sparse(src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopySt
 /// size.
 const PATCH_BLOCK: usize = 4096;
 
+/// What `patch_to_match` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Patched {
+    /// Bytes of `dst` rewritten because they differed.
+    pub rewritten: u64,
+    /// Bytes compared.
+    pub compared: u64,
+    /// False when the deadline passed first: `dst` is then only partly patched.
+    pub finished: bool,
+}
+
 /// Makes the first `len` bytes of `dst` equal to those of `src` by rewriting only the blocks
-/// that differ; returns the bytes rewritten. Every range where either file has data is
-/// compared (ranges that are holes in both read back as zeroes in both), so afterwards `dst`
-/// reads back exactly as `src` did, whatever either held before. Not flushed: the caller
-/// fsyncs `dst` when it is done (`sync_file`).
-pub fn patch_to_match(src: &Path, dst: &Path, len: u64) -> Result<u64> {
+/// that differ. Every range where either file has data is compared (ranges that are holes in
+/// both read back as zeroes in both), so afterwards `dst` reads back exactly as `src` did,
+/// whatever either held before. Not flushed: the caller fsyncs `dst` when it is done
+/// (`sync_file`). With a `deadline`, it stops between chunks once the deadline has passed
+/// (`finished` false): a caller holding a file system frozen meanwhile bounds the freeze.
+pub fn patch_to_match(
+    src: &Path,
+    dst: &Path,
+    len: u64,
+    deadline: Option<std::time::Instant>,
+) -> Result<Patched> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 1 << 20;
     let input = File::open(src).map_err(|e| Error::io("open", src, e))?;
@@ -317,10 +334,18 @@ pub fn patch_to_match(src: &Path, dst: &Path, len: u64) -> Result<u64> {
     let mut theirs = vec![0u8; CHUNK];
     let mut ours = vec![0u8; CHUNK];
     let mut rewritten = 0;
+    let mut compared = 0;
     let mut done = 0; // everything below this offset already matches
     for (start, end) in ranges {
         let mut pos = start.max(done);
         while pos < end {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(Patched {
+                    rewritten,
+                    compared,
+                    finished: false,
+                });
+            }
             let n = usize::try_from(end - pos).unwrap_or(CHUNK).min(CHUNK);
             input
                 .read_exact_at(&mut theirs[..n], pos)
@@ -340,10 +365,15 @@ pub fn patch_to_match(src: &Path, dst: &Path, len: u64) -> Result<u64> {
                 }
             }
             pos += n as u64;
+            compared += n as u64;
         }
         done = done.max(end);
     }
-    Ok(rewritten)
+    Ok(Patched {
+        rewritten,
+        compared,
+        finished: true,
+    })
 }
 
 /// Flushes `path`'s data and metadata to the device.
@@ -484,9 +514,15 @@ mod tests {
             4096,
         )
         .unwrap();
-        let rewritten = patch_to_match(&src, &dst, size).unwrap();
+        // A deadline already passed stops the pass before its first chunk.
+        let late = std::time::Instant::now();
+        let stopped = patch_to_match(&src, &dst, size, Some(late)).unwrap();
+        assert_eq!((stopped.finished, stopped.compared), (false, 0));
+        let rewritten = patch_to_match(&src, &dst, size, None).unwrap().rewritten;
         assert_eq!(rewritten, 3 * 4096, "only the changed blocks are rewritten");
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        assert_eq!(patch_to_match(&src, &dst, size).unwrap(), 0);
+        let again = patch_to_match(&src, &dst, size, None).unwrap();
+        assert_eq!(again.rewritten, 0);
+        assert!(again.finished && again.compared > 0);
     }
 }

@@ -219,8 +219,14 @@ impl Host for Linux {
     fn copy_image(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopyStats> {
         files::copy_sparse(src, dst, len, size)
     }
-    fn patch_image(&self, src: &Path, dst: &Path, len: u64) -> Result<u64> {
-        files::patch_to_match(src, dst, len)
+    fn patch_image(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<files::Patched> {
+        files::patch_to_match(src, dst, len, deadline)
     }
     fn sync_file(&self, path: &Path) -> Result<()> {
         files::sync_file(path)

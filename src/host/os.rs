@@ -30,7 +30,7 @@ use std::time::SystemTime;
 
 use nix::errno::Errno;
 
-use super::files::{Allocation, CopyStats, Usage};
+use super::files::{Allocation, CopyStats, Patched, Usage};
 use super::lockfile::{Holder, LockFile};
 use super::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
 use super::mount::{MountEntry, MountOptions};
@@ -195,8 +195,14 @@ pub trait Host: Send + Sync {
     /// Makes `dst` (new) a durable sparse copy of the first `len` bytes of `src`, sized `size`.
     fn copy_image(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopyStats>;
     /// Rewrites the blocks of `dst` that differ from `src` in the first `len` bytes (not
-    /// flushed); returns the bytes rewritten.
-    fn patch_image(&self, src: &Path, dst: &Path, len: u64) -> Result<u64>;
+    /// flushed), stopping once `deadline` has passed (see `files::patch_to_match`).
+    fn patch_image(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Patched>;
     /// Flushes the file at `path` to the device.
     fn sync_file(&self, path: &Path) -> Result<()>;
     /// Copies the block device `device` into a new image at `image`, durably (a crash leaves no

@@ -51,11 +51,13 @@ pub struct Driver {
 
 /// Startup recovery: loads the pool (removing what a crash left half-made) and opens the door
 /// into the domain.
-fn recover(state_dir: &Path, host: Arc<dyn Host>, direct_io: bool) -> Result<Volumes> {
+fn recover(state_dir: &Path, host: Arc<dyn Host>, config: &Config) -> Result<Volumes> {
     let started = Instant::now();
-    let (volumes, recovery) = Volumes::open(state_dir, host, direct_io).inspect_err(|err| {
+    let direct_io = !config.buffered_io;
+    let (mut volumes, recovery) = Volumes::open(state_dir, host, direct_io).inspect_err(|err| {
         tracing::error!(error = %err, "state recovery failed");
     })?;
+    volumes.set_freeze_limit(config.max_freeze());
     tracing::info!(
         volumes = recovery.volumes,
         removed.partial_images = recovery.removed_partial_images.len(),
@@ -108,11 +110,12 @@ impl Driver {
         let round_metrics = Arc::clone(&metrics);
         let (tx, rx) = watch::channel(Readiness::Starting);
         let state_dir = config.state_dir.clone();
-        let direct_io = !config.buffered_io;
         let interval = std::time::Duration::from_secs(config.reconcile_interval);
+        let recovery_config = config.clone();
         let background = tokio::spawn(async move {
             let recovered =
-                tokio::task::spawn_blocking(move || recover(&state_dir, host, direct_io)).await;
+                tokio::task::spawn_blocking(move || recover(&state_dir, host, &recovery_config))
+                    .await;
             let next = match recovered {
                 Ok(Ok(domain)) => Readiness::Ready(Arc::new(domain)),
                 Ok(Err(err)) => Readiness::Failed(err.to_string()),

@@ -32,12 +32,16 @@ impl SourceCopy {
     /// so the freeze is kept short:
     /// - on a pool that shares extents (reflink: btrfs, xfs), it is frozen and copied, which
     ///   takes milliseconds whatever the size;
-    /// - elsewhere the data is copied while the application writes on, then the file system is
-    ///   frozen (everything it wrote is then in the image, and nothing more is written) and a
-    ///   second pass rewrites the blocks of the copy that differ from the image
-    ///   (`files::patch_to_match`): afterwards the copy reads back exactly as the frozen image,
-    ///   which is the point-in-time copy. Only that comparison runs frozen; the flush of the
-    ///   copy runs after the thaw.
+    /// - elsewhere the data is copied while the application writes on; a second pass, still
+    ///   unfrozen, rewrites what the application changed meanwhile (and leaves both files in
+    ///   the page cache); then the file system is frozen (everything it wrote is then in the
+    ///   image, and nothing more is written) and a last pass rewrites the blocks of the copy
+    ///   that still differ from the image (`files::patch_to_match`): afterwards the copy reads
+    ///   back exactly as the frozen image, which is the point-in-time copy. Only that last
+    ///   comparison runs frozen, and **never longer than the freeze limit**
+    ///   (`--max-freeze-ms`): should it not finish by then, the file system is thawed, the
+    ///   copy discarded and the call fails naming the remedies (`Error::FreezeLimit`). The
+    ///   flush of the copy runs after the thaw.
     pub fn copy_to(&self, host: &dyn Host, dst: &Path, size: u64) -> Result<CopyStats> {
         let len = self.size_bytes;
         let Some(freeze) = &self.freeze else {
@@ -50,18 +54,28 @@ impl SourceCopy {
         let stats = host.copy_image(&self.image, dst, len, size)?;
         crate::faults::crash_point("copy.precopied");
         let patched = (|| {
+            let caught_up = host.patch_image(&self.image, dst, len, None)?;
             let frozen = freeze.freeze()?;
             let started = std::time::Instant::now();
-            let rewritten = host.patch_image(&self.image, dst, len);
+            let last = host.patch_image(&self.image, dst, len, Some(started + freeze.limit()));
             drop(frozen); // thaw before the flush
             let frozen_ms = started.elapsed().as_millis() as u64;
-            let rewritten = rewritten?;
+            let last = last?;
+            if !last.finished {
+                return Err(Error::FreezeLimit {
+                    volume: freeze.volume(),
+                    limit: freeze.limit(),
+                    compared: last.compared,
+                    data: caught_up.compared,
+                });
+            }
             host.sync_file(dst)?;
-            Ok((rewritten, frozen_ms))
+            Ok((caught_up.rewritten, last.rewritten, frozen_ms))
         })();
         match patched {
-            Ok((rewritten, frozen_ms)) => {
+            Ok((caught_up, rewritten, frozen_ms)) => {
                 tracing::info!(
+                    caught_up_bytes = caught_up,
                     rewritten_bytes = rewritten,
                     frozen_ms,
                     "copied a live file system: the blocks written during the copy were \
@@ -102,13 +116,9 @@ impl NodeOps {
             let staged = (v.record.staged.clone())
                 .filter(|s| observed.image_present && observed.fs_mounted_at(&s.path));
             if let (Some(staged), Some(numbers)) = (staged, observed.dev_numbers) {
-                freeze = Some(FreezeTarget::new(
-                    self.pool.layout().clone(),
-                    *id,
-                    staged.path,
-                    numbers,
-                    fs,
-                ));
+                let target =
+                    FreezeTarget::new(self.pool.layout().clone(), *id, staged.path, numbers, fs);
+                freeze = Some(target.with_limit(self.freeze_limit));
             }
         }
         Ok((meta, freeze))

@@ -17,6 +17,7 @@
 //! thawed: a freeze by someone else (an operator's `fsfreeze`) is left alone.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
@@ -89,7 +90,11 @@ fn read_intent(host: &dyn Host, path: &Path) -> Result<Intent> {
 pub(crate) struct FreezeTarget {
     layout: Layout,
     intent: Intent,
+    limit: Duration,
 }
+
+/// How long a copy may keep a file system frozen, unless `--max-freeze-ms` says otherwise.
+pub const DEFAULT_FREEZE_LIMIT: Duration = Duration::from_secs(5);
 
 impl FreezeTarget {
     pub(crate) fn new(
@@ -109,7 +114,22 @@ impl FreezeTarget {
                 minor: numbers.1,
                 fs_type,
             },
+            limit: DEFAULT_FREEZE_LIMIT,
         }
+    }
+
+    /// The longest the copy may keep the file system frozen (see `SourceCopy::copy_to`).
+    pub(crate) fn with_limit(mut self, limit: Duration) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    pub(crate) fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    pub(crate) fn volume(&self) -> VolumeId {
+        self.intent.volume
     }
 
     /// Records the intent durably, then freezes the file system. EBUSY (already frozen) is

@@ -35,11 +35,17 @@ pub enum VolumeStats {
 pub struct NodeOps {
     pub(crate) pool: Arc<Pool>,
     pub(crate) direct_io: bool,
+    /// The longest a copy may keep a volume's file system frozen.
+    pub(crate) freeze_limit: std::time::Duration,
 }
 
 impl NodeOps {
     pub fn new(pool: Arc<Pool>, direct_io: bool) -> Self {
-        NodeOps { pool, direct_io }
+        NodeOps {
+            pool,
+            direct_io,
+            freeze_limit: crate::volume::freeze::DEFAULT_FREEZE_LIMIT,
+        }
     }
 
     /// The operating system, through the pool's layout (the one `Host` of the domain).

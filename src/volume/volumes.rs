@@ -101,6 +101,12 @@ impl Volumes {
         }
     }
 
+    /// The longest a snapshot or clone of a live volume may keep its file system frozen
+    /// (`--max-freeze-ms`; see `SourceCopy::copy_to`).
+    pub fn set_freeze_limit(&mut self, limit: std::time::Duration) {
+        self.node.freeze_limit = limit;
+    }
+
     fn skipper(&self) -> Skipper<'_> {
         Skipper { locks: &self.locks }
     }

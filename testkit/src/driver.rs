@@ -59,6 +59,7 @@ pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
         allow_node_id_change: false,
         no_get_snapshot_capability: false,
         tool_timeout: 600,
+        max_freeze_ms: 5000,
     }
 }
 

@@ -311,10 +311,21 @@ impl Host for FakeHost {
             files::copy_sparse(src, dst, len, size)
         })
     }
-    fn patch_image(&self, src: &Path, dst: &Path, len: u64) -> Result<u64> {
+    fn patch_image(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<files::Patched> {
         self.file(Op::PatchImage, dst, || {
             self.inside(src)?;
-            files::patch_to_match(src, dst, len)
+            let deadline = match self.state().slow_patch {
+                // The simulated pool compares slower than any deadline: out of time at once.
+                true => deadline.map(|_| std::time::Instant::now()),
+                false => deadline,
+            };
+            files::patch_to_match(src, dst, len, deadline)
         })
     }
     fn sync_file(&self, path: &Path) -> Result<()> {
@@ -341,7 +352,7 @@ impl Host for FakeHost {
     }
     fn reflinks(&self, dir: &Path) -> bool {
         self.enter(Op::Reflinks, shown(dir));
-        self.inside(dir).is_ok() && files::reflinks(dir)
+        !self.state().no_reflink && self.inside(dir).is_ok() && files::reflinks(dir)
     }
     fn usage(&self, path: &Path) -> Result<Usage> {
         self.check(Op::Usage, shown(path))?;

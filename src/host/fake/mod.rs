@@ -50,6 +50,8 @@ struct State {
     calls: Vec<Call>,
     rules: Vec<Rule>,
     mkfs_halfway: bool,
+    slow_patch: bool,
+    no_reflink: bool,
     missing_tools: Vec<FsType>,
 }
 
@@ -70,6 +72,8 @@ impl FakeHost {
                 calls: Vec::new(),
                 rules: Vec::new(),
                 mkfs_halfway: false,
+                slow_patch: false,
+                no_reflink: false,
                 missing_tools: Vec::new(),
             }),
         }
@@ -151,6 +155,18 @@ impl FakeHost {
         let mut state = self.state();
         state.rules.clear();
         state.mkfs_halfway = false;
+        state.slow_patch = false;
+    }
+
+    /// Every patch pass with a deadline runs out of time at its first chunk, as on a pool too
+    /// slow to compare a volume's data within the freeze limit.
+    pub fn patch_too_slow(&self) {
+        self.state().slow_patch = true;
+    }
+
+    /// The pool shares no extents, whatever the test's temp dir can do.
+    pub fn without_reflink(&self) {
+        self.state().no_reflink = true;
     }
 
     /// The next mkfs dies halfway: it leaves a partial signature (the device then probes as

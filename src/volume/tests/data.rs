@@ -121,3 +121,31 @@ fn online_grow_failing_during_expand_keeps_the_new_size_and_the_pending_grow() {
         "the retry grew it"
     );
 }
+
+#[test]
+fn a_frozen_comparison_outrunning_the_freeze_limit_thaws_and_keeps_nothing() {
+    let b = bed();
+    let id = b.staged_fs("v");
+    let numbers = b.host.dev_numbers(b.device()).unwrap();
+    // The frozen pass only exists where extents cannot be shared.
+    b.host.without_reflink();
+    b.host.patch_too_slow();
+
+    let err = b.volumes.create_snapshot("snap", &id).unwrap_err();
+    assert!(matches!(err, Error::FreezeLimit { .. }), "{err:?}");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.to_string().contains("reflink"),
+        "names the remedy: {err}"
+    );
+    assert!(!b.host.is_frozen(numbers), "thawed at the limit");
+    assert!(
+        b.files_in("snapshots").is_empty(),
+        "the partial copy is gone"
+    );
+    assert!(
+        b.files_in("frozen").is_empty(),
+        "the freeze record went with it"
+    );
+    assert!(b.volumes.list_snapshots(None, 10, |_| true).0.is_empty());
+}
