@@ -46,7 +46,17 @@ impl Kind for OfSnapshot {
     const WHAT: &'static str = "snapshot";
 }
 
-/// The id of an object of kind `K` (see the module doc).
+/// The id of an object of kind `K` (see the module doc). One kind is never taken for the other:
+///
+/// ```compile_fail
+/// use loopcsi::volume::id::{SnapshotId, VolumeId};
+/// let snapshot: SnapshotId = VolumeId::new_random();
+/// ```
+///
+/// ```compile_fail
+/// use loopcsi::volume::id::{SnapshotId, VolumeId};
+/// let volume: VolumeId = SnapshotId::new_random();
+/// ```
 pub struct Id<K: Kind> {
     uuid: uuid::Uuid,
     // `fn() -> K`: an `Id` owns no `K` (there is none), so it is Send, Sync and Copy whatever K.

@@ -389,37 +389,32 @@ impl Pool {
         Ok(None)
     }
 
-    /// Decides snapshot `new` (a fresh id whose guard the caller holds) named `name`, of the
-    /// volume `source` describes. Nothing is written yet: the domain copies the source to
+    /// Decides snapshot `new` (a fresh id whose guard the caller holds) named `name`, of volume
+    /// `of`, which `source` describes. Nothing is written yet: the domain copies the source to
     /// `PendingSnapshot::image` (`content.rs`), then `commit_snapshot`.
     pub fn reserve_snapshot<'g>(
         &self,
         new: &'g SnapshotGuard,
         name: &str,
+        of: &VolumeId,
         source: &SourceFacts,
-    ) -> Result<PendingSnapshot<'g>> {
-        let ContentSource::Volume(source_id) = source.content else {
-            return Err(Error::Internal(format!(
-                "a snapshot is taken of a volume, not of {:?}",
-                source.content
-            )));
-        };
+    ) -> PendingSnapshot<'g> {
         let id = *new.id();
-        Ok(PendingSnapshot {
+        PendingSnapshot {
             held: new,
             image: self.layout.snapshot_image(&id),
             meta: SnapshotMeta {
                 version: META_VERSION,
                 id,
                 name: name.to_string(),
-                source_volume_id: source_id,
+                source_volume_id: *of,
                 size_bytes: source.size_bytes,
                 kind: source.kind,
                 formatted: source.formatted,
                 pending_fs_grow: source.pending_fs_grow,
                 created_unix_nanos: 0,
             },
-        })
+        }
     }
 
     /// Commits a snapshot whose image is copied (and durable). Like volumes, the metadata file

@@ -248,7 +248,7 @@ impl Volumes {
         }
         let copy = self.stable_source(&ContentSource::Volume(*source))?;
         let new = self.locks.snapshot(&SnapshotId::new_random())?;
-        let pending = self.store.reserve_snapshot(&new, name, &copy.facts)?;
+        let pending = self.store.reserve_snapshot(&new, name, source, &copy.facts);
         content::copy_snapshot(self.host(), &pending, copy)?;
         let meta = self.store.commit_snapshot(pending)?;
         Ok((meta, Created::New))
