@@ -8,8 +8,14 @@
 //!   durable first and then the metadata; DeleteVolume removes the metadata first and then the
 //!   image. So after a crash at any instant, an image without metadata is a half-made or
 //!   half-deleted volume and startup recovery removes it; a volume with metadata is complete.
+//! - `snapshots/<id>.img`, `snapshots/<id>.json` a snapshot's copy and its metadata, the
+//!   metadata file its commit point likewise (ids are `SnapshotId`s: same text, their own type).
 //! - `node/<id>.json`    what the CO asked this node to stage and publish (see `node.rs`).
 //! - `*.tmp`             a crash-safe write that did not finish; removed at start.
+//!
+//! The store persists and does nothing else: it decides a new object (`reserve`,
+//! `reserve_snapshot`) and commits it (`commit`, `commit_snapshot`); the image in between is a
+//! blank one (`blank_image`) or a copy the domain makes (`content.rs`).
 //!
 //! Nothing the kernel knows (which loop device backs which image, what is mounted where) is
 //! stored here: it is read from sysfs and mountinfo when needed.
