@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use crate::host::lockfile::Holder;
-use crate::volume::id::VolumeId;
+use crate::volume::id::{SnapshotId, VolumeId};
 
 /// Everything that can go wrong, named by cause.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,7 @@ pub enum Error {
     #[error("snapshot {} already exists ({snapshot}) for volume {of}, not {requested}", shown(.name))]
     SnapshotNameTaken {
         name: String,
-        snapshot: VolumeId,
+        snapshot: SnapshotId,
         of: VolumeId,
         requested: VolumeId,
     },

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use super::Error;
-use crate::volume::id::VolumeId;
 use crate::volume::params::VolumeKind;
 use crate::volume::pool::ContentSource;
 
@@ -52,7 +51,7 @@ pub enum Corruption {
     },
     /// The record's id is not the one its file name says.
     #[error("holds {what} id {id} (file name and content disagree)")]
-    IdMismatch { what: &'static str, id: VolumeId },
+    IdMismatch { what: &'static str, id: String },
 }
 
 pub(super) fn joined(paths: &[PathBuf], separator: &str) -> String {

@@ -113,7 +113,7 @@ fn samples() -> Vec<Error> {
         },
         Error::SnapshotNameTaken {
             name: s.clone(),
-            snapshot: v,
+            snapshot: crate::volume::id::SnapshotId::new_random(),
             of: v,
             requested: v,
         },

@@ -9,14 +9,15 @@ use crate::csi::{self, controller_server::Controller};
 use crate::error::{shown, Error, Result};
 use crate::rpc_span;
 use crate::service::{capability, required, snapshot_id, volume_id, CapabilityError, Driver};
+use crate::volume::id::{OfSnapshot, OfVolume};
 use crate::volume::params::{CapacityRange, StorageClassParams};
 use crate::volume::pool::NewVolume;
 
 mod convert;
 
 use convert::{
-    content_source, creation_capabilities, page_size, snapshot_parameters, snapshot_reply,
-    volume_name,
+    content_source, creation_capabilities, optional_id, page_size, snapshot_parameters,
+    snapshot_reply, volume_name,
 };
 
 #[derive(Clone)]
@@ -347,7 +348,7 @@ impl Controller for ControllerService {
         self.driver
             .run(rpc, move |domain| {
                 required("snapshot_id", &req.snapshot_id)?;
-                if let Some(id) = crate::volume::id::VolumeId::parse(&req.snapshot_id) {
+                if let Some(id) = crate::volume::id::SnapshotId::parse(&req.snapshot_id) {
                     domain.delete_snapshot(&id)?;
                 }
                 Ok(csi::DeleteSnapshotResponse {})
@@ -367,10 +368,11 @@ impl Controller for ControllerService {
             .run(rpc_span!("ListSnapshots"), move |domain| {
                 let max = page_size(req.max_entries)?;
                 let after = this.driver.redeem_token(&req.starting_token)?;
-                let parse = |value: &str| {
-                    (!value.is_empty()).then(|| crate::volume::id::VolumeId::parse(value))
-                };
-                let (by_id, by_source) = (parse(&req.snapshot_id), parse(&req.source_volume_id));
+                // An id that is not ours matches nothing (`Some(None)`); empty means any.
+                let (by_id, by_source) = (
+                    optional_id::<OfSnapshot>(&req.snapshot_id),
+                    optional_id::<OfVolume>(&req.source_volume_id),
+                );
                 let no_match = matches!(by_id, Some(None)) || matches!(by_source, Some(None));
                 let (page, more) = if no_match {
                     (Vec::new(), false)

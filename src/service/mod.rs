@@ -21,7 +21,7 @@ use crate::csi;
 use crate::error::{shown, Error, Result};
 use crate::host::lockfile::LockFile;
 use crate::host::os::Host;
-use crate::volume::id::VolumeId;
+use crate::volume::id::{Id, Kind, SnapshotId, VolumeId};
 use crate::volume::params::{AccessKind, AccessMode, Capability, FsType, MountFlags};
 use crate::volume::Volumes;
 
@@ -265,19 +265,20 @@ impl Driver {
         topology.segments.get(TOPOLOGY_KEY) == Some(&self.node_id)
     }
 
-    /// A ListVolumes token: the last id returned, with a MAC only this process can make.
-    fn issue_token(&self, after: &VolumeId) -> String {
+    /// A ListVolumes or ListSnapshots token: the last id returned, with a MAC only this
+    /// process can make.
+    fn issue_token<K: Kind>(&self, after: &Id<K>) -> String {
         format!("{after}.{:016x}", self.token_mac(after))
     }
 
-    fn token_mac(&self, id: &VolumeId) -> u64 {
+    fn token_mac<K: Kind>(&self, id: &Id<K>) -> u64 {
         let mut hasher = self.token_key.build_hasher();
         hasher.write(id.to_string().as_bytes());
         hasher.finish()
     }
 
     /// Parses a token this process issued; anything else is ABORTED (spec).
-    fn redeem_token(&self, token: &str) -> Result<Option<VolumeId>> {
+    fn redeem_token<K: Kind>(&self, token: &str) -> Result<Option<Id<K>>> {
         if token.is_empty() {
             return Ok(None);
         }
@@ -285,7 +286,7 @@ impl Driver {
             token: token.to_string(),
         };
         let (id, mac) = token.split_once('.').ok_or_else(invalid)?;
-        let id = VolumeId::parse(id).ok_or_else(invalid)?;
+        let id = Id::parse(id).ok_or_else(invalid)?;
         let mac = u64::from_str_radix(mac, 16).map_err(|_| invalid())?;
         if mac != self.token_mac(&id) {
             return Err(invalid());
@@ -334,18 +335,18 @@ pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str> {
 /// A volume id from a request: required, and NOT_FOUND when it is not one this driver issued
 /// (an id of the wrong shape names no volume; it is never used as a path).
 pub fn volume_id(field: &'static str, value: &str) -> Result<VolumeId> {
-    object_id(field, value, "volume")
+    object_id(field, value)
 }
 
 /// A snapshot id from a request, like `volume_id`.
-pub fn snapshot_id(field: &'static str, value: &str) -> Result<VolumeId> {
-    object_id(field, value, "snapshot")
+pub fn snapshot_id(field: &'static str, value: &str) -> Result<SnapshotId> {
+    object_id(field, value)
 }
 
-fn object_id(field: &'static str, value: &str, what: &'static str) -> Result<VolumeId> {
+fn object_id<K: Kind>(field: &'static str, value: &str) -> Result<Id<K>> {
     required(field, value)?;
-    VolumeId::parse(value).ok_or_else(|| Error::NotFound {
-        what,
+    Id::parse(value).ok_or_else(|| Error::NotFound {
+        what: K::WHAT,
         id: shown(value),
     })
 }

@@ -1,95 +1,21 @@
-//! Data services: snapshots, restores and clones (point-in-time copies of backing files),
+//! Data services: a volume made stable as a copy source (the copy itself is `content.rs`),
 //! online expansion, and volume health.
-//!
-//! A copy source is made stable before it is read: a snapshot is immutable; a volume's guard is
-//! held (no stage, unstage or delete meanwhile) and, when its file system is mounted, the file
-//! system is frozen (flushed, new writes blocked) for the last pass of the copy only, and always
-//! thawed (`SourceCopy::copy_to`; the freeze is recorded so that a driver killed meanwhile is
-//! undone, see `freeze.rs`). The copy itself shares extents (reflink) where the pool file system
-//! can, and copies only data extents elsewhere (see `host::files::copy_sparse`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::host::files::{Allocation, CopyStats};
+use crate::host::files::Allocation;
 use crate::host::fs::{GrowsAt, PendingGrow};
 use crate::host::mount;
-use crate::host::os::Host;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::handle::{Near, OpenVolume, VolumeView};
 use crate::volume::id::VolumeId;
 use crate::volume::locks::VolumeGuard;
 use crate::volume::node::NodeOps;
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
-use crate::volume::pool::{SourceCopy, VolumeMeta};
+use crate::volume::pool::VolumeMeta;
 use crate::volume::volumes::Skipper;
-
-impl SourceCopy {
-    /// Copies the source into `dst` (new), sized `size`. A source that is not live (a snapshot,
-    /// an unstaged volume) is copied as it is: its guard keeps it unchanged. A mounted file
-    /// system keeps taking writes until it is frozen, and a frozen one blocks its application,
-    /// so the freeze is kept short:
-    /// - on a pool that shares extents (reflink: btrfs, xfs), it is frozen and copied, which
-    ///   takes milliseconds whatever the size;
-    /// - elsewhere the data is copied while the application writes on; a second pass, still
-    ///   unfrozen, rewrites what the application changed meanwhile (and leaves both files in
-    ///   the page cache); then the file system is frozen (everything it wrote is then in the
-    ///   image, and nothing more is written) and a last pass rewrites the blocks of the copy
-    ///   that still differ from the image (`files::patch_to_match`): afterwards the copy reads
-    ///   back exactly as the frozen image, which is the point-in-time copy. Only that last
-    ///   comparison runs frozen, and **never longer than the freeze limit**
-    ///   (`--max-freeze-ms`): should it not finish by then, the file system is thawed, the
-    ///   copy discarded and the call fails naming the remedies (`Error::FreezeLimit`). The
-    ///   flush of the copy runs after the thaw.
-    pub fn copy_to(&self, host: &dyn Host, dst: &Path, size: u64) -> Result<CopyStats> {
-        let len = self.size_bytes;
-        let Some(freeze) = &self.freeze else {
-            return host.copy_image(&self.image, dst, len, size);
-        };
-        if host.reflinks(dst.parent().unwrap_or(Path::new("/"))) {
-            let _frozen = freeze.freeze()?;
-            return host.copy_image(&self.image, dst, len, size);
-        }
-        let stats = host.copy_image(&self.image, dst, len, size)?;
-        crate::faults::crash_point("copy.precopied");
-        let patched = (|| {
-            let caught_up = host.patch_image(&self.image, dst, len, None)?;
-            let frozen = freeze.freeze()?;
-            let started = std::time::Instant::now();
-            let last = host.patch_image(&self.image, dst, len, Some(started + freeze.limit()));
-            drop(frozen); // thaw before the flush
-            let frozen_ms = started.elapsed().as_millis() as u64;
-            let last = last?;
-            if !last.finished {
-                return Err(Error::FreezeLimit {
-                    volume: freeze.volume(),
-                    limit: freeze.limit(),
-                    compared: last.compared,
-                    data: caught_up.compared,
-                });
-            }
-            host.sync_file(dst)?;
-            Ok((caught_up.rewritten, last.rewritten, frozen_ms))
-        })();
-        match patched {
-            Ok((caught_up, rewritten, frozen_ms)) => {
-                tracing::info!(
-                    caught_up_bytes = caught_up,
-                    rewritten_bytes = rewritten,
-                    frozen_ms,
-                    "copied a live file system: the blocks written during the copy were \
-                     copied again while it was frozen"
-                );
-                Ok(stats)
-            }
-            Err(err) => {
-                let _ = host.remove_durably(dst);
-                Err(err)
-            }
-        }
-    }
-}
 
 /// Why a volume is not healthy, if it is not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +27,7 @@ pub struct Condition {
 impl NodeOps {
     /// Makes a volume's image stable for copying: the caller holds its guard (no stage,
     /// unstage, expand or delete meanwhile); when its file system is mounted, says how to
-    /// freeze it (see `SourceCopy::copy_to`).
+    /// freeze it (see `content::SourceCopy::copy_to`).
     pub(crate) fn stable_volume(
         &self,
         held: &VolumeGuard,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::host::mount;
 use crate::host::os::Host;
-use crate::volume::id::VolumeId;
+use crate::volume::id::{SnapshotId, VolumeId};
 
 /// Where everything lives under the state dir, and the host it lives on: everything that holds
 /// a layout (the pool, the node machinery, a freeze target) reaches the operating system
@@ -93,10 +93,10 @@ impl Layout {
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
-    pub fn snapshot_image(&self, id: &VolumeId) -> PathBuf {
+    pub fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
         self.snapshots_dir().join(format!("{id}.img"))
     }
-    pub fn snapshot_meta(&self, id: &VolumeId) -> PathBuf {
+    pub fn snapshot_meta(&self, id: &SnapshotId) -> PathBuf {
         self.snapshots_dir().join(format!("{id}.json"))
     }
     /// The directory of a volume's node records (see `records.rs`).

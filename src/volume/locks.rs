@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
-use crate::volume::id::VolumeId;
+use crate::volume::id::{SnapshotId, VolumeId};
 
 /// What an operation holds exclusively.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -48,12 +48,12 @@ impl VolumeGuard {
 
 /// Proof that the holder runs the one operation on snapshot `id`.
 pub struct SnapshotGuard {
-    id: VolumeId,
+    id: SnapshotId,
     _held: OperationGuard,
 }
 
 impl SnapshotGuard {
-    pub fn id(&self) -> &VolumeId {
+    pub fn id(&self) -> &SnapshotId {
         &self.id
     }
 }
@@ -75,7 +75,7 @@ impl OperationLocks {
     }
 
     /// The guard of snapshot `id`, or `Pending`.
-    pub(in crate::volume) fn snapshot(&self, id: &VolumeId) -> Result<SnapshotGuard> {
+    pub(in crate::volume) fn snapshot(&self, id: &SnapshotId) -> Result<SnapshotGuard> {
         Ok(SnapshotGuard {
             id: *id,
             _held: self.try_lock(LockKey::Snapshot(id.to_string()))?,

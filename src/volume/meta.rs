@@ -1,16 +1,17 @@
 //! What the store persists: the metadata of volumes and snapshots (each file the commit point of
 //! its object), how it is read back, and what CreateVolume asks for.
 
+use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Corruption, Error, Mismatch, Result};
 use crate::host::os::Host;
-use crate::volume::freeze::FreezeTarget;
-use crate::volume::id::VolumeId;
-use crate::volume::locks::ObjectGuard;
+use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::params::{AccessMode, CapacityRange, VolumeKind, VolumeParams};
+use crate::volume::pool::Index;
 
 /// Metadata format version written by this build.
 pub(crate) const META_VERSION: u32 = 1;
@@ -45,7 +46,7 @@ pub struct VolumeMeta {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContentSource {
-    Snapshot(VolumeId),
+    Snapshot(SnapshotId),
     Volume(VolumeId),
 }
 
@@ -53,7 +54,7 @@ pub enum ContentSource {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     pub version: u32,
-    pub id: VolumeId,
+    pub id: SnapshotId,
     pub name: String,
     pub source_volume_id: VolumeId,
     /// The source volume's size when the snapshot was taken: the smallest volume it restores to.
@@ -69,29 +70,28 @@ pub struct SnapshotMeta {
 
 impl Committed for SnapshotMeta {
     const WHAT: &'static str = "snapshot";
-    fn id(&self) -> VolumeId {
+    type Id = SnapshotId;
+    fn id(&self) -> SnapshotId {
         self.id
+    }
+    fn unreadable_in(index: &mut Index) -> &mut BTreeMap<SnapshotId, Unreadable> {
+        &mut index.unreadable_snapshots
     }
     fn version(&self) -> u32 {
         self.version
     }
 }
 
-/// A copy source prepared by the caller: its image is stable (frozen or unused) for as long
-/// as the caller holds the guards inside.
-pub struct SourceCopy {
-    pub image: PathBuf,
+/// What a new object's metadata takes from its content source (the copy itself, and the guards
+/// that keep the source stable meanwhile, are the domain's: see `content::SourceCopy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceFacts {
+    pub content: ContentSource,
     pub size_bytes: u64,
     pub kind: VolumeKind,
     pub formatted: bool,
     /// The source's file system is smaller than the source (a grow is still pending there).
     pub pending_fs_grow: bool,
-    pub content: ContentSource,
-    /// Held while copying: the source's operation guard.
-    pub guard: ObjectGuard,
-    /// `Some` when the source is a mounted file system that takes writes until frozen (see
-    /// `SourceCopy::copy_to`).
-    pub(crate) freeze: Option<FreezeTarget>,
 }
 
 /// What CreateVolume asks for, typed.
@@ -141,14 +141,22 @@ pub struct Recovery {
 /// `<id>.json` pairs (volumes, snapshots).
 pub(crate) trait Committed: serde::de::DeserializeOwned {
     const WHAT: &'static str;
-    fn id(&self) -> VolumeId;
+    /// The id type of the object (`VolumeId`, `SnapshotId`): the file name's stem.
+    type Id: Copy + Ord + Display;
+    fn id(&self) -> Self::Id;
     fn version(&self) -> u32;
+    /// The index's map of this kind's unreadable metadata.
+    fn unreadable_in(index: &mut Index) -> &mut BTreeMap<Self::Id, Unreadable>;
 }
 
 impl Committed for VolumeMeta {
     const WHAT: &'static str = "volume";
+    type Id = VolumeId;
     fn id(&self) -> VolumeId {
         self.id
+    }
+    fn unreadable_in(index: &mut Index) -> &mut BTreeMap<VolumeId, Unreadable> {
+        &mut index.unreadable
     }
     fn version(&self) -> u32 {
         self.version
@@ -175,7 +183,7 @@ pub(crate) fn load_meta<M: Committed>(host: &dyn Host, path: &Path, stem: &str) 
     if meta.id().to_string() != stem {
         return Err(corrupt(Corruption::IdMismatch {
             what: M::WHAT,
-            id: meta.id(),
+            id: meta.id().to_string(),
         }));
     }
     Ok(meta)
@@ -218,5 +226,59 @@ pub(crate) fn check_compatible(existing: &VolumeMeta, req: &NewVolume) -> Result
             mismatch,
         }),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::layout::Layout;
+    use crate::volume::pool::Pool;
+
+    /// A snapshot, and a volume restored from it, as the driver wrote them while snapshot ids
+    /// were `VolumeId`s: both load (the id text is the same), the volume's source is the
+    /// snapshot's `SnapshotId`, and both are written back with the same keys and values.
+    #[test]
+    fn metadata_written_before_snapshot_ids_had_their_own_type_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let host = std::sync::Arc::new(crate::host::fake::FakeHost::new(&root));
+        let layout = Layout::prepare(&root.join("state"), host).unwrap();
+        let (snap, vol, src) = (
+            "0b5c1e9a-3f4d-4c2b-9a57-1d2e3f405162",
+            "fc64749b-889e-46e8-aa8b-5a9c943168c6",
+            "5d1f0e2a-7b3c-4d4e-8f5a-6b7c8d9e0f10",
+        );
+        let snapshot = format!(
+            r#"{{"version":1,"id":"{snap}","name":"snap-a","source_volume_id":"{src}","size_bytes":67108864,"kind":"block","formatted":false,"created_unix_nanos":5,"pending_fs_grow":false}}"#
+        );
+        let volume = format!(
+            r#"{{"version":1,"id":"{vol}","name":"pvc-1","capacity_bytes":67108864,"kind":"block","provisioning":"thin","access_modes":["single_node_writer"],"created_unix":5,"formatted":false,"claim":{{}},"content_source":{{"snapshot":"{snap}"}},"pending_fs_grow":false}}"#
+        );
+        let snapshots = layout.snapshots_dir();
+        std::fs::write(snapshots.join(format!("{snap}.json")), &snapshot).unwrap();
+        std::fs::write(snapshots.join(format!("{snap}.img")), b"").unwrap();
+        std::fs::write(layout.volumes_dir().join(format!("{vol}.json")), &volume).unwrap();
+        std::fs::write(layout.volumes_dir().join(format!("{vol}.img")), b"").unwrap();
+
+        let (pool, recovery) = Pool::open(layout).unwrap();
+        assert!(recovery.unreadable.is_empty(), "{recovery:?}");
+        assert!(recovery.removed_partial_images.is_empty(), "{recovery:?}");
+        let snap_id = SnapshotId::parse(snap).unwrap();
+        let loaded = pool.require_snapshot(&snap_id).unwrap();
+        assert_eq!(loaded.source_volume_id, VolumeId::parse(src).unwrap());
+        let restored = pool.require(&VolumeId::parse(vol).unwrap()).unwrap();
+        assert_eq!(
+            restored.content_source,
+            Some(ContentSource::Snapshot(snap_id))
+        );
+        let same = |written: &str, again: serde_json::Value| {
+            assert_eq!(
+                again,
+                serde_json::from_str::<serde_json::Value>(written).unwrap()
+            )
+        };
+        same(&snapshot, serde_json::to_value(&*loaded).unwrap());
+        same(&volume, serde_json::to_value(&*restored).unwrap());
     }
 }

@@ -1,6 +1,7 @@
 //! The volume domain: ids, typed parameters, the pool of backing files and their metadata,
 //! node staging and publishing, and per-volume operation guards. No gRPC types here.
 
+pub mod content;
 pub mod copath;
 pub mod data;
 pub mod freeze;

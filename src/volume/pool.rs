@@ -8,8 +8,14 @@
 //!   durable first and then the metadata; DeleteVolume removes the metadata first and then the
 //!   image. So after a crash at any instant, an image without metadata is a half-made or
 //!   half-deleted volume and startup recovery removes it; a volume with metadata is complete.
+//! - `snapshots/<id>.img`, `snapshots/<id>.json` a snapshot's copy and its metadata, the
+//!   metadata file its commit point likewise (ids are `SnapshotId`s: same text, their own type).
 //! - `node/<id>.json`    what the CO asked this node to stage and publish (see `node.rs`).
 //! - `*.tmp`             a crash-safe write that did not finish; removed at start.
+//!
+//! The store persists and does nothing else: it decides a new object (`reserve`,
+//! `reserve_snapshot`) and commits it (`commit`, `commit_snapshot`); the image in between is a
+//! blank one (`blank_image`) or a copy the domain makes (`content.rs`).
 //!
 //! Nothing the kernel knows (which loop device backs which image, what is mounted where) is
 //! stored here: it is read from sysfs and mountinfo when needed.
@@ -23,18 +29,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use crate::host::files::{Allocation, Usage};
 use crate::host::os::{Host, NewImage};
-use crate::volume::id::VolumeId;
+use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::locks::{SnapshotGuard, VolumeGuard};
 use crate::volume::params::{Provisioning, VolumeKind};
+use std::path::PathBuf;
 
 #[derive(Default)]
 pub(crate) struct Index {
     pub(crate) by_id: BTreeMap<VolumeId, Arc<VolumeMeta>>,
     pub(crate) by_name: HashMap<String, VolumeId>,
-    pub(crate) snapshots: BTreeMap<VolumeId, Arc<SnapshotMeta>>,
-    pub(crate) snapshots_by_name: HashMap<String, VolumeId>,
-    /// Volumes and snapshots whose metadata exists but cannot be read, by id.
+    pub(crate) snapshots: BTreeMap<SnapshotId, Arc<SnapshotMeta>>,
+    pub(crate) snapshots_by_name: HashMap<String, SnapshotId>,
+    /// Volumes whose metadata exists but cannot be read, by id.
     pub(crate) unreadable: BTreeMap<VolumeId, Unreadable>,
+    /// Snapshots whose metadata exists but cannot be read, by id.
+    pub(crate) unreadable_snapshots: BTreeMap<SnapshotId, Unreadable>,
 }
 
 /// The metadata store: the index of volumes and snapshots and their crash-safe files. It takes
@@ -43,6 +52,67 @@ pub(crate) struct Index {
 pub struct Pool {
     pub(crate) layout: Layout,
     pub(crate) index: RwLock<Index>,
+}
+
+/// A volume the store has decided but not committed (`Pool::reserve`): its metadata, and the
+/// guard of its new id, held until the commit so the reconciler never takes the image of a
+/// create in flight for an orphan.
+pub struct PendingVolume<'g> {
+    held: &'g VolumeGuard,
+    image: PathBuf,
+    meta: VolumeMeta,
+    /// The pool's free space when it was reserved, for the NoSpace of a full pool.
+    available: u64,
+}
+
+impl PendingVolume<'_> {
+    /// Where the image goes: the domain fills it, `Pool::commit` makes it a volume.
+    pub fn image(&self) -> &std::path::Path {
+        &self.image
+    }
+
+    pub fn size(&self) -> u64 {
+        self.meta.capacity_bytes
+    }
+
+    pub fn allocation(&self) -> Allocation {
+        match self.meta.params.provisioning {
+            Provisioning::Thin => Allocation::Sparse,
+            Provisioning::Thick => Allocation::Full,
+        }
+    }
+
+    /// `err` as the CO should see it: the pool ran out of space while the image was made
+    /// (ENOSPC) is RESOURCE_EXHAUSTED, saying how much was asked and free.
+    pub fn no_space(&self, err: Error) -> Error {
+        match err {
+            Error::Io { ref source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
+                Error::NoSpace {
+                    requested: self.size(),
+                    available: self.available,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// A snapshot the store has decided but not committed (`Pool::reserve_snapshot`).
+pub struct PendingSnapshot<'g> {
+    held: &'g SnapshotGuard,
+    image: PathBuf,
+    meta: SnapshotMeta,
+}
+
+impl PendingSnapshot<'_> {
+    /// Where the copy goes: the domain makes it, `Pool::commit_snapshot` makes it a snapshot.
+    pub fn image(&self) -> &std::path::Path {
+        &self.image
+    }
+
+    pub fn id(&self) -> &SnapshotId {
+        self.held.id()
+    }
 }
 
 impl Pool {
@@ -146,15 +216,16 @@ impl Pool {
         Ok(None)
     }
 
-    /// Makes volume `new` (a fresh id whose guard the caller holds) as `req` asks, filled from
-    /// `source` when given: the image first, then the metadata, the commit point.
-    pub fn create(
+    /// Decides volume `new` (a fresh id whose guard the caller holds) as `req` asks, sized for
+    /// `source` when given: its size, checked against the pool's free space, and its metadata.
+    /// Nothing is written yet: the domain puts the image in place (`content.rs`), then `commit`.
+    pub fn reserve<'g>(
         &self,
-        new: &VolumeGuard,
+        new: &'g VolumeGuard,
         req: NewVolume,
-        source: Option<SourceCopy>,
-    ) -> Result<Arc<VolumeMeta>> {
-        let minimum = minimum_size(&req, source.as_ref())?;
+        source: Option<&SourceFacts>,
+    ) -> Result<PendingVolume<'g>> {
+        let minimum = minimum_size(&req, source)?;
         let size = req.capacity.resolve(minimum)?;
         let available = self.usage()?.available_bytes;
         if size > available {
@@ -163,8 +234,6 @@ impl Pool {
                 available,
             });
         }
-        // The caller holds the new id's guard until the volume is committed, so the reconciler
-        // never takes the image of a create in flight for an orphan.
         let id = *new.id();
         let meta = VolumeMeta {
             version: META_VERSION,
@@ -177,78 +246,52 @@ impl Pool {
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            formatted: source.as_ref().is_some_and(|s| s.formatted),
-            content_source: source.as_ref().map(|s| s.content),
-            pending_fs_grow: source.as_ref().is_some_and(|s| {
+            formatted: source.is_some_and(|s| s.formatted),
+            content_source: source.map(|s| s.content),
+            pending_fs_grow: source.is_some_and(|s| {
                 s.formatted
                     && (size > s.size_bytes || s.pending_fs_grow)
                     && matches!(req.kind, VolumeKind::Filesystem(_))
             }),
         };
-        let image = self.layout.image(&id);
-        let allocation = match meta.params.provisioning {
-            Provisioning::Thin => Allocation::Sparse,
-            Provisioning::Thick => Allocation::Full,
-        };
-        let filled = self.fill_image(&image, size, allocation, source.as_ref());
-        // The copy is durable: release the source before the metadata commit.
-        if let (Some(source), Ok(_)) = (source, &filled) {
-            crate::faults::crash_point(match source.content {
-                ContentSource::Snapshot(_) => "restore.copied",
-                ContentSource::Volume(_) => "clone.copied",
-            });
-        }
-        let fresh_image = filled.map_err(|err| match err {
-            Error::Io { ref source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
-                Error::NoSpace {
-                    requested: size,
-                    available,
-                }
-            }
-            other => other,
-        })?;
+        Ok(PendingVolume {
+            held: new,
+            image: self.layout.image(&id),
+            meta,
+            available,
+        })
+    }
+
+    /// The image of a volume without a content source: a fresh file, made durable with the
+    /// metadata by `commit` (so its handle is returned).
+    pub fn blank_image(&self, pending: &PendingVolume<'_>) -> Result<NewImage> {
+        self.host()
+            .create_image(&pending.image, pending.size(), pending.allocation())
+            .map_err(|err| pending.no_space(err))
+    }
+
+    /// Commits a reserved volume whose image is in place: `fresh` is a blank image to make
+    /// durable with the metadata (a copy is durable already). The metadata file is the commit
+    /// point; should it fail, the image is taken back, so nothing half-made stays.
+    pub fn commit(
+        &self,
+        pending: PendingVolume<'_>,
+        fresh: Option<NewImage>,
+    ) -> Result<Arc<VolumeMeta>> {
+        let PendingVolume {
+            held, image, meta, ..
+        } = pending;
         crate::faults::crash_point("create.image_written");
-        let committed = self.write_meta_with(&meta, fresh_image.as_ref());
-        if let Err(err) = committed {
-            // Not committed: take the image back so nothing half-made stays.
+        if let Err(err) = self.write_meta_with(&meta, fresh.as_ref()) {
             let _ = self.host().remove_durably(&image);
             return Err(err);
         }
         crate::faults::crash_point("create.meta_committed");
         let meta = Arc::new(meta);
         let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
-        index.by_name.insert(meta.name.clone(), id);
-        index.by_id.insert(id, Arc::clone(&meta));
+        index.by_name.insert(meta.name.clone(), *held.id());
+        index.by_id.insert(*held.id(), Arc::clone(&meta));
         Ok(meta)
-    }
-
-    /// Makes the new volume's image: a fresh file (made durable with the metadata, so its
-    /// handle is returned), or a copy of the source, durable already and grown to `size`.
-    fn fill_image(
-        &self,
-        image: &std::path::Path,
-        size: u64,
-        allocation: Allocation,
-        source: Option<&SourceCopy>,
-    ) -> Result<Option<NewImage>> {
-        // A fresh image is made durable with the metadata below; a copy is durable already.
-        match source {
-            None => self.host().create_image(image, size, allocation).map(Some),
-            Some(source) => source
-                .copy_to(self.host(), image, size)
-                .and_then(|stats| {
-                    tracing::info!(
-                        data_bytes = stats.data_bytes,
-                        extents = stats.extents,
-                        "copied the source"
-                    );
-                    let host = self.host();
-                    host.grow_image(image, size, allocation).inspect_err(|_| {
-                        let _ = host.remove_durably(image);
-                    })
-                })
-                .map(|()| None),
-        }
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<()> {
@@ -283,7 +326,7 @@ impl Pool {
         self.update(held, updated).map(drop)
     }
 
-    pub fn snapshot(&self, id: &VolumeId) -> Option<Arc<SnapshotMeta>> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Option<Arc<SnapshotMeta>> {
         self.index
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -293,7 +336,7 @@ impl Pool {
     }
 
     /// The snapshot, or NOT_FOUND naming the id.
-    pub fn require_snapshot(&self, id: &VolumeId) -> Result<Arc<SnapshotMeta>> {
+    pub fn require_snapshot(&self, id: &SnapshotId) -> Result<Arc<SnapshotMeta>> {
         self.snapshot(id).ok_or_else(|| Error::NotFound {
             what: "snapshot",
             id: id.to_string(),
@@ -304,7 +347,7 @@ impl Pool {
     /// whether more follow.
     pub fn list_snapshots(
         &self,
-        after: Option<VolumeId>,
+        after: Option<SnapshotId>,
         max: usize,
         filter: impl Fn(&SnapshotMeta) -> bool,
     ) -> (Vec<Arc<SnapshotMeta>>, bool) {
@@ -352,37 +395,47 @@ impl Pool {
         Ok(None)
     }
 
-    /// Makes snapshot `new` (a fresh id whose guard the caller holds) named `name`, a copy of
-    /// the prepared (stable) `source`. Like volumes, the metadata file is the commit point.
-    pub fn create_snapshot(
+    /// Decides snapshot `new` (a fresh id whose guard the caller holds) named `name`, of volume
+    /// `of`, which `source` describes. Nothing is written yet: the domain copies the source to
+    /// `PendingSnapshot::image` (`content.rs`), then `commit_snapshot`.
+    pub fn reserve_snapshot<'g>(
         &self,
-        new: &SnapshotGuard,
+        new: &'g SnapshotGuard,
         name: &str,
-        source: SourceCopy,
-    ) -> Result<Arc<SnapshotMeta>> {
+        of: &VolumeId,
+        source: &SourceFacts,
+    ) -> PendingSnapshot<'g> {
         let id = *new.id();
-        let source_id = match source.content {
-            ContentSource::Volume(id) => id,
-            ContentSource::Snapshot(id) => id,
-        };
-        let image = self.layout.snapshot_image(&id);
-        let stats = source.copy_to(self.host(), &image, source.size_bytes)?;
-        let meta = SnapshotMeta {
-            version: META_VERSION,
-            id,
-            name: name.to_string(),
-            source_volume_id: source_id,
-            size_bytes: source.size_bytes,
-            kind: source.kind,
-            formatted: source.formatted,
-            pending_fs_grow: source.pending_fs_grow,
-            created_unix_nanos: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        };
-        drop(source); // release the source's guard as soon as its content is copied
-        crate::faults::crash_point("snapshot.copied");
-        tracing::info!(snapshot.id = %id, data_bytes = stats.data_bytes, extents = stats.extents, "snapshot copied");
+        PendingSnapshot {
+            held: new,
+            image: self.layout.snapshot_image(&id),
+            meta: SnapshotMeta {
+                version: META_VERSION,
+                id,
+                name: name.to_string(),
+                source_volume_id: *of,
+                size_bytes: source.size_bytes,
+                kind: source.kind,
+                formatted: source.formatted,
+                pending_fs_grow: source.pending_fs_grow,
+                created_unix_nanos: 0,
+            },
+        }
+    }
+
+    /// Commits a snapshot whose image is copied (and durable). Like volumes, the metadata file
+    /// is the commit point; should it fail, the copy is taken back.
+    pub fn commit_snapshot(&self, pending: PendingSnapshot<'_>) -> Result<Arc<SnapshotMeta>> {
+        let PendingSnapshot {
+            held,
+            image,
+            mut meta,
+        } = pending;
+        let id = *held.id();
+        // The snapshot's time is the end of its copy, which has just finished.
+        meta.created_unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| Error::Internal(format!("serialising snapshot {id}: {e}")))?;
         if let Err(err) = self
@@ -406,8 +459,8 @@ impl Pool {
         let id = held.id();
         let Some(meta) = self.snapshot(id) else {
             // Unreadable metadata: the CO names the id, so these files are what it deletes.
-            if let Some(unreadable) = self.unreadable(id).filter(|u| u.what == SnapshotMeta::WHAT) {
-                self.forget_unreadable(id, &unreadable)?;
+            if let Some(unreadable) = self.unreadable_snapshot(id) {
+                self.forget_unreadable::<SnapshotMeta>(id, &unreadable)?;
                 return self
                     .host()
                     .remove_uncommitted(&self.layout.snapshot_image(id));
@@ -466,11 +519,9 @@ impl Pool {
     }
 }
 
-impl Pool {}
-
 /// The smallest size a new volume may have: its kind's minimum, and no less than its source.
 /// A source of another kind is INVALID_ARGUMENT; a limit below the source, OUT_OF_RANGE.
-fn minimum_size(req: &NewVolume, source: Option<&SourceCopy>) -> Result<u64> {
+fn minimum_size(req: &NewVolume, source: Option<&SourceFacts>) -> Result<u64> {
     let mut minimum = req.kind.minimum_size();
     if let Some(source) = source {
         if source.kind != req.kind {

@@ -27,7 +27,7 @@ use crate::host::files;
 use crate::host::mount;
 use crate::host::os::{Host, NodeKind};
 use crate::volume::handle::{Near, OpenVolume};
-use crate::volume::id::VolumeId;
+use crate::volume::id::{Id, Kind, OfSnapshot, OfVolume, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::ObjectGuard;
 use crate::volume::node::{bind_target, publish_options, NodeOps};
@@ -58,10 +58,11 @@ impl ReconcileReport {
     }
 }
 
-/// The volume id a pool or record file name starts with (`<id>.img`, `<id>.json.tmp`, ...).
-fn id_prefix(path: &Path) -> Option<VolumeId> {
+/// The volume or snapshot id a pool or record file name starts with (`<id>.img`,
+/// `<id>.json.tmp`, ...).
+fn id_prefix<K: Kind>(path: &Path) -> Option<Id<K>> {
     let name = path.file_name()?.to_str()?;
-    VolumeId::parse(name.get(..uuid::fmt::Hyphenated::LENGTH)?)
+    Id::parse(name.get(..uuid::fmt::Hyphenated::LENGTH)?)
 }
 
 /// The entries of a directory the layout made: missing is an error, as `read_dir` gives it.
@@ -385,7 +386,11 @@ impl NodeOps {
             layout.node_dir(),
         ] {
             for path in list(host, &dir)? {
-                let Some(id) = id_prefix(&path) else { continue };
+                let Some(id) = id_prefix::<OfVolume>(&path) else {
+                    continue;
+                };
+                // The same name read as a snapshot's id, for the files of `snapshots/`.
+                let snapshot = id_prefix::<OfSnapshot>(&path);
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 let what = if name.ends_with(files::TEMP_SUFFIX) {
                     "stale temp file"
@@ -396,7 +401,7 @@ impl NodeOps {
                     "image without metadata"
                 } else if dir == layout.snapshots_dir()
                     && name.ends_with(".img")
-                    && !exists(host, &layout.snapshot_meta(&id))
+                    && snapshot.is_some_and(|s| !exists(host, &layout.snapshot_meta(&s)))
                 {
                     "snapshot image without metadata"
                 } else if dir == layout.node_dir()
@@ -413,7 +418,9 @@ impl NodeOps {
                     continue;
                 }
                 let held = if dir == layout.snapshots_dir() {
-                    skipper.snapshot(&id).map(ObjectGuard::Snapshot)
+                    snapshot
+                        .and_then(|s| skipper.snapshot(&s))
+                        .map(ObjectGuard::Snapshot)
                 } else {
                     skipper.volume(&id).map(ObjectGuard::Volume)
                 };

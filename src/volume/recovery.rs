@@ -10,13 +10,13 @@ use std::sync::{Arc, PoisonError, RwLock};
 use crate::error::{Error, Result};
 use crate::host::files::{self};
 use crate::host::os::{Host, NodeKind};
-use crate::volume::id::VolumeId;
+use crate::volume::id::{Id, Kind, SnapshotId, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 
 /// Startup recovery of one commit-point directory: loads the metadata, removes temp files and
 /// images without metadata (an interrupted create or delete). Unreadable metadata is reported
 /// and left untouched with its image.
-pub(crate) fn recover_dir<M: Committed>(
+pub(crate) fn recover_dir<K: Kind, M: Committed<Id = Id<K>>>(
     host: &dyn Host,
     dir: &Path,
     view: &KernelView<'_>,
@@ -45,8 +45,8 @@ pub(crate) fn recover_dir<M: Committed>(
                 Err(err) => {
                     tracing::error!(path = %path.display(), error = %err, "unreadable {} metadata; not served, files and node records left untouched", M::WHAT);
                     unreadable_stems.push(stem.to_string());
-                    if let Some(id) = VolumeId::parse(stem) {
-                        index.unreadable.insert(
+                    if let Some(id) = Id::parse(stem) {
+                        M::unreadable_in(index).insert(
                             id,
                             Unreadable {
                                 what: M::WHAT,
@@ -98,7 +98,7 @@ impl Pool {
         let mut index = Index::default();
         let host = layout.host();
         let view = KernelView::read(host)?;
-        for meta in recover_dir::<VolumeMeta>(
+        for meta in recover_dir::<_, VolumeMeta>(
             host,
             &layout.volumes_dir(),
             &view,
@@ -109,7 +109,7 @@ impl Pool {
             index.by_name.insert(meta.name.clone(), meta.id);
             index.by_id.insert(meta.id, Arc::new(meta));
         }
-        for snap in recover_dir::<SnapshotMeta>(
+        for snap in recover_dir::<_, SnapshotMeta>(
             host,
             &layout.snapshots_dir(),
             &view,
@@ -174,7 +174,7 @@ impl Pool {
         ))
     }
 
-    /// The metadata of `id` exists but cannot be read, if so.
+    /// The metadata of volume `id` exists but cannot be read, if so.
     pub fn unreadable(&self, id: &VolumeId) -> Option<Unreadable> {
         self.index
             .read()
@@ -184,13 +184,24 @@ impl Pool {
             .cloned()
     }
 
-    /// Every volume and snapshot whose metadata cannot be read, in id order.
-    pub fn unreadable_all(&self) -> Vec<(VolumeId, Unreadable)> {
+    /// The metadata of snapshot `id` exists but cannot be read, if so.
+    pub fn unreadable_snapshot(&self, id: &SnapshotId) -> Option<Unreadable> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unreadable_snapshots
+            .get(id)
+            .cloned()
+    }
+
+    /// Every volume's, then every snapshot's, metadata that cannot be read, each in id order.
+    pub fn unreadable_all(&self) -> Vec<Unreadable> {
         let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
         index
             .unreadable
-            .iter()
-            .map(|(id, u)| (*id, u.clone()))
+            .values()
+            .chain(index.unreadable_snapshots.values())
+            .cloned()
             .collect()
     }
 
@@ -201,20 +212,21 @@ impl Pool {
             return Ok(());
         }
         let image = self.layout.image(id);
-        self.forget_unreadable(id, unreadable)?;
+        self.forget_unreadable::<VolumeMeta>(id, unreadable)?;
         crate::volume::records::clear(self.host(), &self.layout.node_record(id))?;
         self.host().remove_uncommitted(&image)
     }
 
     /// Removes unreadable metadata (the commit point) for a delete the CO asked for by id.
-    pub(crate) fn forget_unreadable(&self, id: &VolumeId, unreadable: &Unreadable) -> Result<()> {
+    pub(crate) fn forget_unreadable<M: Committed>(
+        &self,
+        id: &M::Id,
+        unreadable: &Unreadable,
+    ) -> Result<()> {
         tracing::warn!(id = %id, path = %unreadable.path.display(), why = %unreadable.why, "deleting a {} whose metadata is unreadable, as the CO asked", unreadable.what);
         self.host().remove_durably(&unreadable.path)?;
-        self.index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .unreadable
-            .remove(id);
+        let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+        M::unreadable_in(&mut index).remove(id);
         Ok(())
     }
 
@@ -222,12 +234,16 @@ impl Pool {
     /// while such metadata carries this name, or carries no name that can be read at all.
     pub(crate) fn refuse_unknown_names(&self, what: &'static str, name: &str) -> Result<()> {
         let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
-        let blocking = index.unreadable.values().find(|u| {
-            u.what == what
-                && u.name
-                    .as_deref()
-                    .is_none_or(|unreadable| unreadable == name)
-        });
+        let blocking = index
+            .unreadable
+            .values()
+            .chain(index.unreadable_snapshots.values())
+            .find(|u| {
+                u.what == what
+                    && u.name
+                        .as_deref()
+                        .is_none_or(|unreadable| unreadable == name)
+            });
         match blocking {
             None => Ok(()),
             Some(u) => Err(Error::NameUnknowable {

@@ -18,17 +18,18 @@ use crate::host::os::Host;
 use crate::host::tools::FsType;
 use crate::volume::copath;
 
+use crate::volume::content::{self, SourceCopy};
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
 use crate::volume::handle::Near;
-use crate::volume::id::VolumeId;
+use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
 use crate::volume::node::{NodeOps, VolumeStats};
 use crate::volume::params::{Capability, CapacityRange};
 use crate::volume::pool::{
-    Committed, ContentSource, Created, Layout, NewVolume, Pool, Recovery, SnapshotMeta, SourceCopy,
-    VolumeMeta,
+    Committed, ContentSource, Created, Layout, NewVolume, Pool, Recovery, SnapshotMeta,
+    SourceFacts, VolumeMeta,
 };
 use crate::volume::reconcile::{GcPolicy, ReconcileReport};
 use crate::volume::status::{Inventory, VolumeStatus};
@@ -51,7 +52,7 @@ impl Skipper<'_> {
         self.locks.volume(id).ok()
     }
 
-    pub fn snapshot(&self, id: &VolumeId) -> Option<SnapshotGuard> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotGuard> {
         self.locks.snapshot(id).ok()
     }
 }
@@ -147,7 +148,8 @@ impl Volumes {
     /// CreateVolume: idempotent by name (the name's guard is held from the lookup to the
     /// commit, so one name never makes two volumes); a content source is held stable, and
     /// frozen when live, for the length of its copy. `elsewhere` rewords a source this pool
-    /// does not hold (it may be on another node).
+    /// does not hold (it may be on another node). The store decides the volume and commits it;
+    /// in between, the image is made blank or copied from the source (`content.rs`).
     pub fn create(
         &self,
         req: NewVolume,
@@ -161,8 +163,19 @@ impl Volumes {
             Some(source) => Some(self.stable_source(source).map_err(elsewhere)?),
             None => None,
         };
+        // Held until the commit, so the reconciler never takes the image for an orphan.
         let new = self.locks.volume(&VolumeId::new_random())?;
-        let meta = self.store.create(&new, req, source)?;
+        let pending = self
+            .store
+            .reserve(&new, req, source.as_ref().map(|s| &s.facts))?;
+        let fresh = match source {
+            None => Some(self.store.blank_image(&pending)?),
+            Some(source) => {
+                content::fill_volume(self.host(), &pending, source)?;
+                None
+            }
+        };
+        let meta = self.store.commit(pending, fresh)?;
         Ok((meta, Created::New))
     }
 
@@ -242,26 +255,28 @@ impl Volumes {
             return Ok((existing, Created::AlreadyExisted));
         }
         let copy = self.stable_source(&ContentSource::Volume(*source))?;
-        let new = self.locks.snapshot(&VolumeId::new_random())?;
-        let meta = self.store.create_snapshot(&new, name, copy)?;
+        let new = self.locks.snapshot(&SnapshotId::new_random())?;
+        let pending = self.store.reserve_snapshot(&new, name, source, &copy.facts);
+        content::copy_snapshot(self.host(), &pending, copy)?;
+        let meta = self.store.commit_snapshot(pending)?;
         Ok((meta, Created::New))
     }
 
     /// DeleteSnapshot: OK for a snapshot that does not exist.
-    pub fn delete_snapshot(&self, id: &VolumeId) -> Result<()> {
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         let held = self.locks.snapshot(id)?;
         self.store.delete_snapshot(&held)
     }
 
     /// The snapshot, or NOT_FOUND.
-    pub fn snapshot(&self, id: &VolumeId) -> Result<Arc<SnapshotMeta>> {
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Arc<SnapshotMeta>> {
         self.store.require_snapshot(id)
     }
 
     /// ListSnapshots: snapshots in id order after `after` matching `filter`, at most `max`.
     pub fn list_snapshots(
         &self,
-        after: Option<VolumeId>,
+        after: Option<SnapshotId>,
         max: usize,
         filter: impl Fn(&SnapshotMeta) -> bool,
     ) -> (Vec<Arc<SnapshotMeta>>, bool) {
@@ -275,12 +290,14 @@ impl Volumes {
                 let held = self.locks.snapshot(id)?;
                 let snap = self.store.require_snapshot(id)?;
                 Ok(SourceCopy {
+                    facts: SourceFacts {
+                        content: *source,
+                        size_bytes: snap.size_bytes,
+                        kind: snap.kind,
+                        formatted: snap.formatted,
+                        pending_fs_grow: snap.pending_fs_grow,
+                    },
                     image: self.store.layout().snapshot_image(id),
-                    size_bytes: snap.size_bytes,
-                    kind: snap.kind,
-                    formatted: snap.formatted,
-                    pending_fs_grow: snap.pending_fs_grow,
-                    content: *source,
                     guard: ObjectGuard::Snapshot(held),
                     freeze: None,
                 })
@@ -289,12 +306,14 @@ impl Volumes {
                 let held = self.locks.volume(id)?;
                 let (meta, freeze) = self.node.stable_volume(&held)?;
                 Ok(SourceCopy {
+                    facts: SourceFacts {
+                        content: *source,
+                        size_bytes: meta.capacity_bytes,
+                        kind: meta.kind,
+                        formatted: meta.formatted,
+                        pending_fs_grow: meta.pending_fs_grow,
+                    },
                     image: self.store.layout().image(id),
-                    size_bytes: meta.capacity_bytes,
-                    kind: meta.kind,
-                    formatted: meta.formatted,
-                    pending_fs_grow: meta.pending_fs_grow,
-                    content: *source,
                     guard: ObjectGuard::Volume(held),
                     freeze,
                 })
@@ -384,7 +403,7 @@ impl Volumes {
         self.store
             .unreadable_all()
             .into_iter()
-            .map(|(_, u)| u.path)
+            .map(|u| u.path)
             .collect()
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use crate::csi;
 use crate::error::{shown, Error, Result};
 use crate::service::{capability, required, snapshot_id, volume_id, CapabilityError};
+use crate::volume::id::{Id, Kind};
 use crate::volume::params::{Capability, FsType, VolumeKind, FSTYPE_KEY};
 use crate::volume::pool::{ContentSource, SnapshotMeta, VolumeMeta};
 use crate::volume::Volumes;
@@ -100,6 +101,12 @@ pub(super) fn content_source(
             &v.volume_id,
         )?))),
     }
+}
+
+/// An optional id filter (ListSnapshots): `None` when empty (anything matches), `Some(None)`
+/// for an id that is not one of ours (nothing matches).
+pub(super) fn optional_id<K: Kind>(value: &str) -> Option<Option<Id<K>>> {
+    (!value.is_empty()).then(|| Id::parse(value))
 }
 
 pub(super) fn content_source_reply(source: ContentSource) -> csi::VolumeContentSource {
