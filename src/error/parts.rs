@@ -113,3 +113,11 @@ pub fn shown(value: &str) -> String {
     }
     format!("{:?}… ({} bytes)", &value[..end], value.len())
 }
+
+/// A list of ids for a message: `a, b, c`.
+pub fn ids(ids: &[crate::volume::id::VolumeId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -4,6 +4,8 @@
 pub mod copath;
 pub mod data;
 pub mod freeze;
+pub mod group;
+pub mod groups;
 pub mod id;
 pub mod inuse;
 pub mod layout;
