@@ -454,6 +454,18 @@ impl Error {
         if self.is_out_of_space() {
             return tonic::Code::ResourceExhausted;
         }
+        // mount(2)'s EBUSY is transient (another holder has the device open exclusively,
+        // e.g. a blkid or fsck in flight): UNAVAILABLE tells the CO to retry.
+        if matches!(
+            self,
+            Error::Sys {
+                op: "mount",
+                errno: nix::errno::Errno::EBUSY,
+                ..
+            }
+        ) {
+            return tonic::Code::Unavailable;
+        }
         self.code_by_cause()
     }
 
@@ -511,14 +523,7 @@ impl Error {
             | Error::DeviceSwapped { .. }
             | Error::MountBusy { .. }
             | Error::DeviceStillOpen { .. } => Code::FailedPrecondition,
-            // mount(2)'s EBUSY is transient (another holder has the device open exclusively,
-            // e.g. a blkid or fsck in flight): UNAVAILABLE tells the CO to retry.
-            Error::NotReady
-            | Error::Sys {
-                op: "mount",
-                errno: nix::errno::Errno::EBUSY,
-                ..
-            } => Code::Unavailable,
+            Error::NotReady => Code::Unavailable,
             // DEADLINE_EXCEEDED names the cause, and it is retryable: the CSI sidecars and the
             // kubelet (`isFinalError`) treat it, like UNAVAILABLE, as "not final, may still be in
             // progress", so they retry and, for a node operation, keep the volume's state
