@@ -41,7 +41,11 @@ pub(crate) struct Args {
     pub(crate) fio_size_mib: Option<u64>,
 
     /// Sections to run.
-    #[arg(long, value_delimiter = ',', default_value = "data,provision,scale")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "data,provision,scale,group"
+    )]
     pub(crate) sections: Vec<Section>,
 
     /// Pools for the data-path section [default: disk,ram; smoke: ram].
@@ -83,6 +87,8 @@ pub(crate) enum Section {
     Data,
     Provision,
     Scale,
+    /// The write stall of a group snapshot of four volumes (xfs-reflink pool on a tmpfs).
+    Group,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]

@@ -21,6 +21,7 @@ mod data;
 mod driver;
 mod fio;
 mod first_stage;
+mod group;
 mod provision;
 mod render;
 mod report;
@@ -100,6 +101,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         data: Vec::new(),
         provision: None,
         scale: None,
+        group: None,
         targets: Vec::new(),
         duration_s: 0.0,
     };
@@ -127,6 +129,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             );
         }
         report.scale = Some(scale_section(&settings, &scratch, &bin, &log).await?);
+    }
+    if settings.runs(Section::Group) {
+        report.group = Some(group::group_section(&settings, &scratch, &log).await?);
     }
     scratch.finish()?;
     report.duration_s = started.elapsed().as_secs_f64();
