@@ -118,19 +118,19 @@ impl Pool {
             }
             crate::faults::crash_point("group.precopied");
         }
-        let mut frozen = Vec::new();
-        for target in members.iter().filter_map(|m| m.freeze.as_ref()) {
-            // On an error, the ones already frozen thaw as `frozen` drops.
-            frozen.push(target.freeze()?);
-        }
+        let targets: Vec<&FreezeTarget> =
+            members.iter().filter_map(|m| m.freeze.as_ref()).collect();
+        let frozen = FreezeTarget::freeze_all(&targets)?;
         crate::faults::crash_point("group.frozen");
         let started = Instant::now();
         let instant = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
+        // Nothing is flushed while frozen: the copies are made durable after the thaw, and
+        // before the group's commit (a crash before it removes them anyway).
         let copied = images.iter().try_for_each(|(src, dst, len)| {
             if reflink {
-                host.copy_image(src, dst, *len, *len).map(drop)
+                host.copy_image_unsynced(src, dst, *len, *len).map(drop)
             } else {
                 host.patch_image(src, dst, *len).map(drop)
             }
@@ -140,11 +140,10 @@ impl Pool {
             frozen_ms: started.elapsed().as_millis() as u64,
         };
         copied?;
-        if !reflink {
-            for (_, dst, _) in &images {
-                host.sync_file(dst)?;
-            }
+        for (_, dst, _) in &images {
+            host.sync_file(dst)?;
         }
+        host.sync_file(&self.layout.snapshots_dir())?;
         Ok((instant, timing))
     }
 
