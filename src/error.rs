@@ -32,6 +32,13 @@ pub enum Error {
         id: String,
         node: String,
     },
+    /// A member of a CreateVolumeGroupSnapshot is not in this node's pool.
+    #[error(
+        "source_volume_ids: volume {} does not exist in this node's pool; a loopcsi volume lives \
+         on one node, and a group snapshot takes only volumes of the node that serves it",
+        shown(.id)
+    )]
+    GroupMemberNotFound { id: String },
     /// A list/paging token this server did not issue (or issued before a restart).
     #[error("starting_token {} was not issued by this driver (or it restarted); list again from the start", shown(.token))]
     InvalidToken { token: String },
@@ -98,6 +105,17 @@ pub enum Error {
         snapshot: SnapshotId,
         of: VolumeId,
         requested: VolumeId,
+    },
+    /// CreateVolumeGroupSnapshot of an existing name for other volumes.
+    #[error(
+        "group snapshot {} already exists ({group}) of volumes [{}], not of the volumes [{}] \
+         in source_volume_ids", shown(.name), ids(.of), ids(.requested)
+    )]
+    GroupNameTaken {
+        name: String,
+        group: VolumeId,
+        of: Vec<VolumeId>,
+        requested: Vec<VolumeId>,
     },
     /// NodeStageVolume at the same path with another capability.
     #[error("volume {volume} is staged at {} with another volume_capability", .staging.display())]
@@ -274,6 +292,15 @@ pub enum Error {
         compared: u64,
         data: u64,
     },
+    /// DeleteSnapshot of a snapshot that is a member of a group snapshot.
+    #[error(
+        "snapshot {snapshot} is a member of group snapshot {group} (its group_snapshot_id): it is \
+         deleted with its group, by DeleteVolumeGroupSnapshot"
+    )]
+    GroupMember {
+        snapshot: crate::volume::id::SnapshotId,
+        group: VolumeId,
+    },
     /// NodeStageVolume at a path other than where the volume is staged.
     #[error("volume {volume} is already staged at {}", .staging.display())]
     StagedElsewhere { volume: VolumeId, staging: PathBuf },
@@ -447,6 +474,18 @@ impl Error {
         if self.is_out_of_space() {
             return tonic::Code::ResourceExhausted;
         }
+        // mount(2)'s EBUSY is transient (another holder has the device open exclusively,
+        // e.g. a blkid or fsck in flight): UNAVAILABLE tells the CO to retry.
+        if matches!(
+            self,
+            Error::Sys {
+                op: "mount",
+                errno: nix::errno::Errno::EBUSY,
+                ..
+            }
+        ) {
+            return tonic::Code::Unavailable;
+        }
         self.code_by_cause()
     }
 
@@ -455,8 +494,11 @@ impl Error {
         use tonic::Code;
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound { .. } | Error::SourceNotFound { .. } => Code::NotFound,
+            Error::NotFound { .. }
+            | Error::SourceNotFound { .. }
+            | Error::GroupMemberNotFound { .. } => Code::NotFound,
             Error::VolumeNameTaken { .. }
+            | Error::GroupNameTaken { .. }
             | Error::SnapshotNameTaken { .. }
             | Error::StagedDifferently { .. }
             | Error::PublishedDifferently { .. } => Code::AlreadyExists,
@@ -488,6 +530,7 @@ impl Error {
             | Error::FileSystemMoved { .. }
             | Error::FrozenByOther { .. }
             | Error::FreezeLimit { .. }
+            | Error::GroupMember { .. }
             | Error::StagedElsewhere { .. }
             | Error::ForeignMount { .. }
             | Error::ForeignMountLeft { .. }
@@ -501,14 +544,7 @@ impl Error {
             | Error::DeviceSwapped { .. }
             | Error::MountBusy { .. }
             | Error::DeviceStillOpen { .. } => Code::FailedPrecondition,
-            // mount(2)'s EBUSY is transient (another holder has the device open exclusively,
-            // e.g. a blkid or fsck in flight): UNAVAILABLE tells the CO to retry.
-            Error::NotReady
-            | Error::Sys {
-                op: "mount",
-                errno: nix::errno::Errno::EBUSY,
-                ..
-            } => Code::Unavailable,
+            Error::NotReady => Code::Unavailable,
             // DEADLINE_EXCEEDED names the cause, and it is retryable: the CSI sidecars and the
             // kubelet (`isFinalError`) treat it, like UNAVAILABLE, as "not final, may still be in
             // progress", so they retry and, for a node operation, keep the volume's state
@@ -553,8 +589,8 @@ impl From<Error> for tonic::Status {
 }
 
 mod parts;
+pub use parts::{ids, shown, Corruption, Mismatch};
 use parts::{joined, names_clause};
-pub use parts::{shown, Corruption, Mismatch};
 
 /// The code table of every variant lives beside this file.
 #[cfg(test)]

@@ -15,14 +15,16 @@ use crate::authority::AuthorityFix;
 
 use crate::config::Config;
 use crate::csi::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
 use crate::host::linux::Linux;
 use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::service::{
-    controller::ControllerService, identity::IdentityService, node::NodeService, Driver,
+    controller::ControllerService, group::GroupControllerService, identity::IdentityService,
+    node::NodeService, Driver,
 };
 
 /// A bound socket, ready to serve: a client may connect as soon as this exists.
@@ -182,6 +184,9 @@ impl BoundServer {
                 &driver,
             ))))
             .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
+            .add_service(GroupControllerServer::new(GroupControllerService::new(
+                Arc::clone(&driver),
+            )))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
                 shutdown,

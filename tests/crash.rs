@@ -1,6 +1,7 @@
 //! Crash safety: the driver is killed (SIGKILL, from a crash point compiled into the test build)
 //! inside CreateVolume, DeleteVolume, NodeStage, NodePublish, NodeUnstage, CreateSnapshot
 //! (around the freeze of a staged file system, mid-copy, around the commit), DeleteSnapshot,
+//! CreateVolumeGroupSnapshot and DeleteVolumeGroupSnapshot (every step of the group commit),
 //! restores and clones, NodeExpandVolume and `loopcsi gc`; it is restarted on the same state dir
 //! and the interrupted call is retried, as the CO would. Every run must end with the retry
 //! succeeding, the data (and every snapshot, restore and clone of it) intact, nothing left
@@ -9,6 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "crash/group.rs"]
+mod group;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,9 @@ enum Step {
     DeleteCopies,
     Expand,
     DeleteSnapshot,
+    /// CreateVolumeGroupSnapshot of the volume; its member becomes the run's snapshot.
+    GroupSnapshot,
+    DeleteGroup,
 }
 
 const SCENARIO: &[Step] = &[
@@ -76,10 +82,29 @@ const DATA_SCENARIO: &[Step] = &[
     Step::Delete,
 ];
 
+/// A group snapshot of a staged, published file system, restored from, then deleted.
+const GROUP_SCENARIO: &[Step] = &[
+    Step::Create,
+    Step::Stage,
+    Step::Publish,
+    Step::WriteData,
+    Step::GroupSnapshot,
+    Step::CheckThawed,
+    Step::Restore,
+    Step::CheckCopies,
+    Step::DeleteCopies,
+    Step::DeleteGroup,
+    Step::CheckData,
+    Step::Unpublish,
+    Step::Unstage,
+    Step::Delete,
+];
+
 struct Run {
     root: PathBuf,
     id: String,
     snapshot: String,
+    group: group::Group,
     /// Restores and clones, by name and id.
     copies: Vec<(&'static str, String)>,
     size: i64,
@@ -99,6 +124,7 @@ impl Run {
             root: root.to_path_buf(),
             id: String::new(),
             snapshot: String::new(),
+            group: group::Group::default(),
             copies: Vec::new(),
             size,
             fs_bytes: None,
@@ -270,6 +296,11 @@ impl Run {
                     "the file system grew: {before} → {after} bytes"
                 );
             }
+            Step::GroupSnapshot => {
+                self.group = group::create(d, &id).await?;
+                self.snapshot = self.group.snapshots[0].clone();
+            }
+            Step::DeleteGroup => group::delete(d, &self.group).await?,
             Step::DeleteSnapshot => {
                 d.controller
                     .delete_snapshot(csi::DeleteSnapshotRequest {
@@ -328,11 +359,12 @@ fn assert_not_frozen(path: &Path) {
 /// The data scenario runs on xfs: this machine's driver lacks CAP_SYS_RESOURCE, without which a
 /// mounted ext4 cannot grow (tests/data.rs), and xfs grows online without it.
 async fn crash_and_recover(point: &str, scenario: &[Step]) {
-    let (fs, size) = if std::ptr::eq(scenario, DATA_SCENARIO) {
-        ("xfs", 320 * MIB)
-    } else {
-        ("ext4", 32 * MIB)
-    };
+    let (fs, size) =
+        if std::ptr::eq(scenario, DATA_SCENARIO) || std::ptr::eq(scenario, GROUP_SCENARIO) {
+            ("xfs", 320 * MIB)
+        } else {
+            ("ext4", 32 * MIB)
+        };
     let scratch = Scratch::new();
     let root = scratch.path().to_path_buf();
     let mut run = Run::new(&root, fs, size);
@@ -382,7 +414,7 @@ async fn crash_and_recover(point: &str, scenario: &[Step]) {
         Vec::<String>::new(),
         "{point}: volume files left"
     );
-    for dir in ["node", "snapshots", "frozen"] {
+    for dir in ["node", "snapshots", "frozen", "groups"] {
         assert_eq!(
             files_in(&state.join(dir)),
             Vec::<String>::new(),
@@ -438,6 +470,13 @@ crash_tests! {
     crash_after_restore_copy_before_commit => "restore.copied" in DATA_SCENARIO,
     crash_after_clone_copy_before_commit => "clone.copied" in DATA_SCENARIO,
     crash_mid_expand => "expand.file_grown" in DATA_SCENARIO,
+    crash_after_group_intent_before_copies => "group.intent_recorded" in GROUP_SCENARIO,
+    crash_after_group_precopy_before_freeze => "group.precopied" in GROUP_SCENARIO,
+    crash_while_a_group_is_frozen => "group.frozen" in GROUP_SCENARIO,
+    crash_after_group_members_before_group_commit => "group.members_committed" in GROUP_SCENARIO,
+    crash_after_group_commit => "group.committed" in GROUP_SCENARIO,
+    crash_after_group_marked_deleting => "delete_group.marked" in GROUP_SCENARIO,
+    crash_after_group_members_removed => "delete_group.members_removed" in GROUP_SCENARIO,
 }
 
 /// The crash point inside orphan collection, run by `loopcsi gc` here.

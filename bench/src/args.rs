@@ -45,7 +45,7 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "data,provision,scale,stall"
+        default_value = "data,provision,scale,stall,group"
     )]
     pub(crate) sections: Vec<Section>,
 
@@ -99,6 +99,8 @@ pub(crate) enum Section {
     Provision,
     Scale,
     Stall,
+    /// The write stall of a group snapshot of four volumes (xfs-reflink pool on a tmpfs).
+    Group,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]

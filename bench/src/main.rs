@@ -24,6 +24,7 @@ mod data;
 mod driver;
 mod fio;
 mod first_stage;
+mod group;
 mod provision;
 mod render;
 mod report;
@@ -105,6 +106,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         provision: None,
         scale: None,
         stall: Vec::new(),
+        group: None,
         targets: Vec::new(),
         duration_s: 0.0,
     };
@@ -135,6 +137,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
     if settings.runs(Section::Stall) {
         report.stall = stall::stall_section(&settings, &scratch, &log).await?;
+    }
+    if settings.runs(Section::Group) {
+        report.group = Some(group::group_section(&settings, &scratch, &log).await?);
     }
     scratch.finish()?;
     report.duration_s = started.elapsed().as_secs_f64();

@@ -57,6 +57,9 @@ pub(crate) fn render(report: &Report) -> String {
     if let Some(p) = &report.provision {
         render_provision(&mut out, p);
     }
+    if let Some(g) = &report.group {
+        crate::group::render_group(&mut out, g);
+    }
     if let Some(sc) = &report.scale {
         render_scale(&mut out, sc);
     }

@@ -44,6 +44,7 @@ pub(crate) struct Report {
     pub(crate) provision: Option<ProvisionResult>,
     pub(crate) scale: Option<ScaleResult>,
     pub(crate) stall: Vec<crate::stall::StallResult>,
+    pub(crate) group: Option<crate::group::GroupResult>,
     pub(crate) targets: Vec<TargetCheck>,
     pub(crate) duration_s: f64,
 }
@@ -106,6 +107,9 @@ pub(crate) fn evaluate(report: &Report) -> Vec<TargetCheck> {
     }
     if let Some(s) = &report.scale {
         check_scale(s, &mut checks);
+    }
+    if let Some(g) = &report.group {
+        checks.push(crate::group::check_group(g));
     }
     checks
 }

@@ -112,3 +112,11 @@ pub fn shown(value: &str) -> String {
     }
     format!("{:?}… ({} bytes)", &value[..end], value.len())
 }
+
+/// A list of ids for a message: `a, b, c`.
+pub fn ids<K: crate::volume::id::Kind>(ids: &[crate::volume::id::Id<K>]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -19,6 +19,8 @@ macro_rules! table {
 
 table! {
     InvalidArgument => InvalidArgument, NotFound => NotFound, SourceNotFound => NotFound,
+    GroupMemberNotFound => NotFound, GroupNameTaken => AlreadyExists,
+    GroupMember => FailedPrecondition,
     InvalidToken => Aborted, Unsupported => Unimplemented,
     StagingRequired => FailedPrecondition, CapabilityMismatch => FailedPrecondition,
     LimitBelowRequired => OutOfRange, RequiredTooLarge => OutOfRange,
@@ -208,6 +210,17 @@ fn samples() -> Vec<Error> {
         Error::FrozenByOther {
             volume: v,
             mount_point: p.clone(),
+        },
+        Error::GroupMemberNotFound { id: s.clone() },
+        Error::GroupNameTaken {
+            name: s.clone(),
+            group: v,
+            of: vec![v],
+            requested: vec![v, v],
+        },
+        Error::GroupMember {
+            snapshot: crate::volume::id::SnapshotId::new_random(),
+            group: v,
         },
         Error::StagedElsewhere {
             volume: v,

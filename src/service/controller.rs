@@ -13,7 +13,7 @@ use crate::volume::id::{OfSnapshot, OfVolume};
 use crate::volume::params::{CapacityRange, StorageClassParams};
 use crate::volume::pool::NewVolume;
 
-mod convert;
+pub(crate) mod convert;
 
 use convert::{
     content_source, creation_capabilities, optional_id, page_size, snapshot_parameters,
@@ -328,7 +328,7 @@ impl Controller for ControllerService {
                 let (snap, created) = domain.create_snapshot(name, &source)?;
                 tracing::info!(snapshot.id = %snap.id, created = ?created, "snapshot ready");
                 Ok(csi::CreateSnapshotResponse {
-                    snapshot: Some(snapshot_reply(&snap)),
+                    snapshot: Some(snapshot_reply(&snap, domain.group_of(&snap.id))),
                 })
             })
             .await
@@ -392,7 +392,7 @@ impl Controller for ControllerService {
                     entries: page
                         .iter()
                         .map(|s| csi::list_snapshots_response::Entry {
-                            snapshot: Some(snapshot_reply(s)),
+                            snapshot: Some(snapshot_reply(s, domain.group_of(&s.id))),
                         })
                         .collect(),
                     next_token,
@@ -416,7 +416,7 @@ impl Controller for ControllerService {
                 let id = snapshot_id("snapshot_id", &req.snapshot_id)?;
                 let snap = domain.snapshot(&id)?;
                 Ok(csi::GetSnapshotResponse {
-                    snapshot: Some(snapshot_reply(&snap)),
+                    snapshot: Some(snapshot_reply(&snap, domain.group_of(&snap.id))),
                 })
             })
             .await

@@ -34,7 +34,7 @@ impl Identity for IdentityService {
         self.driver.answer(rpc_span!("GetPluginInfo"), Ok(reply))
     }
 
-    /// GetPluginCapabilities: the Controller service, volumes that are only accessible from the
+    /// GetPluginCapabilities: the Controller and GroupController services, volumes that are only accessible from the
     /// node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS), and ONLINE volume expansion.
     async fn get_plugin_capabilities(
         &self,
@@ -59,6 +59,7 @@ impl Identity for IdentityService {
             capabilities: vec![
                 service(Type::ControllerService),
                 service(Type::VolumeAccessibilityConstraints),
+                service(Type::GroupControllerService),
                 online_expansion,
             ],
         };

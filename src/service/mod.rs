@@ -4,6 +4,7 @@
 //! an error is logged there once, and turned into a gRPC status by `error.rs` alone.
 
 pub mod controller;
+pub mod group;
 pub mod identity;
 pub mod node;
 

@@ -138,6 +138,23 @@ impl FreezeTarget {
     /// returned guard thaws it afterwards. Any other freeze belongs to someone else, and the
     /// snapshot is refused rather than thawing it under them.
     pub(crate) fn freeze(&self) -> Result<Frozen> {
+        self.record()?.freeze()
+    }
+
+    /// Freezes every target at one instant (a group snapshot): every intent is recorded first,
+    /// then the file systems are frozen back to back, so the first one frozen does not wait
+    /// for the others' records. On a failure, what was frozen is thawed and the records of
+    /// what was not are removed.
+    pub(crate) fn freeze_all(targets: &[&FreezeTarget]) -> Result<Vec<Frozen>> {
+        let recorded = targets
+            .iter()
+            .map(|t| t.record())
+            .collect::<Result<Vec<_>>>()?;
+        recorded.into_iter().map(Recorded::freeze).collect()
+    }
+
+    /// Opens the file system and records the intent durably (the step before FIFREEZE).
+    fn record(&self) -> Result<Recorded> {
         let intent = &self.intent;
         let host = self.layout.host();
         // The directory, held open, names the file system whatever happens to the path.
@@ -149,20 +166,44 @@ impl FreezeTarget {
             .map_err(|e| Error::Internal(format!("serialising a freeze record: {e}")))?;
         host.write_record(&path, &json)?;
         crate::faults::crash_point("freeze.intent_recorded");
+        Ok(Recorded {
+            target: self.clone(),
+            fs: Some(fs),
+            inherited,
+        })
+    }
+}
+
+/// A freeze whose intent is recorded and whose file system is not frozen yet. Dropped without
+/// `freeze`, it removes its record again (unless the record is from an earlier life: that
+/// freeze must still be thawed).
+struct Recorded {
+    target: FreezeTarget,
+    /// `None` once frozen (moved into the `Frozen`).
+    fs: Option<FsHandle>,
+    inherited: bool,
+}
+
+impl Recorded {
+    fn freeze(mut self) -> Result<Frozen> {
+        let intent = self.target.intent.clone();
+        let host = self.target.layout.host();
+        let fs = self
+            .fs
+            .take()
+            .ok_or_else(|| Error::Internal("frozen twice".into()))?;
         match host.freeze(&fs) {
             Ok(()) => {}
-            Err(Errno::EBUSY) if inherited => tracing::warn!(
+            Err(Errno::EBUSY) if self.inherited => tracing::warn!(
                 volume.id = %intent.volume,
                 mount_point = %intent.mount_point.display(),
                 "the file system is still frozen by an interrupted snapshot of this driver; \
                  copying it as it is and thawing it afterwards"
             ),
             Err(errno) => {
-                // We did not freeze it: the record must not make anyone thaw it. A record from
-                // an earlier life stays, so its freeze is still thawed.
-                if !inherited {
-                    let _ = host.remove_durably(&path);
-                }
+                // We did not freeze it: the record must not make anyone thaw it (Drop removes
+                // it, unless it is from an earlier life, whose freeze is still thawed).
+                self.fs = Some(fs);
                 return Err(match errno {
                     Errno::EBUSY => Error::FrozenByOther {
                         volume: intent.volume,
@@ -174,10 +215,21 @@ impl FreezeTarget {
         }
         crate::faults::crash_point("freeze.frozen");
         Ok(Frozen {
-            layout: self.layout.clone(),
-            intent: intent.clone(),
+            layout: self.target.layout.clone(),
+            intent,
             fs,
         })
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if self.fs.is_some() && !self.inherited {
+            let layout = &self.target.layout;
+            let _ = layout
+                .host()
+                .remove_durably(&intent_path(layout, &self.target.intent.volume));
+        }
     }
 }
 

@@ -19,6 +19,10 @@ pub enum LockKey {
     Snapshot(String),
     /// A snapshot name during CreateSnapshot.
     SnapshotName(String),
+    /// A group snapshot, by id.
+    Group(String),
+    /// A group snapshot name during CreateVolumeGroupSnapshot.
+    GroupName(String),
 }
 
 #[derive(Default, Clone)]
@@ -97,6 +101,8 @@ impl OperationLocks {
                 LockKey::Name(name) => ("volume name", crate::error::shown(name)),
                 LockKey::Snapshot(id) => ("snapshot", id.to_string()),
                 LockKey::SnapshotName(name) => ("snapshot name", crate::error::shown(name)),
+                LockKey::Group(id) => ("group snapshot", id.to_string()),
+                LockKey::GroupName(name) => ("group snapshot name", crate::error::shown(name)),
             };
             return Err(Error::Pending { what, id });
         }

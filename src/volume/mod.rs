@@ -5,6 +5,8 @@ pub mod content;
 pub mod copath;
 pub mod data;
 pub mod freeze;
+pub mod group;
+pub mod groups;
 pub(crate) mod handle;
 pub mod id;
 pub mod inuse;

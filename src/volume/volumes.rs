@@ -21,6 +21,8 @@ use crate::volume::copath;
 use crate::volume::content::{self, SourceCopy};
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
+use crate::volume::group::GroupMember;
+use crate::volume::groups::{GroupMeta, Groups, Unfinished};
 use crate::volume::handle::Near;
 use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::inuse::{self, KernelView};
@@ -39,6 +41,8 @@ pub struct Volumes {
     store: Arc<Pool>,
     node: NodeOps,
     locks: OperationLocks,
+    /// The group snapshots' records (`groups.rs`).
+    groups: Groups,
 }
 
 /// Takes guards for a background round: never waits, and answers `None` for what an
@@ -78,8 +82,11 @@ impl Volumes {
         if let Some(warning) = layout.durability_warning() {
             tracing::warn!("{warning}");
         }
-        let (pool, recovery) = Pool::open(layout)?;
-        Ok((Self::with(pool, direct_io), recovery))
+        let (pool, recovery) = Pool::open(layout.clone())?;
+        let (groups, unfinished) = Groups::open(layout, true)?;
+        let volumes = Self::with(pool, groups, direct_io);
+        volumes.recover_groups(unfinished)?;
+        Ok((volumes, recovery))
     }
 
     /// Opens the pool without changing anything on disk (the operator commands, beside a live
@@ -89,16 +96,19 @@ impl Volumes {
         if let Some(warning) = layout.durability_warning() {
             tracing::warn!("{warning}");
         }
-        let (pool, recovery) = Pool::open_read_only(layout)?;
-        Ok((Self::with(pool, true), recovery))
+        let (pool, recovery) = Pool::open_read_only(layout.clone())?;
+        // Read-only: a group a crash left unfinished is not served, and left for the driver.
+        let (groups, _unfinished) = Groups::open(layout, false)?;
+        Ok((Self::with(pool, groups, true), recovery))
     }
 
-    fn with(pool: Pool, direct_io: bool) -> Self {
+    fn with(pool: Pool, groups: Groups, direct_io: bool) -> Self {
         let store = Arc::new(pool);
         Volumes {
             node: NodeOps::new(Arc::clone(&store), direct_io),
             store,
             locks: OperationLocks::default(),
+            groups,
         }
     }
 
@@ -262,9 +272,16 @@ impl Volumes {
         Ok((meta, Created::New))
     }
 
-    /// DeleteSnapshot: OK for a snapshot that does not exist.
+    /// DeleteSnapshot: OK for a snapshot that does not exist; FAILED_PRECONDITION for a member
+    /// of a group snapshot (it goes with its group).
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         let held = self.locks.snapshot(id)?;
+        if let Some(group) = self.groups.group_of(id) {
+            return Err(Error::GroupMember {
+                snapshot: *id,
+                group,
+            });
+        }
         self.store.delete_snapshot(&held)
     }
 
@@ -319,6 +336,120 @@ impl Volumes {
                 })
             }
         }
+    }
+
+    // ---- group snapshots (see `group.rs`) ----
+
+    /// CreateVolumeGroupSnapshot: idempotent by name (the same name for other volumes is
+    /// ALREADY_EXISTS); a volume this node does not hold is NOT_FOUND naming it. Every member's
+    /// guard is taken in id order before anything is frozen, and held to the commit.
+    pub fn create_group_snapshot(
+        &self,
+        name: &str,
+        volumes: &[VolumeId],
+    ) -> Result<(Arc<GroupMeta>, Created)> {
+        let mut wanted = volumes.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        let _name = self.locks.name(LockKey::GroupName(name.to_string()))?;
+        if let Some(existing) = self.groups.by_name(name) {
+            if existing.volumes() != wanted {
+                return Err(Error::GroupNameTaken {
+                    name: name.to_string(),
+                    group: existing.id,
+                    of: existing.volumes(),
+                    requested: wanted,
+                });
+            }
+            return Ok((existing, Created::AlreadyExisted));
+        }
+        if let Some(unknown) = wanted.iter().find(|id| self.store.get(id).is_none()) {
+            return Err(Error::GroupMemberNotFound {
+                id: unknown.to_string(),
+            });
+        }
+        let mut members = Vec::with_capacity(wanted.len());
+        for id in &wanted {
+            let volume = self.locks.volume(id)?;
+            let (meta, freeze) = self.node.stable_volume(&volume)?;
+            members.push(GroupMember {
+                volume,
+                meta,
+                freeze,
+                snapshot: self.locks.snapshot(&SnapshotId::new_random())?,
+            });
+        }
+        let group = VolumeId::new_random();
+        let _group = self.locks.name(LockKey::Group(group.to_string()))?;
+        let meta = self
+            .store
+            .create_group(&self.groups, group, name, &members)?;
+        Ok((meta, Created::New))
+    }
+
+    /// DeleteVolumeGroupSnapshot: OK for a group that does not exist; `snapshot_ids` must name
+    /// exactly its members (INVALID_ARGUMENT otherwise, as the spec asks of a plugin that can
+    /// tell).
+    pub fn delete_group_snapshot(&self, id: &VolumeId, snapshot_ids: &[SnapshotId]) -> Result<()> {
+        let _group = self.locks.name(LockKey::Group(id.to_string()))?;
+        let Some(group) = self.groups.get(id) else {
+            return Ok(());
+        };
+        check_members(&group, snapshot_ids)?;
+        let held = group
+            .snapshots()
+            .iter()
+            .map(|s| self.locks.snapshot(s))
+            .collect::<Result<Vec<_>>>()?;
+        self.store
+            .delete_group(&self.groups, &group, &held.iter().collect::<Vec<_>>())
+    }
+
+    /// GetVolumeGroupSnapshot: the group and its member snapshots; NOT_FOUND for an unknown
+    /// group; `snapshot_ids` checked as for the delete.
+    pub fn group_snapshot(
+        &self,
+        id: &VolumeId,
+        snapshot_ids: &[SnapshotId],
+    ) -> Result<(Arc<GroupMeta>, Vec<Arc<SnapshotMeta>>)> {
+        let group = self.groups.get(id).ok_or_else(|| Error::NotFound {
+            what: "group snapshot",
+            id: id.to_string(),
+        })?;
+        check_members(&group, snapshot_ids)?;
+        let members = group
+            .members
+            .iter()
+            .map(|m| self.store.require_snapshot(&m.snapshot))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((group, members))
+    }
+
+    /// The group snapshot, when it exists.
+    pub fn group(&self, id: &VolumeId) -> Option<Arc<GroupMeta>> {
+        self.groups.get(id)
+    }
+
+    /// The group snapshot `snapshot` is a member of (a Snapshot's `group_snapshot_id`).
+    pub fn group_of(&self, snapshot: &SnapshotId) -> Option<VolumeId> {
+        self.groups.group_of(snapshot)
+    }
+
+    /// Startup recovery of the groups a crash left half-made (rolled back) or half-deleted
+    /// (finished): their member snapshots go, then their records.
+    fn recover_groups(&self, unfinished: Unfinished) -> Result<()> {
+        for group in unfinished.0 {
+            let held = group
+                .snapshots()
+                .iter()
+                .map(|s| self.locks.snapshot(s))
+                .collect::<Result<Vec<_>>>()?;
+            self.store
+                .remove_members(&held.iter().collect::<Vec<_>>())?;
+            self.groups.remove(&group.id)?;
+            tracing::info!(group_snapshot.id = %group.id, state = ?group.state, "removed a group snapshot a crash left unfinished");
+        }
+        Ok(())
     }
 
     // ---- the node's use cases ----
@@ -406,6 +537,23 @@ impl Volumes {
             .map(|u| u.path)
             .collect()
     }
+}
+
+/// `snapshot_ids` of a group call must name exactly the group's members.
+fn check_members(group: &GroupMeta, snapshot_ids: &[SnapshotId]) -> Result<()> {
+    let given: std::collections::BTreeSet<SnapshotId> = snapshot_ids.iter().copied().collect();
+    if given == group.snapshots() && given.len() == snapshot_ids.len() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "snapshot_ids",
+        format!(
+            "[{}] are not the snapshots of group snapshot {}, which are [{}]",
+            crate::error::ids(snapshot_ids),
+            group.id,
+            crate::error::ids(&group.snapshots().into_iter().collect::<Vec<_>>())
+        ),
+    ))
 }
 
 #[cfg(test)]

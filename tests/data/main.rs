@@ -10,6 +10,7 @@
 mod common;
 mod expansion;
 mod expansion_refusals;
+mod group;
 mod health;
 mod snapshot_rpcs;
 mod snapshots;

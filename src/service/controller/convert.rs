@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use crate::csi;
 use crate::error::{shown, Error, Result};
 use crate::service::{capability, required, snapshot_id, volume_id, CapabilityError};
-use crate::volume::id::{Id, Kind};
+use crate::volume::id::{Id, Kind, VolumeId};
 use crate::volume::params::{Capability, FsType, VolumeKind, FSTYPE_KEY};
 use crate::volume::pool::{ContentSource, SnapshotMeta, VolumeMeta};
 use crate::volume::Volumes;
@@ -16,7 +16,7 @@ const MAX_NAME_BYTES: usize = 128;
 use super::ControllerService;
 
 /// A CreateVolume name: required, ≤ 128 bytes, none of the control characters the spec bans.
-pub(super) fn volume_name(name: &str) -> Result<&str> {
+pub(crate) fn volume_name(name: &str) -> Result<&str> {
     required("name", name)?;
     if name.len() > MAX_NAME_BYTES {
         return Err(Error::invalid(
@@ -123,7 +123,9 @@ pub(super) fn content_source_reply(source: ContentSource) -> csi::VolumeContentS
     }
 }
 
-pub(super) fn snapshot_reply(snap: &SnapshotMeta) -> csi::Snapshot {
+/// A snapshot as CSI shows it; `group` is the group snapshot it is a member of (then it MUST
+/// NOT be deleted alone, and says so by its `group_snapshot_id`).
+pub(crate) fn snapshot_reply(snap: &SnapshotMeta, group: Option<VolumeId>) -> csi::Snapshot {
     const NANOS: u128 = 1_000_000_000;
     csi::Snapshot {
         size_bytes: i64::try_from(snap.size_bytes).unwrap_or(i64::MAX),
@@ -135,12 +137,12 @@ pub(super) fn snapshot_reply(snap: &SnapshotMeta) -> csi::Snapshot {
         }),
         // The copy is complete when CreateSnapshot answers.
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: group.map(|g| g.to_string()).unwrap_or_default(),
     }
 }
 
 /// CreateSnapshot `parameters`: loopcsi has none of its own; the sidecars' keys are accepted.
-pub(super) fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
+pub(crate) fn snapshot_parameters(params: &HashMap<String, String>) -> Result<()> {
     let mut keys: Vec<_> = params.keys().collect();
     keys.sort();
     match keys

@@ -1,0 +1,235 @@
+//! Volume group snapshots (CSI GroupController): several volumes' snapshots taken at one
+//! instant, committed as one.
+//!
+//! CreateVolumeGroupSnapshot, once the door holds every member's volume guard (taken in id
+//! order) and a guard for each new snapshot id:
+//! 1. the group's `creating` record names every snapshot it will make (see `groups.rs`);
+//! 2. on a pool without reflink, every member is copied while its application writes on;
+//! 3. every member's mounted file system is frozen (each with its crash-safe freeze intent,
+//!    `freeze.rs`), then every member is reflinked (or the blocks written since its pre-copy
+//!    copied again), then all are thawed: that window is the group's one instant. A raw block
+//!    member has no file system to freeze; its copy is taken inside the same window;
+//! 4. each member's snapshot metadata is committed, then the record becomes `committed`.
+//!
+//! Any failure undoes what was made and thaws what was frozen; a crash leaves a `creating`
+//! record that startup recovery rolls back, and freeze intents that the thaw-abandoned
+//! machinery thaws. So the group exists whole or not at all, and nothing stays frozen.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::volume::freeze::{FreezeTarget, DEFAULT_FREEZE_LIMIT};
+use crate::volume::groups::{new_record, GroupMeta, GroupState, Groups, Member};
+use crate::volume::id::VolumeId;
+use crate::volume::locks::{SnapshotGuard, VolumeGuard};
+use crate::volume::meta::{SnapshotMeta, VolumeMeta, META_VERSION};
+use crate::volume::pool::Pool;
+
+/// One member of a group being made: its volume, held stable, and its new snapshot's id.
+pub(crate) struct GroupMember {
+    pub(crate) volume: VolumeGuard,
+    pub(crate) meta: Arc<VolumeMeta>,
+    /// `Some` when the volume's file system is mounted (it takes writes until frozen).
+    pub(crate) freeze: Option<FreezeTarget>,
+    pub(crate) snapshot: SnapshotGuard,
+}
+
+/// How long the members' file systems were frozen, for the logs and the benchmark.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupTiming {
+    pub frozen_ms: u64,
+}
+
+impl Pool {
+    /// Makes group `id` named `name` of `members` (see the module doc for the steps).
+    pub(crate) fn create_group(
+        &self,
+        groups: &Groups,
+        id: VolumeId,
+        name: &str,
+        members: &[GroupMember],
+    ) -> Result<Arc<GroupMeta>> {
+        let list = members
+            .iter()
+            .map(|m| Member {
+                volume: *m.volume.id(),
+                snapshot: *m.snapshot.id(),
+            })
+            .collect();
+        let mut record = new_record(id, name, list);
+        groups.record(&record)?;
+        crate::faults::crash_point("group.intent_recorded");
+        let made = self
+            .copy_members(members)
+            .and_then(|(instant, timing)| {
+                tracing::info!(
+                    group_snapshot.id = %id,
+                    frozen_ms = timing.frozen_ms,
+                    members = members.len(),
+                    "group members copied at one instant"
+                );
+                record.created_unix_nanos = instant;
+                self.commit_members(name, members, instant)
+            })
+            .and_then(|()| {
+                crate::faults::crash_point("group.members_committed");
+                record.state = GroupState::Committed;
+                groups.record(&record)
+            });
+        match made {
+            Ok(committed) => {
+                crate::faults::crash_point("group.committed");
+                Ok(committed)
+            }
+            Err(err) => {
+                // Not committed: nothing of the group may stay.
+                let snapshots: Vec<&SnapshotGuard> = members.iter().map(|m| &m.snapshot).collect();
+                if let Err(undo) = self.remove_members(&snapshots) {
+                    tracing::error!(error = %undo, "could not remove the members of a failed group snapshot; the next start does");
+                    return Err(err);
+                }
+                let _ = groups.remove(&id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Copies every member into its snapshot image at one instant: all file systems frozen
+    /// together, for as short a time as the pool allows. Returns that instant.
+    fn copy_members(&self, members: &[GroupMember]) -> Result<(u128, GroupTiming)> {
+        let host = self.host();
+        let reflink = host.reflinks(&self.layout.snapshots_dir());
+        let images: Vec<_> = members
+            .iter()
+            .map(|m| {
+                (
+                    self.layout.image(m.volume.id()),
+                    self.layout.snapshot_image(m.snapshot.id()),
+                    m.meta.capacity_bytes,
+                )
+            })
+            .collect();
+        if !reflink {
+            // The bulk of the copy runs while the applications write on; only what they wrote
+            // meanwhile is copied again while frozen.
+            for (src, dst, len) in &images {
+                host.copy_image(src, dst, *len, *len)?;
+            }
+            crate::faults::crash_point("group.precopied");
+            // A catch-up pass, still unfrozen, so the frozen one has little left to rewrite.
+            for (src, dst, len) in &images {
+                host.patch_image(src, dst, *len, None)?;
+            }
+        }
+        let targets: Vec<&FreezeTarget> =
+            members.iter().filter_map(|m| m.freeze.as_ref()).collect();
+        let frozen = FreezeTarget::freeze_all(&targets)?;
+        crate::faults::crash_point("group.frozen");
+        let started = Instant::now();
+        let instant = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        // Nothing is flushed while frozen: the copies are made durable after the thaw, and
+        // before the group's commit (a crash before it removes them anyway).
+        // Without reflink the frozen comparison is bounded like a single snapshot's (see
+        // `SourceCopy::copy_to`): past the limit all are thawed and the group is not made.
+        let limit = targets.first().map_or(DEFAULT_FREEZE_LIMIT, |t| t.limit());
+        let copied = members.iter().zip(&images).try_for_each(|(m, (src, dst, len))| {
+            if reflink {
+                return host.copy_image_unsynced(src, dst, *len, *len).map(drop);
+            }
+            let patched = host.patch_image(src, dst, *len, Some(started + limit))?;
+            if !patched.finished {
+                return Err(Error::FreezeLimit {
+                    volume: *m.volume.id(),
+                    limit,
+                    compared: patched.compared,
+                    data: *len,
+                });
+            }
+            Ok(())
+        });
+        drop(frozen); // thaw all before anything else
+        let timing = GroupTiming {
+            frozen_ms: started.elapsed().as_millis() as u64,
+        };
+        copied?;
+        for (_, dst, _) in &images {
+            host.sync_file(dst)?;
+        }
+        host.sync_file(&self.layout.snapshots_dir())?;
+        Ok((instant, timing))
+    }
+
+    /// Commits each member's snapshot metadata: from here on they are ordinary snapshots.
+    fn commit_members(&self, name: &str, members: &[GroupMember], instant: u128) -> Result<()> {
+        for m in members {
+            let meta = SnapshotMeta {
+                version: META_VERSION,
+                id: *m.snapshot.id(),
+                name: member_name(name, m.volume.id()),
+                source_volume_id: *m.volume.id(),
+                size_bytes: m.meta.capacity_bytes,
+                kind: m.meta.kind,
+                formatted: m.meta.formatted,
+                pending_fs_grow: m.meta.pending_fs_grow,
+                created_unix_nanos: instant,
+            };
+            self.commit_snapshot_meta(meta)?;
+        }
+        Ok(())
+    }
+
+    fn commit_snapshot_meta(&self, meta: SnapshotMeta) -> Result<()> {
+        let id = meta.id;
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| {
+            crate::error::Error::Internal(format!("serialising snapshot {id}: {e}"))
+        })?;
+        self.host()
+            .write_record(&self.layout.snapshot_meta(&id), &json)?;
+        let meta = Arc::new(meta);
+        let mut index = self
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        index.snapshots_by_name.insert(meta.name.clone(), id);
+        index.snapshots.insert(id, meta);
+        Ok(())
+    }
+
+    /// Removes the member snapshots (committed or only copied) of a group that does not exist
+    /// or no longer should: a failed or interrupted create, or a delete.
+    pub(crate) fn remove_members(&self, snapshots: &[&SnapshotGuard]) -> Result<()> {
+        for held in snapshots {
+            self.delete_snapshot(held)?;
+            // An image copied but never committed has no metadata for the delete to find.
+            self.host()
+                .remove_durably(&self.layout.snapshot_image(held.id()))?;
+        }
+        Ok(())
+    }
+
+    /// DeleteVolumeGroupSnapshot: marks the group `deleting`, removes its members, then its
+    /// record. The caller holds the group's and every member snapshot's guard.
+    pub(crate) fn delete_group(
+        &self,
+        groups: &Groups,
+        group: &GroupMeta,
+        snapshots: &[&SnapshotGuard],
+    ) -> Result<()> {
+        let mut deleting = group.clone();
+        deleting.state = GroupState::Deleting;
+        groups.record(&deleting)?;
+        crate::faults::crash_point("delete_group.marked");
+        self.remove_members(snapshots)?;
+        crate::faults::crash_point("delete_group.members_removed");
+        groups.remove(&group.id)
+    }
+}
+
+/// A member snapshot's name: unique per group and volume, and not one a CO would choose for a
+/// CreateSnapshot (the CO names group members only through the group).
+pub(crate) fn member_name(group: &str, volume: &VolumeId) -> String {
+    format!("group-snapshot:{volume}:{group}")
+}
