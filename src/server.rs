@@ -16,13 +16,15 @@ use crate::authority::AuthorityFix;
 use crate::config::Config;
 use crate::csi::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    snapshot_metadata_server::SnapshotMetadataServer,
 };
 use crate::error::{Error, Result};
 use crate::host::linux::Linux;
 use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::service::{
-    controller::ControllerService, identity::IdentityService, node::NodeService, Driver,
+    controller::ControllerService, identity::IdentityService, node::NodeService,
+    snapshot_metadata::SnapshotMetadataService, Driver,
 };
 
 /// A bound socket, ready to serve: a client may connect as soon as this exists.
@@ -182,6 +184,11 @@ impl BoundServer {
                 &driver,
             ))))
             .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
+            // Changed-block tracking, on the same socket: the external-snapshot-metadata
+            // sidecar dials the driver's CSI socket.
+            .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
+                Arc::clone(&driver),
+            )))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new)),
                 shutdown,

@@ -35,7 +35,8 @@ impl Identity for IdentityService {
     }
 
     /// GetPluginCapabilities: the Controller service, volumes that are only accessible from the
-    /// node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS), and ONLINE volume expansion.
+    /// node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS), changed-block tracking
+    /// (SNAPSHOT_METADATA_SERVICE, served on the same socket), and ONLINE volume expansion.
     async fn get_plugin_capabilities(
         &self,
         _request: Request<csi::GetPluginCapabilitiesRequest>,
@@ -59,6 +60,7 @@ impl Identity for IdentityService {
             capabilities: vec![
                 service(Type::ControllerService),
                 service(Type::VolumeAccessibilityConstraints),
+                service(Type::SnapshotMetadataService),
                 online_expansion,
             ],
         };

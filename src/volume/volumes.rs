@@ -23,6 +23,7 @@ use crate::volume::freeze::Thawed;
 use crate::volume::id::VolumeId;
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
+use crate::volume::metadata::{self, BlockList, Shape};
 use crate::volume::node::{NodeOps, VolumeStats};
 use crate::volume::params::{Capability, CapacityRange};
 use crate::volume::pool::{
@@ -374,6 +375,80 @@ impl Volumes {
             .map(|(_, u)| u.path)
             .collect()
     }
+
+    // ---- changed-block tracking (SnapshotMetadata) ----
+
+    /// GetMetadataAllocated: the allocated ranges of snapshot `id` from byte `from` on. The
+    /// snapshot's guard is held while its file is read, so a DeleteSnapshot cannot race it
+    /// (it is ABORTED meanwhile, and retried by the CO).
+    pub fn metadata_allocated(&self, id: &VolumeId, from: u64, shape: Shape) -> Result<BlockList> {
+        let _held = self.locks.snapshot(id)?;
+        let snap = self.store.require_snapshot(id)?;
+        within_volume("starting_offset", from, snap.size_bytes)?;
+        let image = self.store.layout().snapshot_image(id);
+        metadata::allocated(self.host(), &image, snap.size_bytes, from, shape)
+    }
+
+    /// GetMetadataDelta: the ranges of snapshot `target` that changed since snapshot `base`
+    /// of the same volume, from byte `from` on (see `volume::metadata`). Both guards are held
+    /// while the files are read. Snapshots of different volumes, or a base taken after the
+    /// target, are INVALID_ARGUMENT (the spec's "argument value is invalid").
+    pub fn metadata_delta(
+        &self,
+        base: &VolumeId,
+        target: &VolumeId,
+        from: u64,
+        shape: Shape,
+    ) -> Result<BlockList> {
+        let _base_held = self.locks.snapshot(base)?;
+        let _target_held = if base == target {
+            None
+        } else {
+            Some(self.locks.snapshot(target)?)
+        };
+        let older = self.store.require_snapshot(base)?;
+        let newer = self.store.require_snapshot(target)?;
+        if older.source_volume_id != newer.source_volume_id {
+            return Err(Error::invalid(
+                "target_snapshot_id",
+                format!(
+                    "{target} is a snapshot of volume {}, base_snapshot_id {base} of volume {}: \
+                     a delta is only defined between snapshots of the same volume",
+                    newer.source_volume_id, older.source_volume_id
+                ),
+            ));
+        }
+        if older.created_unix_nanos > newer.created_unix_nanos {
+            return Err(Error::invalid(
+                "base_snapshot_id",
+                format!("{base} was taken after target_snapshot_id {target}; swap them"),
+            ));
+        }
+        within_volume("starting_offset", from, newer.size_bytes)?;
+        let layout = self.store.layout();
+        let reflinks = self.host().reflinks(&layout.snapshots_dir());
+        metadata::delta(
+            self.host(),
+            &layout.snapshot_image(base),
+            &layout.snapshot_image(target),
+            newer.size_bytes,
+            from,
+            (shape, reflinks),
+        )
+    }
+}
+
+/// OUT_OF_RANGE when `offset` is not inside a volume of `capacity` bytes (spec: "the
+/// starting offset exceeds the volume size").
+fn within_volume(field: &'static str, offset: u64, capacity: u64) -> Result<()> {
+    if offset >= capacity {
+        return Err(Error::OffsetBeyondVolume {
+            field,
+            offset,
+            capacity,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

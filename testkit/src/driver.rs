@@ -59,6 +59,7 @@ pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
         allow_node_id_change: false,
         no_get_snapshot_capability: false,
         tool_timeout: 600,
+        cbt_block_size: 0,
     }
 }
 
@@ -277,6 +278,13 @@ impl TestDriver {
     }
 
     /// The driver's clients as one [`Clients`] (clones sharing the connection).
+    /// A SnapshotMetadata client on its own connection to this driver's socket.
+    pub async fn metadata(&self) -> crate::metadata::MetadataClient {
+        crate::metadata::MetadataClient::connect(&self.root.join("csi.sock"))
+            .await
+            .expect("connect the SnapshotMetadata client")
+    }
+
     pub fn clients(&self) -> Clients {
         Clients {
             identity: self.identity.clone(),

@@ -40,12 +40,13 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
             other => panic!("unexpected plugin capability {other:?}"),
         }
     }
-    assert_eq!(caps.len(), 3, "{caps:?}");
+    assert_eq!(caps.len(), 4, "{caps:?}");
     assert_eq!(
         services,
         HashSet::from([
             Service::ControllerService as i32,
-            Service::VolumeAccessibilityConstraints as i32
+            Service::VolumeAccessibilityConstraints as i32,
+            Service::SnapshotMetadataService as i32
         ])
     );
     assert_eq!(
