@@ -124,3 +124,50 @@ async fn every_error_code_the_spec_lists() {
         .unwrap();
     assert_eq!(code(md.allocated(&c, 0, 0).await), Code::NotFound);
 }
+
+/// With `--cbt-block-size 65536` the answers are FIXED_LENGTH blocks covering the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_length_blocks_when_configured() {
+    let scratch = Scratch::new();
+    let socket = scratch.path().join("csi.sock");
+    let config = loopcsi::config::Config {
+        cbt_block_size: 64 << 10,
+        ..config_for(&socket, scratch.path().join("state"))
+    };
+    let (shutdown, task) = serve_in_background(loopcsi::server::bind(&config).unwrap());
+    let mut clients = Clients::connect(&socket).await.unwrap();
+    let id = clients
+        .create(create_req("vol", 64 * MIB, block_cap(snw())))
+        .await
+        .unwrap()
+        .volume_id;
+    // The volume is not staged: its image is written as the loop device would write it.
+    let image = scratch.path().join(format!("state/volumes/{id}.img"));
+    write_at(&image, 4096, &data(1, 8192));
+    write_at(&image, 1 << 20, &data(2, 4096));
+    let a = clients
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: id.clone(),
+            name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let md = MetadataClient::connect(&socket).await.unwrap();
+    let fixed = md.allocated(&a, 5000, 0).await.unwrap();
+    assert_eq!(
+        fixed.block_metadata_type,
+        csi::BlockMetadataType::FixedLength as i32
+    );
+    // The offset is rounded down to its block; every tuple is one whole block.
+    assert_eq!(fixed.ranges, vec![(0, 65536), (1 << 20, 65536)]);
+    let later = md.allocated(&a, 70000, 0).await.unwrap();
+    assert_eq!(later.ranges, vec![(1 << 20, 65536)]);
+    drop(shutdown);
+    task.await.unwrap();
+}

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod data;
+mod metadata;
 mod node;
 mod pool;
 
