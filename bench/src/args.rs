@@ -41,7 +41,11 @@ pub(crate) struct Args {
     pub(crate) fio_size_mib: Option<u64>,
 
     /// Sections to run.
-    #[arg(long, value_delimiter = ',', default_value = "data,provision,scale")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "data,provision,scale,cbt"
+    )]
     pub(crate) sections: Vec<Section>,
 
     /// Pools for the data-path section [default: disk,ram; smoke: ram].
@@ -83,6 +87,8 @@ pub(crate) enum Section {
     Data,
     Provision,
     Scale,
+    /// Changed-block tracking: GetMetadataDelta on a large thin volume.
+    Cbt,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -126,6 +132,8 @@ pub(crate) struct Settings {
     pub(crate) scale_staged: usize,
     pub(crate) scale_volume_mib: u64,
     pub(crate) tool_samples: usize,
+    /// Size of the cbt section's volume, GiB.
+    pub(crate) cbt_volume_gib: u64,
 }
 
 impl Settings {
@@ -165,6 +173,7 @@ impl Settings {
             scale_staged: pick(args.scale_staged, 200, 4),
             scale_volume_mib: 64,
             tool_samples: if smoke { 2 } else { 20 },
+            cbt_volume_gib: if smoke { 1 } else { 100 },
         };
         if settings.rounds == 0 || settings.volumes == 0 || settings.fio_size_mib < 4 {
             bail!("--rounds and --volumes must be at least 1, --fio-size-mib at least 4");
