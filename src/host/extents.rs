@@ -90,7 +90,7 @@ struct FiemapHeader {
 }
 
 /// Extents asked for per ioctl.
-const BATCH: usize = 512;
+const BATCH: usize = 4096;
 
 #[repr(C)]
 struct FiemapBuffer {

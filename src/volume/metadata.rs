@@ -101,10 +101,13 @@ pub fn delta(
 ) -> Result<BlockList> {
     let start = align_down(from, shape);
     let by_extents = if reflinks {
-        match (
-            host.physical_extents(base, start, capacity)?,
-            host.physical_extents(target, start, capacity)?,
-        ) {
+        // The two maps are independent: read them at the same time.
+        let (of_base, of_target) = crate::host::alongside(
+            || host.physical_extents(target, start, capacity),
+            || host.physical_extents(base, start, capacity),
+            || "reading the target snapshot's extents".to_string(),
+        );
+        match (of_base?, of_target?) {
             (Some(a), Some(b)) => Some(extent_delta(&a, &b, start, capacity)),
             _ => None,
         }
