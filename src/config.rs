@@ -134,6 +134,12 @@ pub struct Config {
     #[arg(long)]
     pub no_get_snapshot_capability: bool,
 
+    /// GetMetadataAllocated/GetMetadataDelta answer in blocks of this many bytes
+    /// (FIXED_LENGTH, a power of two from 4096 to 1048576); 0 (the default) answers with exact
+    /// byte ranges (VARIABLE_LENGTH).
+    #[arg(long, default_value_t = 0)]
+    pub cbt_block_size: u64,
+
     /// Seconds an external tool (mkfs, e2fsck, resize2fs, xfs_growfs) may run before it is
     /// killed and the operation fails with DEADLINE_EXCEEDED (retried by the CO); blkid gets
     /// at most 60 of them. One value for all: the slow tools scale with the volume's size, and
@@ -172,6 +178,7 @@ impl Config {
                 "must not be negative",
             ));
         }
+        crate::volume::metadata::Shape::from_block_size("--cbt-block-size", self.cbt_block_size)?;
         Ok(())
     }
 
@@ -252,6 +259,7 @@ mod tests {
             no_get_snapshot_capability: false,
             tool_timeout: 600,
             max_freeze_ms: 5000,
+            cbt_block_size: 0,
         }
     }
 

@@ -72,6 +72,13 @@ pub enum Error {
         "capacity_range.limit_bytes {limit} is smaller than the source ({source_bytes} bytes)"
     )]
     LimitBelowSource { limit: i64, source_bytes: u64 },
+    /// A SnapshotMetadata starting offset at or past the end of the volume.
+    #[error("{field} {offset} is not inside the volume ({capacity} bytes): use an offset below its size")]
+    OffsetBeyondVolume {
+        field: &'static str,
+        offset: u64,
+        capacity: u64,
+    },
     /// An expansion to a size below the volume's.
     #[error("volume {volume} has {size} bytes; shrinking to {requested} is not supported")]
     Shrink {
@@ -509,7 +516,8 @@ impl Error {
             | Error::RequiredTooLarge { .. }
             | Error::NoSizeFits { .. }
             | Error::LimitBelowSource { .. }
-            | Error::Shrink { .. } => Code::OutOfRange,
+            | Error::Shrink { .. }
+            | Error::OffsetBeyondVolume { .. } => Code::OutOfRange,
             Error::NoSpace { .. } | Error::NotAccessibleHere { .. } => Code::ResourceExhausted,
             Error::StagingRequired
             | Error::CapabilityMismatch { .. }

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::csi::{
     controller_server::ControllerServer, group_controller_server::GroupControllerServer,
     identity_server::IdentityServer, node_server::NodeServer,
+    snapshot_metadata_server::SnapshotMetadataServer,
 };
 use crate::error::{Error, Result};
 use crate::host::linux::Linux;
@@ -24,7 +25,7 @@ use crate::host::os::Host;
 use crate::host::tools::Tools;
 use crate::service::{
     controller::ControllerService, group::GroupControllerService, identity::IdentityService,
-    node::NodeService, Driver,
+    node::NodeService, snapshot_metadata::SnapshotMetadataService, Driver,
 };
 
 /// A bound socket, ready to serve: a client may connect as soon as this exists.
@@ -185,6 +186,11 @@ impl BoundServer {
             ))))
             .add_service(NodeServer::new(NodeService::new(Arc::clone(&driver))))
             .add_service(GroupControllerServer::new(GroupControllerService::new(
+                Arc::clone(&driver),
+            )))
+            // Changed-block tracking, on the same socket: the external-snapshot-metadata
+            // sidecar dials the driver's CSI socket.
+            .add_service(SnapshotMetadataServer::new(SnapshotMetadataService::new(
                 Arc::clone(&driver),
             )))
             .serve_with_incoming_shutdown(

@@ -3,7 +3,8 @@
 //!   domain or of CSI; `volume/` knows nothing of gRPC, the services or the metrics;
 //! - the domain reaches the OS only through `host/`: no raw `std::fs`, sysfs or procfs in
 //!   `volume/` or `service/` (the file-system paths the domain computes are data, not I/O);
-//! - the operation guards are taken in one place, `volume/volumes.rs`;
+//! - the operation guards are taken in one place, the door: `volume/volumes.rs` (and its parts
+//!   under `volume/volumes/`);
 //! - no file of the driver over 600 lines and no function over 80, so each stays readable
 //!   whole.
 //!
@@ -137,7 +138,9 @@ fn operation_guards_are_taken_in_one_place() {
     let mut wrong = Vec::new();
     for (path, text) in sources("src") {
         let file = relative(&path);
-        if file == "src/volume/volumes.rs" || file == "src/volume/locks.rs" {
+        // The door: volumes.rs and its parts under volumes/ (one file per group of use cases).
+        let door = file == "src/volume/volumes.rs" || file.starts_with("src/volume/volumes/");
+        if door || file == "src/volume/locks.rs" {
             continue;
         }
         for needle in [

@@ -45,7 +45,7 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "data,provision,scale,stall,group"
+        default_value = "data,provision,scale,stall,group,cbt"
     )]
     pub(crate) sections: Vec<Section>,
 
@@ -101,6 +101,8 @@ pub(crate) enum Section {
     Stall,
     /// The write stall of a group snapshot of four volumes (xfs-reflink pool on a tmpfs).
     Group,
+    /// Changed-block tracking: GetMetadataDelta on a large thin volume.
+    Cbt,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -146,6 +148,8 @@ pub(crate) struct Settings {
     pub(crate) tool_samples: usize,
     /// (volume bytes, data bytes) of each volume of the stall section.
     pub(crate) stall_volumes: Vec<(u64, u64)>,
+    /// Size of the cbt section's volume, GiB.
+    pub(crate) cbt_volume_gib: u64,
 }
 
 impl Settings {
@@ -199,6 +203,7 @@ impl Settings {
                     })
                     .collect(),
             },
+            cbt_volume_gib: if smoke { 1 } else { 100 },
         };
         if settings.rounds == 0 || settings.volumes == 0 || settings.fio_size_mib < 4 {
             bail!("--rounds and --volumes must be at least 1, --fio-size-mib at least 4");

@@ -7,6 +7,7 @@ use crate::provision::*;
 use crate::report::*;
 use crate::scale::*;
 use crate::stats::*;
+use crate::MIB;
 
 pub(crate) fn render(report: &Report) -> String {
     let mut out = String::new();
@@ -65,6 +66,9 @@ pub(crate) fn render(report: &Report) -> String {
     }
     if !report.stall.is_empty() {
         crate::stall::render_stall(&mut out, &report.stall);
+    }
+    if let Some(c) = &report.cbt {
+        render_cbt(&mut out, c);
     }
     let _ = writeln!(out, "## Targets\n");
     let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
@@ -456,4 +460,41 @@ fn render_scale_after_load(out: &mut String, s: &ScaleResult) {
     );
     let _ = writeln!(out, "| NodeUnstageVolume | {} |", p50_p99(&s.unstage));
     let _ = writeln!(out, "| DeleteVolume | {} |\n", p50_p99(&s.delete));
+}
+
+fn render_cbt(out: &mut String, c: &crate::cbt::CbtResult) {
+    let secs = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(out, "## Changed-block tracking\n");
+    let _ = writeln!(
+        out,
+        "A {} GiB thin block volume on {}: {} MiB of data, snapshot A, {} random 4 KiB blocks \
+         (1 %) rewritten, snapshot B.\n",
+        c.volume_gib,
+        c.pool,
+        c.base_bytes / MIB,
+        c.changed_blocks
+    );
+    let _ = writeln!(
+        out,
+        "| RPC | ranges | bytes named | seconds per run |\n| --- | ---: | ---: | --- |"
+    );
+    let _ = writeln!(
+        out,
+        "| GetMetadataDelta A→B | {} | {} (exact: {}) | {} |",
+        c.delta_ranges,
+        c.delta_bytes,
+        c.exact,
+        secs(&c.delta_s)
+    );
+    let _ = writeln!(
+        out,
+        "| GetMetadataAllocated A | {} | | {} |\n",
+        c.allocated_ranges,
+        secs(&c.allocated_s)
+    );
 }

@@ -45,6 +45,7 @@ pub(crate) struct Report {
     pub(crate) scale: Option<ScaleResult>,
     pub(crate) stall: Vec<crate::stall::StallResult>,
     pub(crate) group: Option<crate::group::GroupResult>,
+    pub(crate) cbt: Option<crate::cbt::CbtResult>,
     pub(crate) targets: Vec<TargetCheck>,
     pub(crate) duration_s: f64,
 }
@@ -110,6 +111,24 @@ pub(crate) fn evaluate(report: &Report) -> Vec<TargetCheck> {
     }
     if let Some(g) = &report.group {
         checks.push(crate::group::check_group(g));
+    }
+    if let Some(c) = &report.cbt {
+        let worst = c.delta_s.iter().copied().fold(0.0, f64::max);
+        checks.push(TargetCheck {
+            target: format!(
+                "GetMetadataDelta of a {} GiB thin volume with 1 % of its blocks changed, all \
+                 ranges streamed, < 1 s (xfs-reflink pool)",
+                c.volume_gib
+            ),
+            measured: format!(
+                "{:.3} s (worst of {}), {} ranges, exact: {}",
+                worst,
+                c.delta_s.len(),
+                c.delta_ranges,
+                c.exact
+            ),
+            met: Some(worst < 1.0 && c.exact),
+        });
     }
     checks
 }

@@ -39,6 +39,7 @@ fn bench_smoke_runs_every_section_and_cleans_up() {
         "## Provisioning",
         "## Scale",
         "## Snapshot write stall",
+        "## Changed-block tracking",
         "## Targets",
     ] {
         assert!(
@@ -54,6 +55,7 @@ fn bench_smoke_runs_every_section_and_cleans_up() {
         .unwrap()
         .is_empty());
     assert!(report["scale"]["volumes"].as_u64().unwrap() > 0);
+    assert_eq!(report["cbt"]["exact"], serde_json::Value::Bool(true));
     assert!(!report["targets"].as_array().unwrap().is_empty());
 
     // Nothing left: no files but the report, no mounts, no loop devices under the pool dir.

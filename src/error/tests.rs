@@ -25,6 +25,7 @@ table! {
     StagingRequired => FailedPrecondition, CapabilityMismatch => FailedPrecondition,
     LimitBelowRequired => OutOfRange, RequiredTooLarge => OutOfRange,
     NoSizeFits => OutOfRange, LimitBelowSource => OutOfRange, Shrink => OutOfRange,
+    OffsetBeyondVolume => OutOfRange,
     NoSpace => ResourceExhausted, NotAccessibleHere => ResourceExhausted,
     VolumeNameTaken => AlreadyExists, SnapshotNameTaken => AlreadyExists,
     StagedDifferently => AlreadyExists, PublishedDifferently => AlreadyExists,
@@ -98,6 +99,11 @@ fn samples() -> Vec<Error> {
             volume: v,
             size: 2,
             requested: 1,
+        },
+        Error::OffsetBeyondVolume {
+            field: "starting_offset",
+            offset: 2,
+            capacity: 1,
         },
         Error::NoSpace {
             requested: 2,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
+use super::extents::{self, Extent, Range};
 use super::files::{self, Allocation, CopyStats, Usage};
 use super::lockfile::{self, Holder, LockFile};
 use super::loopdev::{self, AttachOptions, Attached, FileId, LoopDevice};
@@ -294,6 +295,15 @@ impl Host for Linux {
     }
     fn thaw(&self, fs: &FsHandle) -> std::result::Result<(), Errno> {
         fs.file.as_ref().map_or(Err(Errno::EBADF), loopdev::thaw_fs)
+    }
+    fn data_ranges(&self, path: &Path, from: u64, end: u64) -> Result<Vec<Range>> {
+        extents::data_ranges(path, from, end)
+    }
+    fn physical_extents(&self, path: &Path, from: u64, end: u64) -> Result<Option<Vec<Extent>>> {
+        extents::physical_extents(path, from, end)
+    }
+    fn differing_ranges(&self, a: &Path, b: &Path, ranges: &[Range]) -> Result<Vec<Range>> {
+        extents::differing_ranges(a, b, ranges)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The only door to the operating system. Nothing here knows about CSI.
 
+pub mod extents;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fake;
 pub mod fileid;

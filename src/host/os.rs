@@ -30,6 +30,7 @@ use std::time::SystemTime;
 
 use nix::errno::Errno;
 
+use super::extents::{Extent, Range};
 use super::files::{Allocation, CopyStats, Patched, Usage};
 use super::lockfile::{Holder, LockFile};
 use super::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
@@ -232,4 +233,16 @@ pub trait Host: Send + Sync {
     fn freeze(&self, fs: &FsHandle) -> std::result::Result<(), Errno>;
     /// FITHAW; `EINVAL` when it was not frozen.
     fn thaw(&self, fs: &FsHandle) -> std::result::Result<(), Errno>;
+
+    // ---- Extents (changed-block tracking) --------------------------------------------------
+
+    /// The data ranges of the file at `path` within `[from, end)`, clipped and ascending
+    /// (SEEK_DATA/SEEK_HOLE: every pool file system answers). The rest reads as zeroes.
+    fn data_ranges(&self, path: &Path, from: u64, end: u64) -> Result<Vec<Range>>;
+    /// The physical extents of the file at `path` overlapping `[from, end)` (FIEMAP); `None`
+    /// when the file system cannot tell where the data lives.
+    fn physical_extents(&self, path: &Path, from: u64, end: u64) -> Result<Option<Vec<Extent>>>;
+    /// The parts of `ranges` where the files at `a` and `b` differ, by content, in blocks of
+    /// `extents::COMPARE_BLOCK`, merged and ascending.
+    fn differing_ranges(&self, a: &Path, b: &Path, ranges: &[Range]) -> Result<Vec<Range>>;
 }

@@ -34,8 +34,10 @@ impl Identity for IdentityService {
         self.driver.answer(rpc_span!("GetPluginInfo"), Ok(reply))
     }
 
-    /// GetPluginCapabilities: the Controller and GroupController services, volumes that are only accessible from the
-    /// node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS), and ONLINE volume expansion.
+    /// GetPluginCapabilities: the Controller and GroupController services, volumes that are
+    /// only accessible from the node that made them (VOLUME_ACCESSIBILITY_CONSTRAINTS),
+    /// changed-block tracking (SNAPSHOT_METADATA_SERVICE, served on the same socket), and
+    /// ONLINE volume expansion.
     async fn get_plugin_capabilities(
         &self,
         _request: Request<csi::GetPluginCapabilitiesRequest>,
@@ -60,6 +62,7 @@ impl Identity for IdentityService {
                 service(Type::ControllerService),
                 service(Type::VolumeAccessibilityConstraints),
                 service(Type::GroupControllerService),
+                service(Type::SnapshotMetadataService),
                 online_expansion,
             ],
         };

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod group;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -40,6 +41,8 @@ pub struct Driver {
     pub max_volumes_per_node: i64,
     /// Whether ControllerGetCapabilities lists GET_SNAPSHOT (`--no-get-snapshot-capability`).
     pub advertise_get_snapshot: bool,
+    /// How SnapshotMetadata answers (`--cbt-block-size`), checked at startup.
+    pub cbt_shape: crate::volume::metadata::Shape,
     readiness: watch::Receiver<Readiness>,
     /// Keys the MAC of ListVolumes tokens, so a token this process did not issue is refused.
     token_key: std::collections::hash_map::RandomState,
@@ -136,6 +139,11 @@ impl Driver {
             node_id: config.node_id.clone(),
             max_volumes_per_node: config.max_volumes_per_node,
             advertise_get_snapshot: !config.no_get_snapshot_capability,
+            cbt_shape: crate::volume::metadata::Shape::from_block_size(
+                "--cbt-block-size",
+                config.cbt_block_size,
+            )
+            .unwrap_or(crate::volume::metadata::Shape::Variable),
             readiness: rx,
             token_key: std::collections::hash_map::RandomState::new(),
             background: background.abort_handle(),

@@ -135,21 +135,24 @@ impl Pool {
         // Without reflink the frozen comparison is bounded like a single snapshot's (see
         // `SourceCopy::copy_to`): past the limit all are thawed and the group is not made.
         let limit = targets.first().map_or(DEFAULT_FREEZE_LIMIT, |t| t.limit());
-        let copied = members.iter().zip(&images).try_for_each(|(m, (src, dst, len))| {
-            if reflink {
-                return host.copy_image_unsynced(src, dst, *len, *len).map(drop);
-            }
-            let patched = host.patch_image(src, dst, *len, Some(started + limit))?;
-            if !patched.finished {
-                return Err(Error::FreezeLimit {
-                    volume: *m.volume.id(),
-                    limit,
-                    compared: patched.compared,
-                    data: *len,
-                });
-            }
-            Ok(())
-        });
+        let copied = members
+            .iter()
+            .zip(&images)
+            .try_for_each(|(m, (src, dst, len))| {
+                if reflink {
+                    return host.copy_image_unsynced(src, dst, *len, *len).map(drop);
+                }
+                let patched = host.patch_image(src, dst, *len, Some(started + limit))?;
+                if !patched.finished {
+                    return Err(Error::FreezeLimit {
+                        volume: *m.volume.id(),
+                        limit,
+                        compared: patched.compared,
+                        data: *len,
+                    });
+                }
+                Ok(())
+            });
         drop(frozen); // thaw all before anything else
         let timing = GroupTiming {
             frozen_ms: started.elapsed().as_millis() as u64,

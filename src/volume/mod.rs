@@ -13,6 +13,7 @@ pub mod inuse;
 pub mod layout;
 pub mod locks;
 pub mod meta;
+pub mod metadata;
 pub mod node;
 pub(crate) mod observed;
 pub mod params;

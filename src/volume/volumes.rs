@@ -18,6 +18,8 @@ use crate::host::os::Host;
 use crate::host::tools::FsType;
 use crate::volume::copath;
 
+mod snapshots;
+
 use crate::volume::content::{self, SourceCopy};
 use crate::volume::data::Condition;
 use crate::volume::freeze::Thawed;
@@ -27,6 +29,7 @@ use crate::volume::handle::Near;
 use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
+use crate::volume::metadata::{self, BlockList, Shape};
 use crate::volume::node::{NodeOps, VolumeStats};
 use crate::volume::params::{Capability, CapacityRange};
 use crate::volume::pool::{
@@ -249,209 +252,6 @@ impl Volumes {
         self.node.condition(id, &self.skipper())
     }
 
-    // ---- snapshots ----
-
-    /// CreateSnapshot: idempotent by name; the same name for another source is ALREADY_EXISTS.
-    /// The source is held stable (and frozen, when live, as briefly as the pool allows) for
-    /// the length of the copy.
-    pub fn create_snapshot(
-        &self,
-        name: &str,
-        source: &VolumeId,
-    ) -> Result<(Arc<SnapshotMeta>, Created)> {
-        self.store.require(source)?;
-        let _name = self.locks.name(LockKey::SnapshotName(name.to_string()))?;
-        if let Some(existing) = self.store.existing_snapshot(name, source)? {
-            return Ok((existing, Created::AlreadyExisted));
-        }
-        let copy = self.stable_source(&ContentSource::Volume(*source))?;
-        let new = self.locks.snapshot(&SnapshotId::new_random())?;
-        let pending = self.store.reserve_snapshot(&new, name, source, &copy.facts);
-        content::copy_snapshot(self.host(), &pending, copy)?;
-        let meta = self.store.commit_snapshot(pending)?;
-        Ok((meta, Created::New))
-    }
-
-    /// DeleteSnapshot: OK for a snapshot that does not exist; FAILED_PRECONDITION for a member
-    /// of a group snapshot (it goes with its group).
-    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let held = self.locks.snapshot(id)?;
-        if let Some(group) = self.groups.group_of(id) {
-            return Err(Error::GroupMember {
-                snapshot: *id,
-                group,
-            });
-        }
-        self.store.delete_snapshot(&held)
-    }
-
-    /// The snapshot, or NOT_FOUND.
-    pub fn snapshot(&self, id: &SnapshotId) -> Result<Arc<SnapshotMeta>> {
-        self.store.require_snapshot(id)
-    }
-
-    /// ListSnapshots: snapshots in id order after `after` matching `filter`, at most `max`.
-    pub fn list_snapshots(
-        &self,
-        after: Option<SnapshotId>,
-        max: usize,
-        filter: impl Fn(&SnapshotMeta) -> bool,
-    ) -> (Vec<Arc<SnapshotMeta>>, bool) {
-        self.store.list_snapshots(after, max, filter)
-    }
-
-    /// A restore's or clone's source (or a snapshot's), held stable for its copy.
-    fn stable_source(&self, source: &ContentSource) -> Result<SourceCopy> {
-        match source {
-            ContentSource::Snapshot(id) => {
-                let held = self.locks.snapshot(id)?;
-                let snap = self.store.require_snapshot(id)?;
-                Ok(SourceCopy {
-                    facts: SourceFacts {
-                        content: *source,
-                        size_bytes: snap.size_bytes,
-                        kind: snap.kind,
-                        formatted: snap.formatted,
-                        pending_fs_grow: snap.pending_fs_grow,
-                    },
-                    image: self.store.layout().snapshot_image(id),
-                    guard: ObjectGuard::Snapshot(held),
-                    freeze: None,
-                })
-            }
-            ContentSource::Volume(id) => {
-                let held = self.locks.volume(id)?;
-                let (meta, freeze) = self.node.stable_volume(&held)?;
-                Ok(SourceCopy {
-                    facts: SourceFacts {
-                        content: *source,
-                        size_bytes: meta.capacity_bytes,
-                        kind: meta.kind,
-                        formatted: meta.formatted,
-                        pending_fs_grow: meta.pending_fs_grow,
-                    },
-                    image: self.store.layout().image(id),
-                    guard: ObjectGuard::Volume(held),
-                    freeze,
-                })
-            }
-        }
-    }
-
-    // ---- group snapshots (see `group.rs`) ----
-
-    /// CreateVolumeGroupSnapshot: idempotent by name (the same name for other volumes is
-    /// ALREADY_EXISTS); a volume this node does not hold is NOT_FOUND naming it. Every member's
-    /// guard is taken in id order before anything is frozen, and held to the commit.
-    pub fn create_group_snapshot(
-        &self,
-        name: &str,
-        volumes: &[VolumeId],
-    ) -> Result<(Arc<GroupMeta>, Created)> {
-        let mut wanted = volumes.to_vec();
-        wanted.sort();
-        wanted.dedup();
-        let _name = self.locks.name(LockKey::GroupName(name.to_string()))?;
-        if let Some(existing) = self.groups.by_name(name) {
-            if existing.volumes() != wanted {
-                return Err(Error::GroupNameTaken {
-                    name: name.to_string(),
-                    group: existing.id,
-                    of: existing.volumes(),
-                    requested: wanted,
-                });
-            }
-            return Ok((existing, Created::AlreadyExisted));
-        }
-        if let Some(unknown) = wanted.iter().find(|id| self.store.get(id).is_none()) {
-            return Err(Error::GroupMemberNotFound {
-                id: unknown.to_string(),
-            });
-        }
-        let mut members = Vec::with_capacity(wanted.len());
-        for id in &wanted {
-            let volume = self.locks.volume(id)?;
-            let (meta, freeze) = self.node.stable_volume(&volume)?;
-            members.push(GroupMember {
-                volume,
-                meta,
-                freeze,
-                snapshot: self.locks.snapshot(&SnapshotId::new_random())?,
-            });
-        }
-        let group = VolumeId::new_random();
-        let _group = self.locks.name(LockKey::Group(group.to_string()))?;
-        let meta = self
-            .store
-            .create_group(&self.groups, group, name, &members)?;
-        Ok((meta, Created::New))
-    }
-
-    /// DeleteVolumeGroupSnapshot: OK for a group that does not exist; `snapshot_ids` must name
-    /// exactly its members (INVALID_ARGUMENT otherwise, as the spec asks of a plugin that can
-    /// tell).
-    pub fn delete_group_snapshot(&self, id: &VolumeId, snapshot_ids: &[SnapshotId]) -> Result<()> {
-        let _group = self.locks.name(LockKey::Group(id.to_string()))?;
-        let Some(group) = self.groups.get(id) else {
-            return Ok(());
-        };
-        check_members(&group, snapshot_ids)?;
-        let held = group
-            .snapshots()
-            .iter()
-            .map(|s| self.locks.snapshot(s))
-            .collect::<Result<Vec<_>>>()?;
-        self.store
-            .delete_group(&self.groups, &group, &held.iter().collect::<Vec<_>>())
-    }
-
-    /// GetVolumeGroupSnapshot: the group and its member snapshots; NOT_FOUND for an unknown
-    /// group; `snapshot_ids` checked as for the delete.
-    pub fn group_snapshot(
-        &self,
-        id: &VolumeId,
-        snapshot_ids: &[SnapshotId],
-    ) -> Result<(Arc<GroupMeta>, Vec<Arc<SnapshotMeta>>)> {
-        let group = self.groups.get(id).ok_or_else(|| Error::NotFound {
-            what: "group snapshot",
-            id: id.to_string(),
-        })?;
-        check_members(&group, snapshot_ids)?;
-        let members = group
-            .members
-            .iter()
-            .map(|m| self.store.require_snapshot(&m.snapshot))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((group, members))
-    }
-
-    /// The group snapshot, when it exists.
-    pub fn group(&self, id: &VolumeId) -> Option<Arc<GroupMeta>> {
-        self.groups.get(id)
-    }
-
-    /// The group snapshot `snapshot` is a member of (a Snapshot's `group_snapshot_id`).
-    pub fn group_of(&self, snapshot: &SnapshotId) -> Option<VolumeId> {
-        self.groups.group_of(snapshot)
-    }
-
-    /// Startup recovery of the groups a crash left half-made (rolled back) or half-deleted
-    /// (finished): their member snapshots go, then their records.
-    fn recover_groups(&self, unfinished: Unfinished) -> Result<()> {
-        for group in unfinished.0 {
-            let held = group
-                .snapshots()
-                .iter()
-                .map(|s| self.locks.snapshot(s))
-                .collect::<Result<Vec<_>>>()?;
-            self.store
-                .remove_members(&held.iter().collect::<Vec<_>>())?;
-            self.groups.remove(&group.id)?;
-            tracing::info!(group_snapshot.id = %group.id, state = ?group.state, "removed a group snapshot a crash left unfinished");
-        }
-        Ok(())
-    }
-
     // ---- the node's use cases ----
 
     /// NodeStageVolume (see `NodeOps::stage`).
@@ -537,23 +337,6 @@ impl Volumes {
             .map(|u| u.path)
             .collect()
     }
-}
-
-/// `snapshot_ids` of a group call must name exactly the group's members.
-fn check_members(group: &GroupMeta, snapshot_ids: &[SnapshotId]) -> Result<()> {
-    let given: std::collections::BTreeSet<SnapshotId> = snapshot_ids.iter().copied().collect();
-    if given == group.snapshots() && given.len() == snapshot_ids.len() {
-        return Ok(());
-    }
-    Err(Error::invalid(
-        "snapshot_ids",
-        format!(
-            "[{}] are not the snapshots of group snapshot {}, which are [{}]",
-            crate::error::ids(snapshot_ids),
-            group.id,
-            crate::error::ids(&group.snapshots().into_iter().collect::<Vec<_>>())
-        ),
-    ))
 }
 
 #[cfg(test)]

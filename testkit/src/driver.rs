@@ -60,6 +60,7 @@ pub fn config_for(socket: &Path, state_dir: PathBuf) -> Config {
         no_get_snapshot_capability: false,
         tool_timeout: 600,
         max_freeze_ms: 5000,
+        cbt_block_size: 0,
     }
 }
 
@@ -278,6 +279,13 @@ impl TestDriver {
     }
 
     /// The driver's clients as one [`Clients`] (clones sharing the connection).
+    /// A SnapshotMetadata client on its own connection to this driver's socket.
+    pub async fn metadata(&self) -> crate::metadata::MetadataClient {
+        crate::metadata::MetadataClient::connect(&self.root.join("csi.sock"))
+            .await
+            .expect("connect the SnapshotMetadata client")
+    }
+
     pub fn clients(&self) -> Clients {
         Clients {
             identity: self.identity.clone(),

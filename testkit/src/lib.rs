@@ -12,6 +12,7 @@
 pub mod client;
 pub mod driver;
 pub mod leaks;
+pub mod metadata;
 pub mod process;
 pub mod requests;
 
@@ -21,6 +22,7 @@ pub use leaks::{
     every_attached_loop_device, files_in, leftovers_under, release_everything_under, thaw,
     thaw_everything_under, Scratch,
 };
+pub use metadata::{MetadataClient, Ranges};
 pub use requests::*;
 
 pub const MIB: i64 = 1 << 20;

@@ -40,14 +40,16 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
             other => panic!("unexpected plugin capability {other:?}"),
         }
     }
-    // Changed with the GroupController service (issue 15): it is advertised as a fourth.
-    assert_eq!(caps.len(), 4, "{caps:?}");
+    // Changed with the GroupController and SnapshotMetadata services (issue 15): they are
+    // advertised as a fourth and a fifth.
+    assert_eq!(caps.len(), 5, "{caps:?}");
     assert_eq!(
         services,
         HashSet::from([
             Service::ControllerService as i32,
             Service::VolumeAccessibilityConstraints as i32,
-            Service::GroupControllerService as i32
+            Service::GroupControllerService as i32,
+            Service::SnapshotMetadataService as i32
         ])
     );
     assert_eq!(

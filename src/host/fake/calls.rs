@@ -63,6 +63,9 @@ pub enum Op {
     OpenFs,
     Freeze,
     Thaw,
+    DataRanges,
+    PhysicalExtents,
+    DifferingRanges,
 }
 
 /// One recorded call: the operation and its arguments, as text.
@@ -129,6 +132,9 @@ impl Op {
             Op::Canonicalize => "canonicalize",
             Op::TryLock => "open lock file",
             Op::OpenFs => "open",
+            Op::DataRanges => "seek data",
+            Op::PhysicalExtents => "FIEMAP",
+            Op::DifferingRanges => "read",
             _ => "stat",
         }
     }

@@ -9,6 +9,7 @@ use nix::errno::Errno;
 use super::kernel::{loop_number, DEVTMPFS, LOOP_MAJOR};
 use super::{FakeHost, Op};
 use crate::error::{Error, Result};
+use crate::host::extents::{self, Extent, Range};
 use crate::host::files::{self, Allocation, CopyStats, Usage};
 use crate::host::linux;
 use crate::host::lockfile::{self, Holder, LockFile};
@@ -414,6 +415,22 @@ impl Host for FakeHost {
             return Err(errno);
         }
         self.state().kernel.thaw(fs.numbers)
+    }
+    fn data_ranges(&self, path: &Path, from: u64, end: u64) -> Result<Vec<Range>> {
+        self.file(Op::DataRanges, path, || {
+            extents::data_ranges(path, from, end)
+        })
+    }
+    fn physical_extents(&self, path: &Path, from: u64, end: u64) -> Result<Option<Vec<Extent>>> {
+        self.file(Op::PhysicalExtents, path, || {
+            extents::physical_extents(path, from, end)
+        })
+    }
+    fn differing_ranges(&self, a: &Path, b: &Path, ranges: &[Range]) -> Result<Vec<Range>> {
+        self.file(Op::DifferingRanges, b, || {
+            self.inside(a)?;
+            extents::differing_ranges(a, b, ranges)
+        })
     }
 }
 
