@@ -47,8 +47,11 @@ dp_members() {
 
 scenario_group_snapshot() {
     local t token_a token_b members m got restored=() cleanup=() msg
-    # Fail fast on a driver without the group controller: csi-snapshotter says so at start.
-    if msg="$(dp_snapshotter_says 'does not support GroupControllerCreateVolumeGroupSnapshot')"; then
+    # Fail fast on a driver without the group controller: csi-snapshotter says so at start, as
+    # an error when the driver serves no GroupController (Unimplemented) or as a warning when
+    # it lacks the capability.
+    if msg="$(dp_snapshotter_says 'error determining if driver supports create/delete group snapshot')" ||
+        msg="$(dp_snapshotter_says 'does not support GroupControllerCreateVolumeGroupSnapshot')"; then
         fail "group_snapshot: driver lacks GROUP_CONTROLLER_SERVICE (CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT); csi-snapshotter: $msg"
     fi
     if msg="$(dp_snapshotter_says 'VolumeGroupSnapshot CRDs were not found')"; then

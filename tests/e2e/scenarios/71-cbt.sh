@@ -16,14 +16,14 @@ cbt_mib=1048576
 # cbt_sidecar: "ready", "lacks" (the sidecar said the driver lacks the service) or nothing yet,
 # for the plugin pod that runs the sidecar.
 cbt_sidecar() {
-    local pod ready
+    local pod ready logs
     pod="$(kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node \
         -o jsonpath='{range .items[?(@.spec.containers[*].name=="csi-snapshot-metadata")]}{.metadata.name}{end}')"
     [ -n "$pod" ] || return 0
-    if kubectl -n loopcsi logs "$pod" -c csi-snapshot-metadata --previous 2>/dev/null |
-        grep -q 'does not support the SNAPSHOT_METADATA_SERVICE' ||
-        kubectl -n loopcsi logs "$pod" -c csi-snapshot-metadata 2>/dev/null |
-        grep -q 'does not support the SNAPSHOT_METADATA_SERVICE'; then
+    # The exited container's log (it restarts) and the running one's.
+    logs="$(kubectl -n loopcsi logs "$pod" -c csi-snapshot-metadata --previous 2>/dev/null || true)"
+    logs="$logs$(kubectl -n loopcsi logs "$pod" -c csi-snapshot-metadata 2>/dev/null || true)"
+    if grep -q 'does not support the SNAPSHOT_METADATA_SERVICE' <<<"$logs"; then
         echo lacks
         return 0
     fi
@@ -93,7 +93,7 @@ records, start, length = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv
 ranges = sorted((b["byte_offset"], b["byte_offset"] + b["size_bytes"])
                 for r in records for b in r.get("block_metadata") or [])
 total = sum(e - s for s, e in ranges)
-covered, at = 0, start
+at = start
 for s, e in ranges:
     if s <= at < e:
         at = e
