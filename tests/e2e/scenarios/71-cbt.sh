@@ -60,9 +60,11 @@ images:
   - {name: registry.k8s.io/sig-storage/csi-snapshot-metadata, newName: loopcsi.dev/e2e/csi-snapshot-metadata, newTag: $SNAPSHOT_METADATA_VERSION}
 patches:
   - target: {kind: Service, name: loopcsi-snapshot-metadata}
-    patch: '[{op: add, path: /spec/clusterIP, value: $cbt_ip}]'
+    patch: |-
+      - {op: add, path: /spec/clusterIP, value: $cbt_ip}
   - target: {kind: SnapshotMetadataService}
-    patch: '[{op: replace, path: /spec/address, value: "$cbt_ip:6443"}]'
+    patch: |-
+      - {op: replace, path: /spec/address, value: "$cbt_ip:6443"}
 EOF
     cat >"$work/overlay-cbt/snapshot-metadata.yaml" <<EOF
 apiVersion: v1
