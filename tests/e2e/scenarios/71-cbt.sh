@@ -17,8 +17,10 @@ cbt_mib=1048576
 # for the plugin pod that runs the sidecar.
 cbt_sidecar() {
     local pod ready logs
+    # (jsonpath filters cannot test a list of container names: awk picks the pod.)
     pod="$(kubectl -n loopcsi get pods -l app.kubernetes.io/name=loopcsi-node \
-        -o jsonpath='{range .items[?(@.spec.containers[*].name=="csi-snapshot-metadata")]}{.metadata.name}{end}')"
+        -o jsonpath='{range .items[*]}{.metadata.name} {.spec.containers[*].name}{"\n"}{end}' |
+        awk '/ csi-snapshot-metadata( |$)/ && !found {print $1; found = 1}')"
     [ -n "$pod" ] || return 0
     # The exited container's log (it restarts) and the running one's.
     logs="$(kubectl -n loopcsi logs "$pod" -c csi-snapshot-metadata --previous 2>/dev/null || true)"
