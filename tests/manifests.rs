@@ -52,7 +52,18 @@ const LIVENESS: &str = "liveness-probe";
 const SIDECARS: &[&str] = &[PROVISIONER, RESIZER, SNAPSHOTTER, REGISTRAR, LIVENESS];
 
 /// The snapshot CRD kinds the schemas do not cover; checked by `check_snapshot_crd`.
-const SNAPSHOT_KINDS: &[&str] = &["VolumeSnapshotClass", "VolumeSnapshot"];
+const SNAPSHOT_KINDS: &[&str] = &[
+    "VolumeSnapshotClass",
+    "VolumeSnapshot",
+    "VolumeGroupSnapshotClass",
+    "SnapshotMetadataService",
+];
+
+#[path = "manifests/crds.rs"]
+mod crds;
+#[path = "manifests/data_protection.rs"]
+mod data_protection;
+use crds::check_snapshot_crd;
 
 // ------------------------------------------------------------------------------------------
 // Rendering and validation
@@ -252,94 +263,6 @@ fn only_keys(object: &Value, allowed: &[&str], at: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
-}
-
-/// The snapshot.storage.k8s.io/v1 CRDs, after their OpenAPI schemas
-/// (kubernetes-csi/external-snapshotter client/config/crd).
-fn check_snapshot_crd(object: &Value) -> Result<(), String> {
-    let kind = object["kind"].as_str().unwrap_or("");
-    let name = object["metadata"]["name"].as_str().unwrap_or("");
-    let at = format!("{kind} {name}");
-    if object["apiVersion"] != "snapshot.storage.k8s.io/v1" {
-        return Err(format!(
-            "{at}: apiVersion {} is not snapshot.storage.k8s.io/v1",
-            object["apiVersion"]
-        ));
-    }
-    if !dns_subdomain(name) {
-        return Err(format!("{at}: metadata.name is not a DNS subdomain"));
-    }
-    only_keys(
-        &object["metadata"],
-        &["name", "namespace", "labels", "annotations"],
-        &format!("{at} metadata"),
-    )?;
-    for map in ["labels", "annotations"] {
-        if let Some(values) = object["metadata"][map].as_object() {
-            if values.values().any(|v| !v.is_string()) {
-                return Err(format!("{at}: metadata.{map} values must be strings"));
-            }
-        }
-    }
-    match kind {
-        "VolumeSnapshotClass" => {
-            only_keys(
-                object,
-                &[
-                    "apiVersion",
-                    "kind",
-                    "metadata",
-                    "driver",
-                    "deletionPolicy",
-                    "parameters",
-                ],
-                &at,
-            )?;
-            if object["driver"].as_str().is_none_or(str::is_empty) {
-                return Err(format!("{at}: driver is required"));
-            }
-            if !matches!(object["deletionPolicy"].as_str(), Some("Delete" | "Retain")) {
-                return Err(format!("{at}: deletionPolicy must be Delete or Retain"));
-            }
-            if let Some(params) = object.get("parameters") {
-                let params = params
-                    .as_object()
-                    .ok_or_else(|| format!("{at}: parameters is not a map"))?;
-                if params.values().any(|v| !v.is_string()) {
-                    return Err(format!("{at}: parameters values must be strings"));
-                }
-            }
-        }
-        "VolumeSnapshot" => {
-            only_keys(object, &["apiVersion", "kind", "metadata", "spec"], &at)?;
-            let spec = &object["spec"];
-            only_keys(
-                spec,
-                &["source", "volumeSnapshotClassName"],
-                &format!("{at} spec"),
-            )?;
-            let source = &spec["source"];
-            only_keys(
-                source,
-                &["persistentVolumeClaimName", "volumeSnapshotContentName"],
-                &format!("{at} spec.source"),
-            )?;
-            let set: Vec<_> = source.as_object().unwrap().values().collect();
-            if set.len() != 1 || !set[0].as_str().is_some_and(dns_subdomain) {
-                return Err(format!(
-                    "{at}: spec.source needs exactly one of persistentVolumeClaimName and \
-                     volumeSnapshotContentName, naming an object"
-                ));
-            }
-            if let Some(class) = spec.get("volumeSnapshotClassName") {
-                if !class.as_str().is_some_and(dns_subdomain) {
-                    return Err(format!("{at}: volumeSnapshotClassName must be a name"));
-                }
-            }
-        }
-        other => return Err(format!("{at}: no structural check for kind {other}")),
-    }
-    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -935,12 +858,11 @@ fn check_driver_objects(objects: &[Value], config: &Config) {
         assert_eq!((fs, parsed.provisioning), expected, "{class_name}");
     }
 
-    let snapshot_classes = kind_of(objects, "VolumeSnapshotClass");
-    assert_eq!(snapshot_classes.len(), 1);
-    assert_eq!(
-        snapshot_classes[0]["driver"], driver_name,
-        "VolumeSnapshotClass driver"
-    );
+    for kind in ["VolumeSnapshotClass", "VolumeGroupSnapshotClass"] {
+        let classes = kind_of(objects, kind);
+        assert_eq!(classes.len(), 1, "one {kind}");
+        assert_eq!(classes[0]["driver"], driver_name, "{kind} driver");
+    }
 
     // Namespaced objects live in the driver's namespace, which admits privileged pods.
     let namespace = object(objects, "Namespace", NAMESPACE);
@@ -953,6 +875,8 @@ fn check_driver_objects(objects: &[Value], config: &Config) {
         "CSIDriver",
         "StorageClass",
         "VolumeSnapshotClass",
+        "VolumeGroupSnapshotClass",
+        "SnapshotMetadataService",
         "ClusterRole",
         "ClusterRoleBinding",
     ];

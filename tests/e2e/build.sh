@@ -107,16 +107,20 @@ GO
 # go_build MODULE VERSION PACKAGE DIR: build PACKAGE of MODULE@VERSION into DIR. The sidecars'
 # go.mod files carry replace directives (pinning k8s.io staging modules), which `go install
 # pkg@version` refuses, so a wrapper module requires MODULE and repeats its replace directives; a
-# replace by a local directory (./client) becomes the published module of the same version.
+# replace by a local directory (./client) becomes the published module of the same version, or of
+# LOCAL_VERSION when set (external-snapshot-metadata v0.2.0's ./client was published as v0.1.0
+# only). More than one PACKAGE may be given; the last argument is DIR.
 go_build() {
-    local module="$1" version="$2" pkg="$3" out="$4" src="$4/src" gomod
+    local module="$1" version="$2" out="${*: -1}" src gomod
+    local pkgs=("${@:3:$#-3}")
+    src="$out/src"
     mkdir -p "$src"
     gomod="$(go mod download -json "$module@$version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
     {
         echo "module loopcsi.dev/e2e/sidecar"
         echo "go 1.26"
         echo "require $module $version"
-        python3 - "$gomod" "$version" <<'PY'
+        python3 - "$gomod" "${LOCAL_VERSION:-$version}" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 lines = re.findall(r"^replace\s+(\S+)\s+=>\s+(\S+)(?:\s+(\S+))?\s*$", text, re.M)
@@ -129,7 +133,7 @@ for old, new, ver in lines:
     print(f"replace {old} => {new} {ver}".rstrip())
 PY
     } >"$src/go.mod"
-    (cd "$src" && go build -mod=mod -ldflags "-s -w" -o "$out/" "$pkg")
+    (cd "$src" && go build -mod=mod -ldflags "-s -w" -o "$out/" "${pkgs[@]}")
     rm -rf "$src"
 }
 
@@ -162,11 +166,21 @@ sidecars | all)
         go_build "$SNAPSHOTTER_MODULE" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_MODULE/cmd/csi-snapshotter"
     build_in "$cache/snapshot-controller-$SNAPSHOTTER_VERSION" "snapshot-controller $SNAPSHOTTER_VERSION" \
         go_build "$SNAPSHOTTER_MODULE" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_MODULE/cmd/snapshot-controller"
+    # The sidecar goes into an image (images.sh: one image per binary of the directory), so its
+    # directory holds nothing else; the example client runs on the node, beside kubectl.
+    LOCAL_VERSION="$SNAPSHOT_METADATA_CLIENT_VERSION" build_in \
+        "$cache/csi-snapshot-metadata-$SNAPSHOT_METADATA_VERSION" "csi-snapshot-metadata $SNAPSHOT_METADATA_VERSION" \
+        go_build "$SNAPSHOT_METADATA_MODULE" "$SNAPSHOT_METADATA_VERSION" "$SNAPSHOT_METADATA_MODULE/cmd/csi-snapshot-metadata"
+    LOCAL_VERSION="$SNAPSHOT_METADATA_CLIENT_VERSION" build_in \
+        "$cache/snapshot-metadata-lister-$SNAPSHOT_METADATA_VERSION" "snapshot-metadata-lister $SNAPSHOT_METADATA_VERSION" \
+        go_build "$SNAPSHOT_METADATA_MODULE" "$SNAPSHOT_METADATA_VERSION" "$SNAPSHOT_METADATA_MODULE/examples/snapshot-metadata-lister"
     ;;&
 helm | all)
     build_in "$cache/helm-$HELM_VERSION" "helm $HELM_VERSION" build_helm ;;&
 crds | all)
-    # The snapshot CRDs ship in the snapshotter's client module (config/crd).
+    # The snapshot and group snapshot CRDs ship in the snapshotter's client module (config/crd),
+    # the SnapshotMetadataService CRD in external-snapshot-metadata's (client/config/crd).
     go mod download -json "$SNAPSHOTTER_CLIENT_MODULE@$SNAPSHOTTER_VERSION" >/dev/null
+    go mod download -json "$SNAPSHOT_METADATA_CLIENT_MODULE@$SNAPSHOT_METADATA_CLIENT_VERSION" >/dev/null
     ;;
 esac

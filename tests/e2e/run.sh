@@ -313,7 +313,7 @@ E2E_DEBS="$cache/debs-$(. /etc/os-release && echo "$VERSION_CODENAME")" \
     "$here/images.sh" "$work/images" "$binary" "$standins" \
     "$cache/csi-provisioner-$PROVISIONER_VERSION" "$cache/csi-provisioner-$OLDEST_PROVISIONER_VERSION" \
     "$cache/csi-resizer-$RESIZER_VERSION" \
-    "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION"
+    "$cache/csi-snapshotter-$SNAPSHOTTER_VERSION" "$cache/csi-snapshot-metadata-$SNAPSHOT_METADATA_VERSION"
 log "images built in $((SECONDS - t)) s"
 
 # ---------------------------------------------------------------- certificates
@@ -390,7 +390,14 @@ start kube-scheduler "$k8s/kube-scheduler" --kubeconfig "$work/pki/admin.kubecon
     --bind-address 127.0.0.1 --leader-elect=false
 crds="$(go mod download -json "$SNAPSHOTTER_CLIENT_MODULE@$SNAPSHOTTER_VERSION" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/config/crd"
-for f in "$crds"/snapshot.storage.k8s.io_*.yaml; do kubectl apply -f "$f" >/dev/null; done
+# The snapshot and group snapshot CRDs (the base has a class of each), and the
+# SnapshotMetadataService CRD that changed-block tracking needs (scenarios/71-cbt.sh).
+sms_crds="$(go mod download -json "$SNAPSHOT_METADATA_CLIENT_MODULE@$SNAPSHOT_METADATA_CLIENT_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/config/crd"
+for f in "$crds"/snapshot.storage.k8s.io_*.yaml "$crds"/groupsnapshot.storage.k8s.io_*.yaml \
+    "$sms_crds"/cbt.storage.k8s.io_*.yaml; do
+    kubectl apply -f "$f" >/dev/null
+done
 start snapshot-controller "$cache/snapshot-controller-$SNAPSHOTTER_VERSION/snapshot-controller" \
     --kubeconfig "$work/pki/admin.kubeconfig" --leader-election=false \
     --enable-distributed-snapshotting

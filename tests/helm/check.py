@@ -9,6 +9,8 @@
 Every failure is printed as one line saying what was expected and what was seen; the exit status
 is 1 if there was any.
 """
+import base64
+import binascii
 import copy
 import json
 import re
@@ -42,7 +44,7 @@ HELM_LABELS = {
 # every kind it does not know to be cluster-scoped, the VolumeSnapshotClass (a CRD) among them;
 # the API server drops metadata.namespace of a cluster-scoped object, so it is not compared.
 CLUSTER_SCOPED = {"Namespace", "CSIDriver", "StorageClass", "VolumeSnapshotClass", "ClusterRole",
-                  "ClusterRoleBinding"}
+                  "ClusterRoleBinding", "VolumeGroupSnapshotClass", "SnapshotMetadataService"}
 
 problems = []
 
@@ -95,9 +97,12 @@ def check_crd_object(obj):
     published v1 APIs: the snapshot class (as tests/manifests.rs checks it) and the Prometheus
     Operator's monitors (the fields this chart uses, each with its documented type)."""
     kind, at = obj.get("kind"), ident(obj)
-    if kind == "VolumeSnapshotClass":
-        if obj.get("apiVersion") != "snapshot.storage.k8s.io/v1":
-            problem(f"{at}: apiVersion {obj.get('apiVersion')} is not snapshot.storage.k8s.io/v1")
+    if kind == "SnapshotMetadataService":
+        return check_snapshot_metadata_service(obj, at)
+    if kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
+        api = "snapshot.storage.k8s.io/v1" if kind == "VolumeSnapshotClass" else "groupsnapshot.storage.k8s.io/v1"
+        if obj.get("apiVersion") != api:
+            problem(f"{at}: apiVersion {obj.get('apiVersion')} is not {api}")
         check_metadata(obj, at, namespaced=False)
         only_keys(obj, ["apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"], at)
         if not obj.get("driver"):
@@ -131,6 +136,28 @@ def check_crd_object(obj):
                 problem(f"{at}: spec.{endpoints}[{i}].interval {ep['interval']!r} is not a duration")
         return True
     return False
+
+
+def check_snapshot_metadata_service(obj, at):
+    """cbt.storage.k8s.io/v1alpha1 (external-snapshot-metadata client v0.1.0 config/crd): address,
+    audience and caCert (format: byte, base64) are required; as tests/manifests.rs checks it."""
+    if obj.get("apiVersion") != "cbt.storage.k8s.io/v1alpha1":
+        problem(f"{at}: apiVersion {obj.get('apiVersion')} is not cbt.storage.k8s.io/v1alpha1")
+    check_metadata(obj, at, namespaced=False)
+    only_keys(obj, ["apiVersion", "kind", "metadata", "spec"], at)
+    spec = obj.get("spec") or {}
+    only_keys(spec, ["address", "audience", "caCert"], f"{at} spec")
+    for field in ("address", "audience", "caCert"):
+        if not isinstance(spec.get(field), str) or not spec[field]:
+            problem(f"{at}: spec.{field} is required")
+    host, _, port = str(spec.get("address", "")).rpartition(":")
+    if not host or not port.isdigit():
+        problem(f"{at}: spec.address {spec.get('address')!r} is not host:port")
+    try:
+        base64.b64decode(str(spec.get("caCert", "")), validate=True)
+    except binascii.Error:
+        problem(f"{at}: spec.caCert is not base64")
+    return True
 
 
 def validate(paths):
@@ -265,6 +292,7 @@ KEPT_DEFAULT = {
     "storageClasses.0.enabled": "so that the every-value render has a class to validate "
                                 "(classes 1 and 2 are disabled there)",
     "volumeSnapshotClass.enabled": "so that the every-value render has a snapshot class to validate",
+    "volumeGroupSnapshotClass.enabled": "so that the every-value render has a group snapshot class to validate",
 }
 
 
@@ -314,6 +342,10 @@ def every_value(helm, chart, all_values_path):
         put(rest, path, copy.deepcopy(default))
         without, err2 = render(rest)
         if without is not None and without != full:
+            checked += 1
+        elif without is None and name in (err2 or ""):
+            # A value required by the others (snapshotMetadata.caCert when enabled): the chart
+            # refuses to render without it and says which.
             checked += 1
         else:
             problem(f"{name}={json.dumps(value)} changes nothing, neither alone ({err or 'same render'}) "

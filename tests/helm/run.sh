@@ -85,6 +85,10 @@ refused "an unknown value" "additional properties 'imageTag' not allowed" "image
 refused "an untagged sidecar image" "/sidecars/provisioner/image/tag': '' does not match pattern" "sidecars: {provisioner: {image: {tag: ''}}}"
 refused "a PodMonitor without the metrics port" "need metrics.enabled" \
     "metrics: {enabled: false, podMonitor: {enabled: true}}"
+refused "changed-block tracking without the CA" "snapshotMetadata.caCert is required" \
+    "snapshotMetadata: {enabled: true}"
+refused "a caCert that is not base64" "/snapshotMetadata/caCert': 'not base64!' does not match pattern" \
+    "snapshotMetadata: {enabled: true, caCert: 'not base64!'}"
 
 # ---------------------------------------------------------------- render and validate
 render() { # NAME ARGS...: helm template into $work/NAME.yaml
@@ -98,11 +102,12 @@ render all -f "$here/values-all.yaml"
 render example -f "$here/values-example.yaml"
 render moved --set kubeletDir=/var/lib/k0s/kubelet --set poolDir=/srv/loopcsi
 render no-metrics --set metrics.enabled=false
-for name in default all example moved no-metrics; do
+render cbt -f "$here/values-snapshot-metadata.yaml"
+for name in default all example moved no-metrics cbt; do
     python3 "$here/check.py" validate "$work/$name.yaml" || fail "$name: an object is invalid (above)"
     python3 "$here/check.py" wiring "$work/$name.yaml" || fail "$name: the wiring is wrong (above)"
 done
-pass "every object of 5 renders valid for Kubernetes 1.33 and 1.37; wiring consistent"
+pass "every object of 6 renders valid for Kubernetes 1.33 and 1.37; wiring consistent"
 if ! grep -q 'kind: PodMonitor' "$work/all.yaml" || ! grep -q 'kind: ServiceMonitor' "$work/all.yaml"; then
     fail "values-all.yaml turns on both monitors, but the render lacks one"
 fi
@@ -136,13 +141,34 @@ metadata:
 data: {path: /var/lib/k0s/kubelet}
 EOF
 kubectl kustomize "$work/overlay" >"$work/k-moved.yaml"
+# Changed-block tracking the documented way: components/snapshot-metadata and its ConfigMap, made
+# from the caCert and audience of tests/helm/values-snapshot-metadata.yaml.
+mkdir -p "$work/cbt"
+deploy="$(realpath --relative-to="$work/cbt" "$repo/deploy/kubernetes")"
+cat >"$work/cbt/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [$deploy/base, snapshot-metadata.yaml]
+components: [$deploy/components/snapshot-metadata]
+EOF
+python3 -c '
+import sys, yaml
+v = yaml.safe_load(open(sys.argv[1]))["snapshotMetadata"]
+print(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+    "metadata": {"name": "loopcsi-snapshot-metadata",
+                 "annotations": {"config.kubernetes.io/local-config": "true"}},
+    "data": {"caCert": v["caCert"], "audience": v["audience"]}}))
+' "$here/values-snapshot-metadata.yaml" >"$work/cbt/snapshot-metadata.yaml"
+kubectl kustomize "$work/cbt" >"$work/k-cbt.yaml"
 python3 "$here/check.py" compare "$work/k-base.yaml" "$work/default.yaml" ||
     fail "the default render differs from deploy/kubernetes/base (above)"
 python3 "$here/check.py" compare "$work/k-example.yaml" "$work/example.yaml" ||
     fail "values-example.yaml renders other objects than overlays/example (above)"
 python3 "$here/check.py" compare "$work/k-moved.yaml" "$work/moved.yaml" ||
     fail "kubeletDir/poolDir move other paths than components/kubelet-dir and the pool patch (above)"
-pass "the chart renders the objects of the base (defaults), of overlays/example (values-example.yaml) and of a kubelet dir and pool moved by an overlay (kubeletDir, poolDir): $(grep -c '^kind:' "$work/default.yaml") objects each, equal but for Helm's labels and the Namespace"
+python3 "$here/check.py" compare "$work/k-cbt.yaml" "$work/cbt.yaml" ||
+    fail "values-snapshot-metadata.yaml renders other objects than components/snapshot-metadata (above)"
+pass "the chart renders the objects of the base (defaults), of overlays/example (values-example.yaml), of components/snapshot-metadata (values-snapshot-metadata.yaml) and of a kubelet dir and pool moved by an overlay (kubeletDir, poolDir): $(grep -c '^kind:' "$work/default.yaml") objects each, equal but for Helm's labels and the Namespace"
 
 # ---------------------------------------------------------------- every value matters
 python3 "$here/check.py" every-value "$helm" "$chart" "$here/values-all.yaml" ||
