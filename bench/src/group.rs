@@ -5,9 +5,7 @@
 //! for. Measured without snapshots first (the baseline), then around each group snapshot.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use loopcsi::csi;
@@ -19,6 +17,7 @@ use crate::data::mount_tmpfs;
 use crate::driver::{InProcDriver, VolKind};
 use crate::provision::attach_direct;
 use crate::scratch::Scratch;
+use crate::writer::Writer;
 use crate::{Progress, MIB};
 
 /// Volumes in the group (the target: 4).
@@ -35,81 +34,6 @@ pub(crate) struct GroupResult {
     pub(crate) longest_stall_ms: f64,
     /// Each CreateVolumeGroupSnapshot, end to end.
     pub(crate) rpc_ms: Vec<f64>,
-}
-
-/// One application: 4 KiB writes + fdatasync round a 16 MiB file until stopped; remembers its
-/// longest write since the last `take_max`, and counts its writes.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    max_ns: Arc<AtomicU64>,
-    writes: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Writer {
-    fn start(path: PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let max_ns = Arc::new(AtomicU64::new(0));
-        let writes = Arc::new(AtomicU64::new(0));
-        let (s, m, w) = (stop.clone(), max_ns.clone(), writes.clone());
-        let thread = std::thread::spawn(move || {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::File::create(&path)?;
-            let block = [0x5au8; 4096];
-            let mut offset = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                file.write_all_at(&block, offset)?;
-                file.sync_data()?;
-                m.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                w.fetch_add(1, Ordering::Relaxed);
-                offset = (offset + 4096) % (16 << 20);
-            }
-            Ok(())
-        });
-        Writer {
-            stop,
-            max_ns,
-            writes,
-            thread: Some(thread),
-        }
-    }
-
-    fn take_max_ms(&self) -> f64 {
-        self.max_ns.swap(0, Ordering::Relaxed) as f64 / 1e6
-    }
-
-    /// Waits (polling) until the writer completed `n` more writes: every write that was
-    /// waiting on a freeze has then finished and been counted.
-    async fn wait_writes(&self, n: u64) -> Result<()> {
-        let target = self.writes.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.writes.load(Ordering::Relaxed) < target {
-            if Instant::now() > deadline {
-                return Err(anyhow!("a writer made no progress for 60 s (left frozen?)"));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        let thread = self
-            .thread
-            .take()
-            .ok_or_else(|| anyhow!("writer joined twice"))?;
-        thread
-            .join()
-            .map_err(|_| anyhow!("a writer panicked"))?
-            .context("a writer's write failed")
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 /// An xfs file system with reflink on a sparse image in a tmpfs, mounted at `root/state`.
@@ -213,7 +137,7 @@ pub(crate) async fn group_section(
     let volumes = make_volumes(&clients, &root, volume_mib).await?;
     let writers: Vec<Writer> = volumes
         .iter()
-        .map(|(_, _, target)| Writer::start(target.join("app.bin")))
+        .map(|(_, _, target)| Writer::start(target.join("app.bin"), 16 * MIB, 4096))
         .collect();
     for w in &writers {
         w.wait_writes(200).await?;

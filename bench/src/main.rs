@@ -37,6 +37,7 @@ mod scratch;
 mod stall;
 mod stats;
 mod tools;
+mod writer;
 
 use std::process::ExitCode;
 use std::time::Instant;

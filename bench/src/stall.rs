@@ -11,9 +11,7 @@
 //!   comparison bounded by --max-freeze-ms, thaw), over gRPC.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -21,6 +19,7 @@ use loopcsi::csi;
 use serde::Serialize;
 
 use crate::driver::{InProcDriver, VolKind};
+use crate::writer::Writer;
 use crate::*;
 
 /// One volume size's figures.
@@ -36,76 +35,6 @@ pub(crate) struct StallResult {
     pub(crate) snapshot_stall_ms: f64,
     /// Set when CreateSnapshot failed (e.g. the freeze limit): its message.
     pub(crate) snapshot_error: Option<String>,
-}
-
-/// An application: 4 KiB writes, each followed by fdatasync, over a 64 MiB file; remembers the
-/// longest write since the last `take_max`.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    max_ns: Arc<AtomicU64>,
-    writes: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Writer {
-    fn start(path: PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let max_ns = Arc::new(AtomicU64::new(0));
-        let writes = Arc::new(AtomicU64::new(0));
-        let (s, m, w) = (stop.clone(), max_ns.clone(), writes.clone());
-        let thread = std::thread::spawn(move || {
-            let file = std::fs::File::create(&path)?;
-            file.set_len(64 * MIB)?;
-            let block = [0x5au8; 4096];
-            let mut offset = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                file.write_all_at(&block, offset)?;
-                file.sync_data()?;
-                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                m.fetch_max(took, Ordering::Relaxed);
-                w.fetch_add(1, Ordering::Relaxed);
-                offset = (offset + 4096 * 17) % (64 * MIB);
-            }
-            Ok(())
-        });
-        Writer {
-            stop,
-            max_ns,
-            writes,
-            thread: Some(thread),
-        }
-    }
-
-    /// The longest write since the last call. Waits until two more writes have completed, so
-    /// a write that was blocked during the phase just ended is counted in it.
-    fn take_max(&self) -> Duration {
-        let seen = self.writes.load(Ordering::Relaxed);
-        while self.writes.load(Ordering::Relaxed) < seen + 2
-            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Duration::from_nanos(self.max_ns.swap(0, Ordering::Relaxed))
-    }
-
-    fn finish(mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result.context("the writer"),
-            Some(Err(_)) => anyhow::bail!("the writer thread panicked"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// Runs the section: one in-process driver with its pool in the scratch dir (on --pool-dir).
@@ -153,8 +82,8 @@ async fn one_size(
     c.stage(&id, &staging, VolKind::Ext4).await?;
     fill(&staging.join("fill"), data)?;
     let image = state.join("volumes").join(format!("{id}.img"));
-    let writer = Writer::start(staging.join("app"));
-    writer.take_max();
+    let writer = Writer::start(staging.join("app"), 64 * MIB, 4096 * 17);
+    writer.phase_max_ms().await?;
 
     let frozen_copy = scratch.path(&format!("stall-frozen-copy-{index}.img"));
     let started = Instant::now();
@@ -164,7 +93,7 @@ async fn one_size(
     loopcsi::host::loopdev::thaw_fs(&fs)?;
     drop(fs);
     let frozen_copy_s = started.elapsed().as_secs_f64();
-    let frozen_copy_stall = writer.take_max();
+    let frozen_copy_stall_ms = writer.phase_max_ms().await?;
     std::fs::remove_file(&frozen_copy)?;
     copied?;
 
@@ -179,11 +108,11 @@ async fn one_size(
             })
             .await;
     let snapshot_s = started.elapsed().as_secs_f64();
-    let snapshot_stall = writer.take_max();
+    let snapshot_stall_ms = writer.phase_max_ms().await?;
 
     // The baseline lasts as long as the snapshot did.
-    std::thread::sleep(Duration::from_secs_f64(snapshot_s.max(1.0)));
-    let baseline = writer.take_max();
+    tokio::time::sleep(Duration::from_secs_f64(snapshot_s.max(1.0))).await;
+    let baseline_ms = writer.phase_max_ms().await?;
     writer.finish()?;
 
     let snapshot_error = match snapshot {
@@ -208,17 +137,13 @@ async fn one_size(
         volume_bytes: volume,
         data_bytes: data,
         reflink: loopcsi::host::files::reflinks(state),
-        baseline_ms: ms(baseline),
+        baseline_ms,
         frozen_copy_s,
-        frozen_copy_stall_ms: ms(frozen_copy_stall),
+        frozen_copy_stall_ms,
         snapshot_s,
-        snapshot_stall_ms: ms(snapshot_stall),
+        snapshot_stall_ms,
         snapshot_error,
     })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// `bytes` of incompressible-enough data in a file, flushed.

@@ -288,6 +288,11 @@ impl Host for Linux {
             numbers,
         })
     }
+    fn sync_fs(&self, fs: &FsHandle) -> std::result::Result<(), Errno> {
+        fs.file
+            .as_ref()
+            .map_or(Err(Errno::EBADF), nix::unistd::syncfs)
+    }
     fn freeze(&self, fs: &FsHandle) -> std::result::Result<(), Errno> {
         fs.file
             .as_ref()

@@ -229,6 +229,9 @@ pub trait Host: Send + Sync {
     /// Opens the file system mounted at `path`, checking that it is the one with device
     /// numbers `numbers` (`FailedPrecondition` otherwise).
     fn open_fs(&self, path: &Path, numbers: (u32, u32)) -> Result<FsHandle>;
+    /// syncfs(2): writes the file system's dirty data and metadata out, while it still runs
+    /// (so a FIFREEZE right after has little left to flush while the application waits).
+    fn sync_fs(&self, fs: &FsHandle) -> std::result::Result<(), Errno>;
     /// FIFREEZE; `EBUSY` when it is frozen already.
     fn freeze(&self, fs: &FsHandle) -> std::result::Result<(), Errno>;
     /// FITHAW; `EINVAL` when it was not frozen.

@@ -159,6 +159,11 @@ impl FreezeTarget {
         let host = self.layout.host();
         // The directory, held open, names the file system whatever happens to the path.
         let fs = host.open_fs(&intent.mount_point, intent.numbers())?;
+        // Flushed while the application still runs, so the freeze itself (which flushes what
+        // is dirty while every write waits) is short. A failure here costs only that speed.
+        if let Err(errno) = host.sync_fs(&fs) {
+            tracing::warn!(mount_point = %intent.mount_point.display(), %errno, "syncfs before a freeze failed");
+        }
         let path = intent_path(&self.layout, &intent.volume);
         let inherited = read_intent(host, &path).is_ok_and(|old| old.numbers() == intent.numbers());
         host.create_dir_all(&intents_dir(&self.layout))?;

@@ -401,6 +401,9 @@ impl Host for FakeHost {
             numbers,
         })
     }
+    fn sync_fs(&self, fs: &FsHandle) -> std::result::Result<(), Errno> {
+        self.enter(Op::SyncFs, shown(&fs.path)).map_or(Ok(()), Err)
+    }
     fn freeze(&self, fs: &FsHandle) -> std::result::Result<(), Errno> {
         if let Some(errno) = self.enter(Op::Freeze, shown(&fs.path)) {
             return Err(errno);

@@ -114,6 +114,9 @@ scenario_cbt() {
     state="$(cbt_sidecar)"
     [ "$state" = ready ] || fail "cbt: driver lacks SNAPSHOT_METADATA_SERVICE (the csi-snapshot-metadata sidecar refuses to serve it)"
     pod_ip="$(kubectl -n loopcsi get pods -o jsonpath='{.items[0].status.podIP}')"
+    # A route first: a connect() to an address with no route fails (ENETUNREACH) before the
+    # OUTPUT chain's DNAT could rewrite it.
+    in_ns ip route replace "$cbt_ip/32" dev e2e0
     in_ns iptables -t nat -A OUTPUT -d "$cbt_ip/32" -p tcp --dport 6443 -j DNAT --to-destination "$pod_ip:50051"
     pass "cbt: sidecar ready in the plugin pod ($pod_ip:50051), Service $cbt_ip:6443, SnapshotMetadataService $(kubectl get snapshotmetadataservice loopcsi.dev -o jsonpath='{.spec.address}')"
 
@@ -149,6 +152,7 @@ scenario_cbt() {
     pass "cbt: delta cbt-a ($a_handle) -> cbt-b: $summary, covering [8 MiB, 9 MiB) the pod wrote, less than the 64 MiB volume; $((SECONDS - t)) s"
 
     in_ns iptables -t nat -D OUTPUT -d "$cbt_ip/32" -p tcp --dport 6443 -j DNAT --to-destination "$pod_ip:50051"
+    in_ns ip route del "$cbt_ip/32" dev e2e0
     data_cleanup pod/cbt-app2 volumesnapshot/cbt-a volumesnapshot/cbt-b pvc/cbt-pvc
     kubectl delete rolebinding cbt-backup >/dev/null
     kubectl delete serviceaccount cbt-backup >/dev/null
