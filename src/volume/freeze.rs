@@ -141,16 +141,32 @@ impl FreezeTarget {
         self.record()?.freeze()
     }
 
-    /// Freezes every target at one instant (a group snapshot): every intent is recorded first,
-    /// then the file systems are frozen back to back, so the first one frozen does not wait
-    /// for the others' records. On a failure, what was frozen is thawed and the records of
-    /// what was not are removed.
+    /// Freezes every target at one instant (a group snapshot): every intent is recorded (and
+    /// every file system synced) first, then the file systems are frozen all at once, one
+    /// thread each, so the first one frozen waits only for the slowest freeze, not for the sum
+    /// of them (an ext4 freeze flushes its journal: tens of milliseconds under a writer). On a
+    /// failure, what was frozen is thawed and the records of what was not are removed.
     pub(crate) fn freeze_all(targets: &[&FreezeTarget]) -> Result<Vec<Frozen>> {
         let recorded = targets
             .iter()
             .map(|t| t.record())
             .collect::<Result<Vec<_>>>()?;
-        recorded.into_iter().map(Recorded::freeze).collect()
+        let frozen: Vec<Result<Frozen>> = std::thread::scope(|scope| {
+            let running: Vec<_> = recorded
+                .into_iter()
+                .map(|r| scope.spawn(move || r.freeze()))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(Error::Internal("a freeze thread panicked".to_string()))
+                    })
+                })
+                .collect()
+        });
+        // Any failure drops the others' `Frozen`, which thaws them.
+        frozen.into_iter().collect()
     }
 
     /// Opens the file system and records the intent durably (the step before FIFREEZE).
@@ -223,6 +239,7 @@ impl Recorded {
             layout: self.target.layout.clone(),
             intent,
             fs,
+            thawed: false,
         })
     }
 }
@@ -246,20 +263,44 @@ pub(crate) struct Frozen {
     intent: Intent,
     /// The frozen file system, held open: the thaw reaches it even if its mount moved.
     fs: FsHandle,
+    /// Thawed already (`thaw_all`); only the record is left to remove.
+    thawed: bool,
 }
 
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let host = self.layout.host();
-        let thawed = match host.thaw(&self.fs) {
+impl Frozen {
+    fn thaw(&mut self) -> Result<()> {
+        if self.thawed {
+            return Ok(());
+        }
+        match self.layout.host().thaw(&self.fs) {
             // EINVAL: not frozen (someone thawed it already); nothing of ours is left.
-            Ok(()) | Err(Errno::EINVAL) => Ok(()),
+            Ok(()) | Err(Errno::EINVAL) => {
+                self.thawed = true;
+                Ok(())
+            }
             Err(errno) => Err(Error::sys(
                 "FITHAW",
                 self.intent.mount_point.display(),
                 errno,
             )),
-        };
+        }
+    }
+}
+
+/// Thaws every file system of a group first and only then removes their records (a durable
+/// removal each), so no application waits for another member's record.
+pub(crate) fn thaw_all(mut frozen: Vec<Frozen>) {
+    for f in &mut frozen {
+        // A failure is retried, and logged, by the drop below.
+        let _ = f.thaw();
+    }
+    drop(frozen);
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let thawed = self.thaw();
+        let host = self.layout.host();
         let removed = thawed.and_then(|()| {
             crate::faults::crash_point("thaw.thawed");
             host.remove_durably(&intent_path(&self.layout, &self.intent.volume))

@@ -153,7 +153,7 @@ impl Pool {
                 }
                 Ok(())
             });
-        drop(frozen); // thaw all before anything else
+        crate::volume::freeze::thaw_all(frozen); // thaw all before anything else
         let timing = GroupTiming {
             frozen_ms: started.elapsed().as_millis() as u64,
         };
