@@ -141,32 +141,11 @@ impl FreezeTarget {
         self.record()?.freeze()
     }
 
-    /// Freezes every target at one instant (a group snapshot): every intent is recorded (and
-    /// every file system synced) first, then the file systems are frozen all at once, one
-    /// thread each, so the first one frozen waits only for the slowest freeze, not for the sum
-    /// of them (an ext4 freeze flushes its journal: tens of milliseconds under a writer). On a
-    /// failure, what was frozen is thawed and the records of what was not are removed.
-    pub(crate) fn freeze_all(targets: &[&FreezeTarget]) -> Result<Vec<Frozen>> {
-        let recorded = targets
-            .iter()
-            .map(|t| t.record())
-            .collect::<Result<Vec<_>>>()?;
-        let frozen: Vec<Result<Frozen>> = std::thread::scope(|scope| {
-            let running: Vec<_> = recorded
-                .into_iter()
-                .map(|r| scope.spawn(move || r.freeze()))
-                .collect();
-            running
-                .into_iter()
-                .map(|t| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(Error::Internal("a freeze thread panicked".to_string()))
-                    })
-                })
-                .collect()
-        });
-        // Any failure drops the others' `Frozen`, which thaws them.
-        frozen.into_iter().collect()
+    /// Records every target's intent (and syncs its file system) before any is frozen: a
+    /// group snapshot (see `group.rs`), whose members are then frozen all at once. Dropped
+    /// without `freeze`, a `Recorded` removes its record again.
+    pub(crate) fn record_all(targets: &[&FreezeTarget]) -> Result<Vec<Recorded>> {
+        targets.iter().map(|t| t.record()).collect()
     }
 
     /// Opens the file system and records the intent durably (the step before FIFREEZE).
@@ -198,7 +177,7 @@ impl FreezeTarget {
 /// A freeze whose intent is recorded and whose file system is not frozen yet. Dropped without
 /// `freeze`, it removes its record again (unless the record is from an earlier life: that
 /// freeze must still be thawed).
-struct Recorded {
+pub(crate) struct Recorded {
     target: FreezeTarget,
     /// `None` once frozen (moved into the `Frozen`).
     fs: Option<FsHandle>,
@@ -206,7 +185,7 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn freeze(mut self) -> Result<Frozen> {
+    pub(crate) fn freeze(mut self) -> Result<Frozen> {
         let intent = self.target.intent.clone();
         let host = self.target.layout.host();
         let fs = self
@@ -263,7 +242,7 @@ pub(crate) struct Frozen {
     intent: Intent,
     /// The frozen file system, held open: the thaw reaches it even if its mount moved.
     fs: FsHandle,
-    /// Thawed already (`thaw_all`); only the record is left to remove.
+    /// Thawed already; only the record is left to remove.
     thawed: bool,
 }
 
@@ -285,16 +264,6 @@ impl Frozen {
             )),
         }
     }
-}
-
-/// Thaws every file system of a group first and only then removes their records (a durable
-/// removal each), so no application waits for another member's record.
-pub(crate) fn thaw_all(mut frozen: Vec<Frozen>) {
-    for f in &mut frozen {
-        // A failure is retried, and logged, by the drop below.
-        let _ = f.thaw();
-    }
-    drop(frozen);
 }
 
 impl Drop for Frozen {

@@ -94,7 +94,8 @@ cbt_covers() {
     python3 - "$@" <<'EOF'
 import json, sys
 records, start, length = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-ranges = sorted((b["byte_offset"], b["byte_offset"] + b["size_bytes"])
+# The lister prints protobuf JSON: a field at its zero value (byte_offset 0) is left out.
+ranges = sorted((b.get("byte_offset", 0), b.get("byte_offset", 0) + b["size_bytes"])
                 for r in records for b in r.get("block_metadata") or [])
 total = sum(e - s for s, e in ranges)
 at = start
