@@ -422,16 +422,7 @@ fn fnv(data: &[u8]) -> u64 {
 
 /// `len` pseudo-random bytes determined by `seed`.
 fn content(seed: &str, len: usize) -> Vec<u8> {
-    let mut x = fnv(seed.as_bytes()) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    loopcsi_testkit::pseudo_random(fnv(seed.as_bytes()), len)
 }
 
 /// Where a volume's payload lives: a file in a file system, or 1 MiB into a raw device.

@@ -27,3 +27,18 @@ pub use requests::*;
 
 pub const MIB: i64 = 1 << 20;
 pub const NODE: &str = "test-node-1";
+
+/// `len` pseudo-random bytes determined by `seed` (xorshift64): test data that differs in every
+/// 4 KiB block, without a random-number crate.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

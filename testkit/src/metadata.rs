@@ -43,7 +43,7 @@ impl MetadataClient {
 
     /// GetMetadataAllocated, the whole stream.
     pub async fn allocated(&self, snapshot: &str, from: i64, max: i32) -> Result<Ranges, Status> {
-        let mut stream = self
+        let stream = self
             .0
             .clone()
             .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
@@ -54,15 +54,7 @@ impl MetadataClient {
             })
             .await?
             .into_inner();
-        let mut all = Ranges::default();
-        while let Some(m) = stream.message().await? {
-            all.add(
-                m.block_metadata_type,
-                m.volume_capacity_bytes,
-                &m.block_metadata,
-            );
-        }
-        Ok(all)
+        gather(stream).await
     }
 
     /// GetMetadataDelta, the whole stream.
@@ -73,7 +65,7 @@ impl MetadataClient {
         from: i64,
         max: i32,
     ) -> Result<Ranges, Status> {
-        let mut stream = self
+        let stream = self
             .0
             .clone()
             .get_metadata_delta(csi::GetMetadataDeltaRequest {
@@ -85,14 +77,41 @@ impl MetadataClient {
             })
             .await?
             .into_inner();
-        let mut all = Ranges::default();
-        while let Some(m) = stream.message().await? {
-            all.add(
-                m.block_metadata_type,
-                m.volume_capacity_bytes,
-                &m.block_metadata,
-            );
-        }
-        Ok(all)
+        gather(stream).await
     }
+}
+
+/// One streamed message of either RPC: its block metadata type, the volume's size, its ranges.
+trait Page {
+    fn parts(&self) -> (i32, i64, &[csi::BlockMetadata]);
+}
+
+impl Page for csi::GetMetadataAllocatedResponse {
+    fn parts(&self) -> (i32, i64, &[csi::BlockMetadata]) {
+        (
+            self.block_metadata_type,
+            self.volume_capacity_bytes,
+            &self.block_metadata,
+        )
+    }
+}
+
+impl Page for csi::GetMetadataDeltaResponse {
+    fn parts(&self) -> (i32, i64, &[csi::BlockMetadata]) {
+        (
+            self.block_metadata_type,
+            self.volume_capacity_bytes,
+            &self.block_metadata,
+        )
+    }
+}
+
+/// The whole stream, gathered.
+async fn gather<M: Page>(mut stream: tonic::Streaming<M>) -> Result<Ranges, Status> {
+    let mut all = Ranges::default();
+    while let Some(m) = stream.message().await? {
+        let (kind, capacity, ranges) = m.parts();
+        all.add(kind, capacity, ranges);
+    }
+    Ok(all)
 }

@@ -47,16 +47,7 @@ impl Kind {
 
 /// `len` bytes of data that differ with `seed` in every 4 KiB block.
 fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    loopcsi_testkit::pseudo_random(seed, len)
 }
 
 fn snapshot_image(d: &TestDriver, id: &str) -> PathBuf {
