@@ -140,38 +140,7 @@ impl Pool {
         let copy = |m: &GroupMember, image: &(PathBuf, PathBuf, u64)| {
             copy_frozen(host, m, image, reflink, (started, limit))
         };
-        let window = Window::new(targets.len());
-        // One thread per member: it freezes its file system, copies its image (the file
-        // system holds still from its freeze on, so the copy is of that instant), waits until
-        // every member is frozen (the group's instant lies after the last freeze and before
-        // the first thaw) and thaws. So an application waits for the slowest freeze or its own
-        // copy, not for the sum of every member's (an ext4 freeze flushes its journal; a
-        // reflink of a busy image takes 15-20 ms on an xfs pool). A member without a file
-        // system (raw block) has nothing to freeze: it is copied meanwhile. Nothing is flushed
-        // while frozen: the copies are made durable after the thaw, before the group's commit.
-        let copied = std::thread::scope(|scope| {
-            let running: Vec<_> = members
-                .iter()
-                .zip(&images)
-                .zip(recorded)
-                .map(|((m, image), recorded)| {
-                    let window = &window;
-                    let copy = &copy;
-                    scope.spawn(move || match recorded {
-                        None => copy(m, image),
-                        Some(recorded) => window.frozen_copy(recorded, || copy(m, image)),
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|t| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(Error::Internal("a group copy thread panicked".to_string()))
-                    })
-                })
-                .collect::<Result<Vec<()>>>()
-        });
+        let copied = in_window(members, &images, recorded, copy);
         let timing = GroupTiming {
             frozen_ms: started.elapsed().as_millis() as u64,
         };
@@ -253,6 +222,46 @@ impl Pool {
 /// CreateSnapshot (the CO names group members only through the group).
 pub(crate) fn member_name(group: &str, volume: &VolumeId) -> String {
     format!("group-snapshot:{volume}:{group}")
+}
+
+/// One thread per member: it freezes its file system, copies its image (the file system holds
+/// still from its freeze on, so the copy is of that instant), waits until every member is
+/// frozen (the group's instant lies after the last freeze and before the first thaw) and
+/// thaws. So an application waits for the slowest freeze or its own copy, not for the sum of
+/// every member's (an ext4 freeze flushes its journal; a reflink of a busy image takes 15-20 ms
+/// on an xfs pool). A member without a file system (raw block) has nothing to freeze: it is
+/// copied meanwhile. Nothing is flushed while frozen: the copies are made durable after the
+/// thaw, before the group's commit.
+fn in_window(
+    members: &[GroupMember],
+    images: &[(PathBuf, PathBuf, u64)],
+    recorded: Vec<Option<Recorded>>,
+    copy: impl Fn(&GroupMember, &(PathBuf, PathBuf, u64)) -> Result<()> + Sync,
+) -> Result<()> {
+    let window = Window::new(recorded.iter().filter(|r| r.is_some()).count());
+    std::thread::scope(|scope| {
+        let running: Vec<_> = members
+            .iter()
+            .zip(images)
+            .zip(recorded)
+            .map(|((m, image), recorded)| {
+                let (window, copy) = (&window, &copy);
+                scope.spawn(move || match recorded {
+                    None => copy(m, image),
+                    Some(recorded) => window.frozen_copy(recorded, || copy(m, image)),
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(Error::Internal("a group copy thread panicked".to_string()))
+                })
+            })
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+    })
 }
 
 /// The members' freezes of one group snapshot: no member is thawed before every member is
