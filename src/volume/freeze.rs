@@ -218,7 +218,6 @@ impl Recorded {
             layout: self.target.layout.clone(),
             intent,
             fs,
-            thawed: false,
         })
     }
 }
@@ -242,34 +241,20 @@ pub(crate) struct Frozen {
     intent: Intent,
     /// The frozen file system, held open: the thaw reaches it even if its mount moved.
     fs: FsHandle,
-    /// Thawed already; only the record is left to remove.
-    thawed: bool,
 }
 
-impl Frozen {
-    fn thaw(&mut self) -> Result<()> {
-        if self.thawed {
-            return Ok(());
-        }
-        match self.layout.host().thaw(&self.fs) {
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let host = self.layout.host();
+        let thawed = match host.thaw(&self.fs) {
             // EINVAL: not frozen (someone thawed it already); nothing of ours is left.
-            Ok(()) | Err(Errno::EINVAL) => {
-                self.thawed = true;
-                Ok(())
-            }
+            Ok(()) | Err(Errno::EINVAL) => Ok(()),
             Err(errno) => Err(Error::sys(
                 "FITHAW",
                 self.intent.mount_point.display(),
                 errno,
             )),
-        }
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let thawed = self.thaw();
-        let host = self.layout.host();
+        };
         let removed = thawed.and_then(|()| {
             crate::faults::crash_point("thaw.thawed");
             host.remove_durably(&intent_path(&self.layout, &self.intent.volume))

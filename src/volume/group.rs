@@ -287,7 +287,15 @@ impl Window {
             self.failed.store(true, Ordering::SeqCst);
         }
         let copied = match &frozen {
-            Ok(_) if !self.failed.load(Ordering::SeqCst) => copy(),
+            // A panic must still reach the barrier below, or every other member would stay
+            // frozen waiting for this one.
+            Ok(_) if !self.failed.load(Ordering::SeqCst) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(copy)).unwrap_or_else(|_| {
+                    Err(Error::Internal(
+                        "a group member's copy panicked".to_string(),
+                    ))
+                })
+            }
             _ => Ok(()),
         };
         self.all_frozen.wait();

@@ -315,17 +315,6 @@ impl Pool {
         self.layout.host()
     }
 
-    /// Records that the driver formatted the volume (crash-safe metadata update).
-    pub fn mark_formatted(&self, held: &VolumeGuard) -> Result<()> {
-        let current = self.require(held.id())?;
-        if current.formatted {
-            return Ok(());
-        }
-        let mut updated = (*current).clone();
-        updated.formatted = true;
-        self.update(held, updated).map(drop)
-    }
-
     pub fn snapshot(&self, id: &SnapshotId) -> Option<Arc<SnapshotMeta>> {
         self.index
             .read()
