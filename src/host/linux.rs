@@ -17,6 +17,7 @@ use super::lockfile::{self, Holder, LockFile};
 use super::loopdev::{self, AttachOptions, Attached, FileId, LoopDevice};
 use super::mount::{self, MountEntry, MountOptions};
 use super::os::{FsHandle, Host, NewImage, Node, NodeKind};
+use super::reclone::{self, Preclone, Recloned};
 use super::tools::{FsType, Probe, Tools};
 use crate::error::{Error, Result};
 
@@ -237,6 +238,18 @@ impl Host for Linux {
         deadline: Option<std::time::Instant>,
     ) -> Result<files::Patched> {
         files::patch_to_match(src, dst, len, deadline)
+    }
+    fn preclone(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<Preclone> {
+        reclone::preclone(src, dst, len, size)
+    }
+    fn reclone_changed(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        base: Option<&[Extent]>,
+    ) -> Result<Recloned> {
+        reclone::reclone_changed(src, dst, len, base)
     }
     fn sync_file(&self, path: &Path) -> Result<()> {
         files::sync_file(path)

@@ -12,6 +12,7 @@ pub mod loopdev;
 pub mod loopscan;
 pub mod mount;
 pub mod os;
+pub mod reclone;
 pub mod tools;
 
 use crate::error::{Error, Result};

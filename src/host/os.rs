@@ -35,6 +35,7 @@ use super::files::{Allocation, CopyStats, Patched, Usage};
 use super::lockfile::{Holder, LockFile};
 use super::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
 use super::mount::{MountEntry, MountOptions};
+use super::reclone::{Preclone, Recloned};
 use super::tools::{FsType, Probe};
 use crate::error::Result;
 
@@ -208,6 +209,19 @@ pub trait Host: Send + Sync {
         len: u64,
         deadline: Option<std::time::Instant>,
     ) -> Result<Patched>;
+    /// Makes `dst` (new, sized `size`) a reflink of the first `len` bytes of `src` while `src`
+    /// may still change, in chunks, and reads the copy's extents (see `reclone::preclone`).
+    fn preclone(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<Preclone>;
+    /// Makes `dst`, a reflink of `src` made earlier whose extents were then `base`, read back as
+    /// the first `len` bytes of `src` now, cloning again only what changed (not flushed; see
+    /// `reclone::reclone_changed`).
+    fn reclone_changed(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        base: Option<&[Extent]>,
+    ) -> Result<Recloned>;
     /// Flushes the file at `path` to the device.
     fn sync_file(&self, path: &Path) -> Result<()>;
     /// Copies the block device `device` into a new image at `image`, durably (a crash leaves no

@@ -28,6 +28,22 @@ use crate::volume::locks::{SnapshotGuard, VolumeGuard};
 use crate::volume::meta::{SnapshotMeta, VolumeMeta, META_VERSION};
 use crate::volume::pool::Pool;
 
+/// A member's image and its snapshot's, `len` bytes.
+struct MemberImage {
+    src: PathBuf,
+    dst: PathBuf,
+    len: u64,
+}
+
+/// What the copy of a member holds before the freeze.
+enum Before {
+    /// A copy and a catch-up pass (a pool without reflink): compared again while frozen.
+    Copied,
+    /// A reflink (with its extent map, when the pool can tell): the ranges changed since are
+    /// cloned again while frozen.
+    Reflinked(Option<Vec<crate::host::extents::Extent>>),
+}
+
 /// One member of a group being made: its volume, held stable, and its new snapshot's id.
 pub(crate) struct GroupMember {
     pub(crate) volume: VolumeGuard,
@@ -101,29 +117,15 @@ impl Pool {
     /// together, for as short a time as the pool allows. Returns that instant.
     fn copy_members(&self, members: &[GroupMember]) -> Result<(u128, GroupTiming)> {
         let host = self.host();
-        let reflink = host.reflinks(&self.layout.snapshots_dir());
-        let images: Vec<_> = members
+        let images: Vec<MemberImage> = members
             .iter()
-            .map(|m| {
-                (
-                    self.layout.image(m.volume.id()),
-                    self.layout.snapshot_image(m.snapshot.id()),
-                    m.meta.capacity_bytes,
-                )
+            .map(|m| MemberImage {
+                src: self.layout.image(m.volume.id()),
+                dst: self.layout.snapshot_image(m.snapshot.id()),
+                len: m.meta.capacity_bytes,
             })
             .collect();
-        if !reflink {
-            // The bulk of the copy runs while the applications write on; only what they wrote
-            // meanwhile is copied again while frozen.
-            for (src, dst, len) in &images {
-                host.copy_image(src, dst, *len, *len)?;
-            }
-            crate::faults::crash_point("group.precopied");
-            // A catch-up pass, still unfrozen, so the frozen one has little left to rewrite.
-            for (src, dst, len) in &images {
-                host.patch_image(src, dst, *len, None)?;
-            }
-        }
+        let before = self.precopy(&images)?;
         let targets: Vec<&FreezeTarget> =
             members.iter().filter_map(|m| m.freeze.as_ref()).collect();
         let limit = targets.first().map_or(DEFAULT_FREEZE_LIMIT, |t| t.limit());
@@ -137,19 +139,49 @@ impl Pool {
         let instant = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let copy = |m: &GroupMember, image: &(PathBuf, PathBuf, u64)| {
-            copy_frozen(host, m, image, reflink, (started, limit))
+        let work: Vec<(&MemberImage, &Before)> = images.iter().zip(&before).collect();
+        let copy = |m: &GroupMember, (image, before): &(&MemberImage, &Before)| {
+            copy_frozen(host, m, image, before, (started, limit))
         };
-        let copied = in_window(members, &images, recorded, copy);
+        let copied = in_window(members, &work, recorded, copy);
         let timing = GroupTiming {
             frozen_ms: started.elapsed().as_millis() as u64,
         };
         copied?;
-        for (_, dst, _) in &images {
-            host.sync_file(dst)?;
+        for image in &images {
+            host.sync_file(&image.dst)?;
         }
         host.sync_file(&self.layout.snapshots_dir())?;
         Ok((instant, timing))
+    }
+
+    /// The part of every member's copy made while its application still writes.
+    fn precopy(&self, images: &[MemberImage]) -> Result<Vec<Before>> {
+        let host = self.host();
+        if host.reflinks(&self.layout.snapshots_dir()) {
+            // Reflinked now; only what the application writes meanwhile is cloned again while
+            // frozen (a whole-file reflink of a busy image takes tens of milliseconds, during
+            // which its writes wait: see `host::reclone`).
+            return images
+                .iter()
+                .map(|i| {
+                    Ok(Before::Reflinked(
+                        host.preclone(&i.src, &i.dst, i.len, i.len)?.base,
+                    ))
+                })
+                .collect();
+        }
+        // The bulk of the copy runs while the applications write on; only what they wrote
+        // meanwhile is copied again while frozen.
+        for i in images {
+            host.copy_image(&i.src, &i.dst, i.len, i.len)?;
+        }
+        crate::faults::crash_point("group.precopied");
+        // A catch-up pass, still unfrozen, so the frozen one has little left to rewrite.
+        for i in images {
+            host.patch_image(&i.src, &i.dst, i.len, None)?;
+        }
+        Ok(images.iter().map(|_| Before::Copied).collect())
     }
 
     /// Commits each member's snapshot metadata: from here on they are ordinary snapshots.
@@ -232,11 +264,11 @@ pub(crate) fn member_name(group: &str, volume: &VolumeId) -> String {
 /// on an xfs pool). A member without a file system (raw block) has nothing to freeze: it is
 /// copied meanwhile. Nothing is flushed while frozen: the copies are made durable after the
 /// thaw, before the group's commit.
-fn in_window(
+fn in_window<W: Sync>(
     members: &[GroupMember],
-    images: &[(PathBuf, PathBuf, u64)],
+    images: &[W],
     recorded: Vec<Option<Recorded>>,
-    copy: impl Fn(&GroupMember, &(PathBuf, PathBuf, u64)) -> Result<()> + Sync,
+    copy: impl Fn(&GroupMember, &W) -> Result<()> + Sync,
 ) -> Result<()> {
     let window = Window::new(recorded.iter().filter(|r| r.is_some()).count());
     std::thread::scope(|scope| {
@@ -310,18 +342,20 @@ impl Window {
     }
 }
 
-/// Copies a frozen member's image into its snapshot image: a reflink where the pool shares
-/// extents, else the last comparison after the pre-copy and catch-up, bounded by the freeze
-/// limit like a single snapshot's (see `SourceCopy::copy_to`).
+/// Copies a frozen member's image into its snapshot image: where it was reflinked, the ranges
+/// written since are cloned again; elsewhere the last comparison after the pre-copy and
+/// catch-up, bounded by the freeze limit like a single snapshot's (see `SourceCopy::copy_to`).
 fn copy_frozen(
     host: &dyn Host,
     m: &GroupMember,
-    (src, dst, len): &(PathBuf, PathBuf, u64),
-    reflink: bool,
+    MemberImage { src, dst, len }: &MemberImage,
+    before: &Before,
     (started, limit): (Instant, std::time::Duration),
 ) -> Result<()> {
-    if reflink {
-        return host.copy_image_unsynced(src, dst, *len, *len).map(drop);
+    if let Before::Reflinked(base) = before {
+        return host
+            .reclone_changed(src, dst, *len, base.as_deref())
+            .map(drop);
     }
     let patched = host.patch_image(src, dst, *len, Some(started + limit))?;
     if !patched.finished {

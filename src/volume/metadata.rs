@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::host::extents::{push_merged, Extent, Range, COMPARE_BLOCK};
+use crate::host::extents::{extent_delta, push_merged, Range, COMPARE_BLOCK};
 use crate::host::os::Host;
 
 /// The largest fixed block size offered: larger blocks only make a backup copy more.
@@ -147,53 +147,6 @@ fn content_delta(
         push_merged(&mut union, (s.max(start), e.min(end)));
     }
     host.differing_ranges(base, target, &union)
-}
-
-/// Written extents as `(start, end, physical)`, clipped to `[start, end)`; unwritten ones read
-/// as zeroes and count as holes.
-fn written(extents: &[Extent], start: u64, end: u64) -> Vec<(u64, u64, u64)> {
-    let mut out: Vec<(u64, u64, u64)> = extents
-        .iter()
-        .filter(|e| !e.unwritten)
-        .filter_map(|e| {
-            let s = e.logical.max(start);
-            let t = (e.logical + e.len).min(end);
-            (s < t).then(|| (s, t, e.physical + (s - e.logical)))
-        })
-        .collect();
-    out.sort_unstable();
-    out
-}
-
-/// Where `list` maps byte `at` (advancing the cursor `i`), `None` for a hole.
-fn mapped_at(list: &[(u64, u64, u64)], i: &mut usize, at: u64) -> Option<u64> {
-    while *i < list.len() && list[*i].1 <= at {
-        *i += 1;
-    }
-    let &(s, e, p) = list.get(*i)?;
-    (s <= at && at < e).then(|| p + (at - s))
-}
-
-/// The ranges of `[start, end)` whose physical mapping differs between `a` and `b`: a hole in
-/// both, or the same physical bytes in both, is unchanged.
-pub fn extent_delta(a: &[Extent], b: &[Extent], start: u64, end: u64) -> Vec<Range> {
-    let (a, b) = (written(a, start, end), written(b, start, end));
-    let mut cuts: Vec<u64> = vec![start, end];
-    for &(s, e, _) in a.iter().chain(b.iter()) {
-        cuts.push(s);
-        cuts.push(e);
-    }
-    cuts.sort_unstable();
-    cuts.dedup();
-    let (mut i, mut j) = (0, 0);
-    let mut out = Vec::new();
-    for w in cuts.windows(2) {
-        let (s, e) = (w[0], w[1]);
-        if mapped_at(&a, &mut i, s) != mapped_at(&b, &mut j, s) {
-            push_merged(&mut out, (s, e));
-        }
-    }
-    out
 }
 
 fn align_down(offset: u64, shape: Shape) -> u64 {

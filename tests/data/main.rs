@@ -12,6 +12,7 @@ mod expansion;
 mod expansion_refusals;
 mod group;
 mod health;
+mod reclone;
 mod snapshot_rpcs;
 mod snapshots;
 

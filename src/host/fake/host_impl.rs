@@ -16,6 +16,7 @@ use crate::host::lockfile::{self, Holder, LockFile};
 use crate::host::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
 use crate::host::mount::{MountEntry, MountOptions};
 use crate::host::os::{FsHandle, Host, NewImage, Node, NodeKind};
+use crate::host::reclone::{Preclone, Recloned};
 use crate::host::tools::{FsType, Probe};
 
 fn shown(path: &Path) -> String {
@@ -340,6 +341,32 @@ impl Host for FakeHost {
                 false => deadline,
             };
             files::patch_to_match(src, dst, len, deadline)
+        })
+    }
+    fn preclone(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<Preclone> {
+        // The fake's pool need not share extents: a plain copy, compared again when frozen.
+        self.file(Op::CopyImage, dst, || {
+            self.inside(src)?;
+            let stats = files::copy_sparse_unsynced(src, dst, len, size)?;
+            Ok(Preclone { stats, base: None })
+        })
+    }
+    fn reclone_changed(
+        &self,
+        src: &Path,
+        dst: &Path,
+        len: u64,
+        _base: Option<&[Extent]>,
+    ) -> Result<Recloned> {
+        // The fake's pool need not share extents: the same result by comparing content.
+        self.file(Op::PatchImage, dst, || {
+            self.inside(src)?;
+            let patched = files::patch_to_match(src, dst, len, None)?;
+            Ok(Recloned {
+                bytes: patched.rewritten,
+                ranges: 0,
+                whole: false,
+            })
         })
     }
     fn sync_file(&self, path: &Path) -> Result<()> {

@@ -8,10 +8,11 @@ use nix::errno::Errno;
 use tonic::Code;
 
 use super::*;
+use crate::host::extents::extent_delta;
 use crate::host::extents::Extent;
 use crate::host::fake::Op;
 use crate::volume::id::SnapshotId;
-use crate::volume::metadata::{extent_delta, shaped, Method, Shape};
+use crate::volume::metadata::{shaped, Method, Shape};
 
 /// A block volume with 64 KiB of data at 1 MiB, snapshotted as A; 4 KiB at 1 MiB + 8 KiB
 /// rewritten and snapshotted as B.
