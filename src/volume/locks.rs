@@ -61,8 +61,8 @@ impl LockKey {
 enum Holders {
     /// By one operation that may change the object.
     Writer(&'static str),
-    /// By `count` operations that only read it; `first` names one of them in a refusal.
-    Readers { count: usize, first: &'static str },
+    /// By operations that only read it (one entry each, in the order they came).
+    Readers(Vec<&'static str>),
 }
 
 impl Holders {
@@ -70,10 +70,10 @@ impl Holders {
     fn describe(&self) -> String {
         match self {
             Holders::Writer(op) => (*op).to_string(),
-            Holders::Readers { count: 1, first } => (*first).to_string(),
-            Holders::Readers { count, first } => {
-                format!("{first} and {} more reader(s)", count - 1)
-            }
+            Holders::Readers(ops) => match ops.as_slice() {
+                [] | [_] => ops.join(""),
+                [first, more @ ..] => format!("{first} and {} more reader(s)", more.len()),
+            },
         }
     }
 }
@@ -86,10 +86,12 @@ pub struct OperationLocks {
 }
 
 /// Releases its hold of a key when dropped, also when the operation panicked or failed: a
-/// writer's removes the key, a reader's counts itself out (the last one removes it).
+/// writer's removes the key, a reader's takes its operation off the readers (the last one
+/// removes the key).
 pub struct OperationGuard {
     held: Table,
     key: LockKey,
+    op: &'static str,
 }
 
 /// Proof that the holder runs the one operation on volume `id` (see `volume::volumes`, the only
@@ -251,15 +253,9 @@ impl OperationLocks {
                 held.insert(key.clone(), Holders::Writer(op));
             }
             (None, Access::Read) => {
-                held.insert(
-                    key.clone(),
-                    Holders::Readers {
-                        count: 1,
-                        first: op,
-                    },
-                );
+                held.insert(key.clone(), Holders::Readers(vec![op]));
             }
-            (Some(Holders::Readers { count, .. }), Access::Read) => *count += 1,
+            (Some(Holders::Readers(ops)), Access::Read) => ops.push(op),
             (Some(holders), _) => {
                 let (what, id) = key.shown();
                 return Err(Error::Pending {
@@ -272,6 +268,7 @@ impl OperationLocks {
         Ok(OperationGuard {
             held: Arc::clone(&self.held),
             key,
+            op,
         })
     }
 }
@@ -280,8 +277,10 @@ impl Drop for OperationGuard {
     fn drop(&mut self) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let last = match held.get_mut(&self.key) {
-            Some(Holders::Readers { count, .. }) if *count > 1 => {
-                *count -= 1;
+            Some(Holders::Readers(ops)) if ops.len() > 1 => {
+                if let Some(at) = ops.iter().position(|o| *o == self.op) {
+                    ops.remove(at);
+                }
                 false
             }
             _ => true,
@@ -356,7 +355,10 @@ mod tests {
         assert!(text.contains(&id.to_string()), "{text}");
         assert!(text.contains("GetMetadataDelta and 1 more"), "{text}");
         drop(reader);
-        assert!(locks.snapshot(&id, "DeleteSnapshot").is_err());
+        assert_eq!(
+            refused_by(locks.snapshot(&id, "DeleteSnapshot")),
+            "GetMetadataAllocated"
+        );
         drop(other);
         assert!(locks.snapshot(&id, "DeleteSnapshot").is_ok());
     }
