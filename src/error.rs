@@ -135,9 +135,14 @@ pub enum Error {
     PublishedDifferently { volume: VolumeId, target: PathBuf },
 
     // ---- In flight: retry later. ----
-    /// Another operation holds the `what` ("volume", "snapshot name", ...) `id` (names shown).
-    #[error("an operation on {what} {id} is already in progress; retry later")]
-    Pending { what: &'static str, id: String },
+    /// Another operation holds the `what` ("volume", "snapshot name", ...) `id` (names shown);
+    /// `by` names the operation(s) in progress.
+    #[error("an operation on {what} {id} is already in progress ({by}); retry later")]
+    Pending {
+        what: &'static str,
+        id: String,
+        by: String,
+    },
     /// The volume's device is held exclusively by another process (a tool a previous driver
     /// process started, say) while mounted nowhere.
     #[error(

@@ -145,7 +145,10 @@ fn operation_guards_are_taken_in_one_place() {
         }
         for needle in [
             "locks.volume(",
+            "locks.volume_read(",
             "locks.snapshot(",
+            "locks.snapshot_read(",
+            "locks.freeze(",
             "locks.name(",
             "try_lock(LockKey",
         ] {

@@ -136,6 +136,7 @@ fn samples() -> Vec<Error> {
         Error::Pending {
             what: "volume",
             id: v.to_string(),
+            by: "NodeStageVolume".into(),
         },
         Error::DeviceHeld {
             volume: v,

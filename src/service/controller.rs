@@ -36,7 +36,9 @@ impl Controller for ControllerService {
     /// CreateVolume. MUST be idempotent by name: same name and compatible arguments → OK with
     /// the same volume; incompatible → ALREADY_EXISTS. capacity_range honoured exactly
     /// (OUT_OF_RANGE when impossible), RESOURCE_EXHAUSTED when the pool cannot hold the volume or
-    /// the topology requirement excludes this node, ABORTED while the same name is in flight.
+    /// the topology requirement excludes this node, ABORTED while the same name is in flight
+    /// or while the content source is being changed (deleted, staged, expanded); restores and
+    /// clones of one source, and backups reading it, run at the same time.
     async fn create_volume(
         &self,
         request: Request<csi::CreateVolumeRequest>,
@@ -335,7 +337,8 @@ impl Controller for ControllerService {
     }
 
     /// DeleteSnapshot: OK for a snapshot that does not exist. Volumes restored from it keep
-    /// their data (they are independent files).
+    /// their data (they are independent files). ABORTED while anything reads it (a restore,
+    /// GetMetadataAllocated, GetMetadataDelta).
     async fn delete_snapshot(
         &self,
         request: Request<csi::DeleteSnapshotRequest>,

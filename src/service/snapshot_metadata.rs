@@ -95,7 +95,9 @@ impl SnapshotMetadata for SnapshotMetadataService {
 
     /// GetMetadataAllocated: INVALID_ARGUMENT for a missing id or a negative offset or
     /// max_results, NOT_FOUND for an unknown snapshot, OUT_OF_RANGE for an offset at or past
-    /// the volume's end; ABORTED while another operation holds the snapshot.
+    /// the volume's end; ABORTED while the snapshot is being deleted. Reads of one snapshot (more
+    /// GetMetadata calls, restores) share it and run at the same time. The snapshot is held
+    /// while the answer is built, not while it is streamed (see `Volumes::metadata_allocated`).
     async fn get_metadata_allocated(
         &self,
         request: Request<csi::GetMetadataAllocatedRequest>,

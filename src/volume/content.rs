@@ -7,8 +7,9 @@
 //! (a crash leaves an image without metadata, which startup recovery removes).
 //!
 //! A copy source is made stable before it is read (`Volumes::stable_source`): a snapshot is
-//! immutable; a volume's guard is held (no stage, unstage or delete meanwhile) and, when its file
-//! system is mounted, the file system is frozen (flushed, new writes blocked) for the last pass
+//! immutable, and a reader's guard keeps it from being deleted; a volume's reader's guard is
+//! held (no stage, unstage, expand or delete meanwhile; other copies of it may run) and, when
+//! its file system is mounted, its freeze is held alone and the file system is frozen (flushed, new writes blocked) for the last pass
 //! of the copy only, and always thawed (`SourceCopy::copy_to`; the freeze is recorded so that a
 //! driver killed meanwhile is undone, see `freeze.rs`). The source, and with it its guard, is
 //! released as soon as its content is durable in the copy, before the commit. The copy itself
@@ -30,7 +31,8 @@ pub struct SourceCopy {
     /// What the new object's metadata takes from the source.
     pub facts: SourceFacts,
     pub image: PathBuf,
-    /// Held while copying: the source's operation guard.
+    /// Held while copying: the source's operation guard (a reader's, shared with other copies
+    /// of the same source).
     pub guard: ObjectGuard,
     /// `Some` when the source is a mounted file system that takes writes until frozen (see
     /// `SourceCopy::copy_to`).

@@ -11,7 +11,7 @@ use crate::host::mount;
 use crate::volume::freeze::FreezeTarget;
 use crate::volume::handle::{Near, OpenVolume, VolumeView};
 use crate::volume::id::VolumeId;
-use crate::volume::locks::VolumeGuard;
+use crate::volume::locks::ReadsVolume;
 use crate::volume::node::NodeOps;
 use crate::volume::params::{CapacityRange, Provisioning, VolumeKind};
 use crate::volume::pool::VolumeMeta;
@@ -25,12 +25,12 @@ pub struct Condition {
 }
 
 impl NodeOps {
-    /// Makes a volume's image stable for copying: the caller holds its guard (no stage,
-    /// unstage, expand or delete meanwhile); when its file system is mounted, says how to
-    /// freeze it (see `content::SourceCopy::copy_to`).
+    /// Makes a volume's image stable for copying: the caller holds its guard, a reader's or a
+    /// writer's (no stage, unstage, expand or delete meanwhile); when its file system is
+    /// mounted, says how to freeze it (see `content::SourceCopy::copy_to`).
     pub(crate) fn stable_volume(
         &self,
-        held: &VolumeGuard,
+        held: &impl ReadsVolume,
     ) -> Result<(Arc<VolumeMeta>, Option<FreezeTarget>)> {
         let id = held.id();
         let v = self.view(id, Near::Staged)?;

@@ -3,7 +3,9 @@
 //! inventory, reconcile, ...), each named for the CSI call or command it serves.
 //!
 //! **The operation guards are taken here and nowhere else.** Each method takes the guard of the
-//! volume (or snapshot, or name) it works on, exactly once, and hands it down as proof: the
+//! volume (or snapshot, or name) it works on, exactly once, and hands it down as proof (a
+//! reader's guard where it only reads the object: a copy's source, changed-block tracking;
+//! readers share, see `locks.rs`): the
 //! metadata store (`pool.rs`) and the node machinery (`node.rs`, `data.rs`, ...) take a
 //! `&VolumeGuard` where they change a volume, so they can neither forget the guard nor take it
 //! twice. Background rounds (reconciliation, thawing what a dead driver froze) get a
@@ -49,20 +51,24 @@ pub struct Volumes {
 }
 
 /// Takes guards for a background round: never waits, and answers `None` for what an
-/// operation holds (the round skips it; the next one gets it).
+/// operation holds, reading or changing it (the round skips it; the next one gets it). Its
+/// guards are a writer's: a round may repair, thaw or remove what it holds.
 pub struct Skipper<'a> {
     locks: &'a OperationLocks,
 }
 
 impl Skipper<'_> {
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeGuard> {
-        self.locks.volume(id).ok()
+        self.locks.volume(id, ROUND).ok()
     }
 
     pub fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotGuard> {
-        self.locks.snapshot(id).ok()
+        self.locks.snapshot(id, ROUND).ok()
     }
 }
+
+/// The operation a background round's guard names in a refusal.
+const ROUND: &str = "a background round (reconciliation, thaw, status)";
 
 /// A NodePublishVolume request, typed.
 pub struct Publish<'a> {
@@ -168,16 +174,21 @@ impl Volumes {
         req: NewVolume,
         elsewhere: impl FnOnce(Error) -> Error,
     ) -> Result<(Arc<VolumeMeta>, Created)> {
-        let _name = self.locks.name(LockKey::Name(req.name.clone()))?;
+        let _name = self
+            .locks
+            .name(LockKey::Name(req.name.clone()), "CreateVolume")?;
         if let Some(existing) = self.store.existing(&req)? {
             return Ok((existing, Created::AlreadyExisted));
         }
         let source = match &req.source {
-            Some(source) => Some(self.stable_source(source).map_err(elsewhere)?),
+            Some(source) => Some(
+                self.stable_source(source, "CreateVolume")
+                    .map_err(elsewhere)?,
+            ),
             None => None,
         };
         // Held until the commit, so the reconciler never takes the image for an orphan.
-        let new = self.locks.volume(&VolumeId::new_random())?;
+        let new = self.locks.volume(&VolumeId::new_random(), "CreateVolume")?;
         let pending = self
             .store
             .reserve(&new, req, source.as_ref().map(|s| &s.facts))?;
@@ -195,7 +206,7 @@ impl Volumes {
     /// DeleteVolume: OK for a volume that does not exist; FAILED_PRECONDITION while it is in
     /// use on this node (see `inuse`).
     pub fn delete(&self, id: &VolumeId) -> Result<()> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "DeleteVolume")?;
         let unreadable_volume = self
             .store
             .unreadable(id)
@@ -242,7 +253,7 @@ impl Volumes {
     /// ControllerExpandVolume and NodeExpandVolume: the whole expansion, online, on this node
     /// (backing file, loop device, file system at `path`).
     pub fn expand(&self, id: &VolumeId, path: &Path, range: Option<CapacityRange>) -> Result<u64> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "ExpandVolume")?;
         self.node
             .node_expand(self.node.open(held, Near::At(path))?, path, range)
     }
@@ -256,28 +267,28 @@ impl Volumes {
 
     /// NodeStageVolume (see `NodeOps::stage`).
     pub fn stage(&self, id: &VolumeId, staging: &Path, cap: &Capability) -> Result<()> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "NodeStageVolume")?;
         self.node
             .stage(self.node.open(held, Near::Staged)?, staging, cap)
     }
 
     /// NodeUnstageVolume (see `NodeOps::unstage`).
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "NodeUnstageVolume")?;
         self.node
             .unstage(self.node.open(held, Near::At(staging))?, staging)
     }
 
     /// NodePublishVolume (see `NodeOps::publish`).
     pub fn publish(&self, id: &VolumeId, req: Publish<'_>) -> Result<()> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "NodePublishVolume")?;
         self.node
             .publish(self.node.open(held, Near::At(req.staging))?, req)
     }
 
     /// NodeUnpublishVolume (see `NodeOps::unpublish`).
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "NodeUnpublishVolume")?;
         self.node
             .unpublish(self.node.open(held, Near::At(target))?, target)
     }
@@ -315,7 +326,7 @@ impl Volumes {
     /// `loopcsi rescue`: the data of a staged volume whose image is gone, copied from its loop
     /// device into a new image.
     pub fn rescue(&self, id: &VolumeId) -> Result<String> {
-        let held = self.locks.volume(id)?;
+        let held = self.locks.volume(id, "loopcsi rescue")?;
         self.node.rescue(self.node.open(held, Near::Staged)?)
     }
 

@@ -4,11 +4,13 @@
 //! copied onto it, and the result is B byte for byte — for ext4, xfs and block volumes, on an
 //! xfs pool with reflink (deltas from shared extents) and an ext4 pool (deltas by content).
 //! `rpcs.rs`: paging, the block metadata types, and every error code the spec lists.
+//! `concurrent.rs`: readers of one snapshot (backup streams, restores) at once all succeed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../common/mod.rs"]
 mod common;
+mod concurrent;
 mod rpcs;
 mod walkthrough;
 

@@ -12,21 +12,24 @@
 //! - Failures are injected per operation ([`FakeHost::fail`], [`FakeHost::fail_nth`]), with the
 //!   error shape the real function gives for that errno (`Sys` for a syscall, `Tool` for a tool,
 //!   `Io` for a file), plus the ones no errno describes: [`FakeHost::mkfs_fails_halfway`],
-//!   [`FakeHost::vanish`], [`FakeHost::hold`]. Methods that cannot fail (`direct_io`,
+//!   [`FakeHost::vanish`], [`FakeHost::hold`]. [`FakeHost::hold_next`] holds one call until
+//!   the test lets it go, to overlap two operations without sleeps. Methods that cannot fail (`direct_io`,
 //!   `supports`, ...) are recorded and never fail.
 
 mod calls;
+mod gate;
 mod host_impl;
 pub mod kernel;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use nix::errno::Errno;
 
 pub use calls::{Call, Op};
+pub use gate::Held;
 use kernel::Kernel;
 
 use crate::error::{Error, Result};
@@ -53,6 +56,8 @@ struct State {
     slow_patch: bool,
     no_reflink: bool,
     missing_tools: Vec<FsType>,
+    /// Calls to hold until the test lets them go (`hold_next`), at most one each.
+    gates: Vec<(Op, Arc<gate::Gate>)>,
 }
 
 /// The recording fake of the host. See the module doc.
@@ -75,6 +80,7 @@ impl FakeHost {
                 slow_patch: false,
                 no_reflink: false,
                 missing_tools: Vec::new(),
+                gates: Vec::new(),
             }),
         }
     }
@@ -192,6 +198,15 @@ impl FakeHost {
         state.kernel.settle(dev.0);
     }
 
+    /// The next call of `op` (recorded, its injected failure decided) waits until the returned
+    /// [`Held`] is released or dropped: a second operation can run while the first is in the
+    /// middle of its work, its guards held.
+    pub fn hold_next(&self, op: Op) -> Held {
+        let gate = Arc::new(gate::Gate::default());
+        self.state().gates.push((op, Arc::clone(&gate)));
+        Held { op, gate }
+    }
+
     /// `dev`'s backing file can no longer be identified (its status fails).
     pub fn unidentify(&self, dev: LoopDevice) {
         if let Some(l) = self.state().kernel.loops.get_mut(&dev.0) {
@@ -242,7 +257,16 @@ impl FakeHost {
 
     /// `enter`, with the injected errno as the error the real function would return.
     fn check(&self, op: Op, arg: String) -> Result<()> {
-        match self.enter(op, arg.clone()) {
+        let fired = self.enter(op, arg.clone());
+        let gate = {
+            let mut state = self.state();
+            let at = state.gates.iter().position(|(o, _)| *o == op);
+            at.map(|i| state.gates.remove(i).1)
+        };
+        if let Some(gate) = gate {
+            gate.pass();
+        }
+        match fired {
             Some(errno) => Err(op.error(errno, &arg)),
             None => Ok(()),
         }

@@ -16,7 +16,7 @@ use crate::volume::metadata::{shaped, Method, Shape};
 
 /// A block volume with 64 KiB of data at 1 MiB, snapshotted as A; 4 KiB at 1 MiB + 8 KiB
 /// rewritten and snapshotted as B.
-fn two_snapshots(b: &Bed) -> (SnapshotId, SnapshotId) {
+pub(super) fn two_snapshots(b: &Bed) -> (SnapshotId, SnapshotId) {
     let id = b.create("v", VolumeKind::Block);
     let image = b.state().join("volumes").join(format!("{id}.img"));
     let write = |offset: u64, byte: u8, len: usize| {

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The operations named in a refusal.
+const CREATE_GROUP: &str = "CreateVolumeGroupSnapshot";
+const DELETE_GROUP: &str = "DeleteVolumeGroupSnapshot";
+
 impl Volumes {
     // ---- snapshots ----
 
@@ -16,12 +20,16 @@ impl Volumes {
         source: &VolumeId,
     ) -> Result<(Arc<SnapshotMeta>, Created)> {
         self.store.require(source)?;
-        let _name = self.locks.name(LockKey::SnapshotName(name.to_string()))?;
+        let _name = self
+            .locks
+            .name(LockKey::SnapshotName(name.to_string()), "CreateSnapshot")?;
         if let Some(existing) = self.store.existing_snapshot(name, source)? {
             return Ok((existing, Created::AlreadyExisted));
         }
-        let copy = self.stable_source(&ContentSource::Volume(*source))?;
-        let new = self.locks.snapshot(&SnapshotId::new_random())?;
+        let copy = self.stable_source(&ContentSource::Volume(*source), "CreateSnapshot")?;
+        let new = self
+            .locks
+            .snapshot(&SnapshotId::new_random(), "CreateSnapshot")?;
         let pending = self.store.reserve_snapshot(&new, name, source, &copy.facts);
         content::copy_snapshot(self.host(), &pending, copy)?;
         let meta = self.store.commit_snapshot(pending)?;
@@ -29,9 +37,10 @@ impl Volumes {
     }
 
     /// DeleteSnapshot: OK for a snapshot that does not exist; FAILED_PRECONDITION for a member
-    /// of a group snapshot (it goes with its group).
+    /// of a group snapshot (it goes with its group); ABORTED while anything reads it (a
+    /// restore, GetMetadataAllocated, GetMetadataDelta).
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let held = self.locks.snapshot(id)?;
+        let held = self.locks.snapshot(id, "DeleteSnapshot")?;
         if let Some(group) = self.groups.group_of(id) {
             return Err(Error::GroupMember {
                 snapshot: *id,
@@ -56,11 +65,24 @@ impl Volumes {
         self.store.list_snapshots(after, max, filter)
     }
 
-    /// A restore's or clone's source (or a snapshot's), held stable for its copy.
-    pub(super) fn stable_source(&self, source: &ContentSource) -> Result<SourceCopy> {
+    /// A restore's or clone's source (or a snapshot's), held stable for its copy by `op`.
+    ///
+    /// A copy only reads its source, so it takes a reader's guard: restores from one snapshot,
+    /// and clones and snapshots of one volume, run at the same time, and whatever changes the
+    /// source (deleting it; staging, expanding or deleting a volume) is ABORTED meanwhile, as
+    /// is a copy while such a change runs. A volume whose file system is mounted is frozen for
+    /// its copy, which two copies cannot do at once: that reader also takes the volume's
+    /// freeze, and a second copy of the same live volume is ABORTED until the first is done.
+    /// (Under the reader's guard nobody stages or unstages the volume, so whether it is live
+    /// cannot change between this look and the copy.)
+    pub(super) fn stable_source(
+        &self,
+        source: &ContentSource,
+        op: &'static str,
+    ) -> Result<SourceCopy> {
         match source {
             ContentSource::Snapshot(id) => {
-                let held = self.locks.snapshot(id)?;
+                let held = self.locks.snapshot_read(id, op)?;
                 let snap = self.store.require_snapshot(id)?;
                 Ok(SourceCopy {
                     facts: SourceFacts {
@@ -71,13 +93,17 @@ impl Volumes {
                         pending_fs_grow: snap.pending_fs_grow,
                     },
                     image: self.store.layout().snapshot_image(id),
-                    guard: ObjectGuard::Snapshot(held),
+                    guard: ObjectGuard::SnapshotRead(held),
                     freeze: None,
                 })
             }
             ContentSource::Volume(id) => {
-                let held = self.locks.volume(id)?;
+                let held = self.locks.volume_read(id, op)?;
                 let (meta, freeze) = self.node.stable_volume(&held)?;
+                let freezing = match freeze {
+                    Some(_) => Some(self.locks.freeze(&held, op)?),
+                    None => None,
+                };
                 Ok(SourceCopy {
                     facts: SourceFacts {
                         content: *source,
@@ -87,7 +113,7 @@ impl Volumes {
                         pending_fs_grow: meta.pending_fs_grow,
                     },
                     image: self.store.layout().image(id),
-                    guard: ObjectGuard::Volume(held),
+                    guard: ObjectGuard::VolumeRead(held, freezing),
                     freeze,
                 })
             }
@@ -107,7 +133,9 @@ impl Volumes {
         let mut wanted = volumes.to_vec();
         wanted.sort();
         wanted.dedup();
-        let _name = self.locks.name(LockKey::GroupName(name.to_string()))?;
+        let _name = self
+            .locks
+            .name(LockKey::GroupName(name.to_string()), CREATE_GROUP)?;
         if let Some(existing) = self.groups.by_name(name) {
             if existing.volumes() != wanted {
                 return Err(Error::GroupNameTaken {
@@ -126,17 +154,21 @@ impl Volumes {
         }
         let mut members = Vec::with_capacity(wanted.len());
         for id in &wanted {
-            let volume = self.locks.volume(id)?;
+            let volume = self.locks.volume(id, CREATE_GROUP)?;
             let (meta, freeze) = self.node.stable_volume(&volume)?;
             members.push(GroupMember {
                 volume,
                 meta,
                 freeze,
-                snapshot: self.locks.snapshot(&SnapshotId::new_random())?,
+                snapshot: self
+                    .locks
+                    .snapshot(&SnapshotId::new_random(), CREATE_GROUP)?,
             });
         }
         let group = VolumeId::new_random();
-        let _group = self.locks.name(LockKey::Group(group.to_string()))?;
+        let _group = self
+            .locks
+            .name(LockKey::Group(group.to_string()), CREATE_GROUP)?;
         let meta = self
             .store
             .create_group(&self.groups, group, name, &members)?;
@@ -147,7 +179,9 @@ impl Volumes {
     /// exactly its members (INVALID_ARGUMENT otherwise, as the spec asks of a plugin that can
     /// tell).
     pub fn delete_group_snapshot(&self, id: &VolumeId, snapshot_ids: &[SnapshotId]) -> Result<()> {
-        let _group = self.locks.name(LockKey::Group(id.to_string()))?;
+        let _group = self
+            .locks
+            .name(LockKey::Group(id.to_string()), DELETE_GROUP)?;
         let Some(group) = self.groups.get(id) else {
             return Ok(());
         };
@@ -155,7 +189,7 @@ impl Volumes {
         let held = group
             .snapshots()
             .iter()
-            .map(|s| self.locks.snapshot(s))
+            .map(|s| self.locks.snapshot(s, DELETE_GROUP))
             .collect::<Result<Vec<_>>>()?;
         self.store
             .delete_group(&self.groups, &group, &held.iter().collect::<Vec<_>>())
@@ -198,7 +232,7 @@ impl Volumes {
             let held = group
                 .snapshots()
                 .iter()
-                .map(|s| self.locks.snapshot(s))
+                .map(|s| self.locks.snapshot(s, "startup recovery"))
                 .collect::<Result<Vec<_>>>()?;
             self.store
                 .remove_members(&held.iter().collect::<Vec<_>>())?;
@@ -210,16 +244,19 @@ impl Volumes {
 
     // ---- changed-block tracking (SnapshotMetadata) ----
 
-    /// GetMetadataAllocated: the allocated ranges of snapshot `id` from byte `from` on. The
-    /// snapshot's guard is held while its file is read, so a DeleteSnapshot cannot race it
-    /// (it is ABORTED meanwhile, and retried by the CO).
+    /// GetMetadataAllocated: the allocated ranges of snapshot `id` from byte `from` on. A
+    /// reader's guard of the snapshot is held while its file is read: other reads of it (more
+    /// GetMetadata calls, restores) run alongside, and a DeleteSnapshot cannot race it (it is
+    /// ABORTED meanwhile, and retried by the CO). The whole answer is built under the guard,
+    /// and the guard is released before it is streamed: the stream is served from memory, so
+    /// a slow or vanished client holds nothing.
     pub fn metadata_allocated(
         &self,
         id: &SnapshotId,
         from: u64,
         shape: Shape,
     ) -> Result<BlockList> {
-        let _held = self.locks.snapshot(id)?;
+        let _held = self.locks.snapshot_read(id, "GetMetadataAllocated")?;
         let snap = self.store.require_snapshot(id)?;
         within_volume("starting_offset", from, snap.size_bytes)?;
         let image = self.store.layout().snapshot_image(id);
@@ -227,8 +264,8 @@ impl Volumes {
     }
 
     /// GetMetadataDelta: the ranges of snapshot `target` that changed since snapshot `base`
-    /// of the same volume, from byte `from` on (see `volume::metadata`). Both guards are held
-    /// while the files are read. Snapshots of different volumes, or a base taken after the
+    /// of the same volume, from byte `from` on (see `volume::metadata`). Both snapshots are held
+    /// by readers' guards while the files are read, as for `metadata_allocated`. Snapshots of different volumes, or a base taken after the
     /// target, are INVALID_ARGUMENT (the spec's "argument value is invalid").
     pub fn metadata_delta(
         &self,
@@ -237,12 +274,9 @@ impl Volumes {
         from: u64,
         shape: Shape,
     ) -> Result<BlockList> {
-        let _base_held = self.locks.snapshot(base)?;
-        let _target_held = if base == target {
-            None
-        } else {
-            Some(self.locks.snapshot(target)?)
-        };
+        // A reader's guard may be taken twice (base == target): readers share.
+        let _base_held = self.locks.snapshot_read(base, "GetMetadataDelta")?;
+        let _target_held = self.locks.snapshot_read(target, "GetMetadataDelta")?;
         let older = self.store.require_snapshot(base)?;
         let newer = self.store.require_snapshot(target)?;
         if older.source_volume_id != newer.source_volume_id {
