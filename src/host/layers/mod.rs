@@ -14,6 +14,9 @@
 //! The domain reaches a layer through the `Host` trait (`open_layer`, `layer_above`,
 //! `grow_layer`, `close_layer`), so the fake host can model layers and inject their failures.
 
+#[cfg(any(test, feature = "fault-injection"))]
+mod stacked_loop;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -36,18 +39,31 @@ impl BlockDev {
 }
 
 /// The device layers a volume may have over its loop device, persisted in its metadata (by
-/// these names) in the order they stack, lowest first. None yet.
+/// these names) in the order they stack, lowest first.
+///
+/// `StackedLoop` is a test layer (a second loop device over the first) that proves the seam on
+/// the real kernel; it exists only in test builds and with the `fault-injection` feature, so a
+/// release build cannot be asked for it (its name does not parse there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum LayerKind {}
+pub enum LayerKind {
+    #[cfg(any(test, feature = "fault-injection"))]
+    StackedLoop,
+}
 
 impl LayerKind {
     /// Every layer this build has, for lookups by name and for "what is stacked on this device".
-    pub const ALL: &'static [LayerKind] = &[];
+    pub const ALL: &'static [LayerKind] = &[
+        #[cfg(any(test, feature = "fault-injection"))]
+        LayerKind::StackedLoop,
+    ];
 
     /// The implementation of this layer: the one place a `LayerKind` is matched.
     pub fn get(self) -> &'static dyn Layer {
-        match self {}
+        match self {
+            #[cfg(any(test, feature = "fault-injection"))]
+            LayerKind::StackedLoop => &stacked_loop::StackedLoop,
+        }
     }
 
     pub fn name(self) -> &'static str {
