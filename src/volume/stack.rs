@@ -197,8 +197,12 @@ mod tests {
 
     #[test]
     fn the_layers_parameter_names_layers_of_this_build() {
+        assert_eq!(
+            parse_layers("stacked-loop").unwrap(),
+            vec![LayerKind::StackedLoop]
+        );
         assert_eq!(parse_layers("").unwrap(), Vec::<LayerKind>::new());
-        let err = parse_layers("crypt").unwrap_err().to_string();
+        let err = parse_layers("stacked-loop,crypt").unwrap_err().to_string();
         assert!(err.contains(LAYERS_KEY) && err.contains("crypt"), "{err}");
     }
 
@@ -227,5 +231,11 @@ mod tests {
         assert!(meta.params.layers.is_empty());
         let again = serde_json::to_string_pretty(&meta).unwrap();
         assert_eq!(again, written);
+        let mut layered = meta.clone();
+        layered.params.layers = vec![LayerKind::StackedLoop];
+        let json = serde_json::to_string(&layered).unwrap();
+        assert!(json.contains(r#""layers":["stacked-loop"]"#), "{json}");
+        let back: VolumeMeta = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, layered);
     }
 }

@@ -9,6 +9,7 @@
 
 mod data;
 mod group;
+mod layers;
 mod metadata;
 mod node;
 mod pool;
