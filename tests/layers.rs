@@ -21,8 +21,6 @@ use loopcsi::host::loopdev::LoopDevice;
 use loopcsi::host::mount;
 use tonic::Code;
 
-const MIB: i64 = 1 << 20;
-
 /// CreateVolume of a volume with the stacked-loop layer over its loop device.
 fn layered(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
     let key = loopcsi::volume::stack::LAYERS_KEY;
@@ -81,17 +79,6 @@ fn assert_on_the_layer(d: &TestDriver, id: &str, path: &Path) -> String {
 fn statvfs_total(path: &Path) -> i64 {
     let st = nix::sys::statvfs::statvfs(path).unwrap();
     i64::try_from(st.blocks() * st.fragment_size()).unwrap()
-}
-
-fn has_cap_sys_resource() -> bool {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap() & (1 << CAP_SYS_RESOURCE) != 0
 }
 
 async fn expand(
