@@ -359,3 +359,26 @@ fn a_read_only_block_publish_binds_the_top_of_a_read_only_stack_and_unpublish_cl
     b.volumes.unstage(&id, &staging).unwrap();
     assert!(b.host.layers().is_empty() && b.devices().is_empty());
 }
+
+#[test]
+fn a_snapshot_freezes_the_file_system_on_the_top_and_a_freeze_left_unmounted_thaws_through_it() {
+    let b = bed();
+    let id = b.staged_layered("v");
+    let top = b.host.layers()[1].1;
+    b.host.fail_nth(Op::Thaw, 1, Errno::EIO);
+
+    b.volumes.create_snapshot("snap", &id).unwrap();
+    assert!(b.host.is_frozen(top), "the top's file system was frozen");
+    // The staging is unmounted behind the driver's back: the frozen superblock keeps the top
+    // device held, and only a mount of the top reaches it again.
+    b.host.unmount(&b.staging(&id)).unwrap();
+
+    let thawed = b.volumes.thaw_abandoned();
+    let through = format!("temporary mount of /dev/layer{}", top.1);
+    assert!(
+        thawed.thawed.iter().any(|t| t.contains(&through)),
+        "{thawed:?}"
+    );
+    assert!(!b.host.is_frozen(top));
+    assert!(b.files_in("frozen").is_empty());
+}
