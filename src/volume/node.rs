@@ -89,7 +89,8 @@ impl NodeOps {
     }
 
     /// NodeUnstageVolume: unmount the staging path, close the volume's layers top-down and detach
-    /// the loop device. Not staged at that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
+    /// the loop device. Not staged at that path is success. Still published is
+    /// FAILED_PRECONDITION (the CO unpublishes first).
     pub(crate) fn unstage(&self, v: OpenVolume<'_>, staging: &Path) -> Result<()> {
         let (id, record, observed) = (&v.id, &v.record, &v.observed);
         let kind = self.teardown_kind(&v, staging)?;

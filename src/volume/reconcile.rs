@@ -4,8 +4,7 @@
 //! - Drift that can be repaired safely is repaired: a staging whose loop device, device layers
 //!   or mount went away (detached, closed or unmounted behind the driver's back, a reboot, or a
 //!   restart of the plugin) is re-attached, re-opened and re-mounted while its staging directory
-//!   still exists, and a recorded target that still
-//!   exists but lost its bind is bound again.
+//!   still exists, and a recorded target that still exists but lost its bind is bound again.
 //! - What cannot be repaired safely (a foreign mount on a path, a path the CO removed) is
 //!   reported and left alone.
 //! - Orphans are collected: loop devices backed by images of deleted volumes (or by files in

@@ -209,7 +209,10 @@ impl Kernel {
                 Errno::EBUSY,
             ));
         }
-        self.layers.remove(&upper.numbers.1);
+        if let Some(closed) = self.layers.remove(&upper.numbers.1) {
+            // A detach of the device under it that waited for this layer completes now.
+            self.settle(closed.lower);
+        }
         Ok(())
     }
 
