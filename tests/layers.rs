@@ -286,3 +286,38 @@ async fn a_raw_block_volume_publishes_the_top_of_its_stack_read_write_and_read_o
     d.delete(&id).await.unwrap();
     d.assert_clean();
 }
+
+/// After a reboot (every mount and device gone, the node records kept) the kubelet re-publishes
+/// without re-staging: publish re-attaches the loop device, re-opens the layer over it and
+/// mounts the file system found on the top, without formatting it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_is_repaired_by_the_next_publish_which_reopens_the_layer() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = d
+        .create(layered("layered-reboot", 64 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = mount_it(&mut d, &id, "layered-reboot", &cap).await;
+    std::fs::write(target.join("before-reboot"), b"precious").unwrap();
+    nix::unistd::sync();
+
+    d.stop().await;
+    d.simulate_reboot();
+    d.restart().await;
+    d.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_on_the_layer(&d, &id, &staging);
+    assert_eq!(mounted_from(&target), mounted_from(&staging));
+    assert_eq!(
+        std::fs::read(target.join("before-reboot")).unwrap(),
+        b"precious",
+        "the file system on the layer was found, not made anew"
+    );
+
+    unmount_it(&mut d, &id, &staging, &target).await;
+    d.delete(&id).await.unwrap();
+    d.assert_clean();
+}
