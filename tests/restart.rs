@@ -131,10 +131,24 @@ impl Drop for Node {
             })
             .unwrap_or_default();
         release_everything_under(self.scratch.path());
-        for attached in loopdev::attached_devices().unwrap_or_default() {
-            if attached.backing.is_some_and(|f| files.contains(&f)) {
-                let _ = attached.device.detach();
+        let attached = loopdev::attached_devices().unwrap_or_default();
+        let ours: Vec<_> = attached
+            .iter()
+            .filter(|a| a.backing.is_some_and(|f| files.contains(&f)))
+            .collect();
+        // A device layer stacked on one of them (a loop device backed by its node) goes first.
+        let numbers: Vec<_> = ours
+            .iter()
+            .filter_map(|a| a.device.dev_numbers().ok())
+            .collect();
+        for stacked in &attached {
+            if matches!(stacked.device.backing_device(), Ok(Some(lower)) if numbers.contains(&lower))
+            {
+                let _ = stacked.device.detach();
             }
+        }
+        for attached in ours {
+            let _ = attached.device.detach();
         }
     }
 }
@@ -175,6 +189,23 @@ async fn stage_and_publish(d: &mut ChildDriver, v: &Vol) {
             target_path: v.target.display().to_string(),
             volume_capability: Some(v.cap.clone()),
             ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn unpublish_and_unstage(d: &mut ChildDriver, v: &Vol) {
+    d.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.id.clone(),
+            target_path: v.target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    d.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.id.clone(),
+            staging_target_path: v.staging.display().to_string(),
         })
         .await
         .unwrap();
@@ -357,22 +388,7 @@ async fn a_restarted_plugin_container_still_knows_every_device_it_attached() {
 
     // Teardown through the new driver: every mount and device goes, once.
     for v in &vols {
-        second
-            .node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: v.id.clone(),
-                target_path: v.target.display().to_string(),
-            })
-            .await
-            .unwrap();
-        second
-            .node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: v.id.clone(),
-                staging_target_path: v.staging.display().to_string(),
-            })
-            .await
-            .unwrap();
+        unpublish_and_unstage(&mut second, v).await;
         assert!(node.devices_of(&v.id).is_empty(), "{}: detached", v.id);
         second
             .controller
@@ -391,4 +407,74 @@ async fn a_restarted_plugin_container_still_knows_every_device_it_attached() {
         .map(|m| m.mount_point)
         .collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
+}
+
+/// The numbers of the device a file system is mounted from at `path` (the host's mountinfo:
+/// the kubelet's directory is shared with the driver's namespace).
+fn mounted_from(path: &Path) -> (u32, u32) {
+    let table = mount::mounts().unwrap();
+    let m = mount::mounted_at(&table, path).unwrap_or_else(|| panic!("{path:?} is mounted"));
+    (m.major, m.minor)
+}
+
+/// A volume on a device layer (the stacked-loop test layer) across a restart of the plugin's
+/// container: the new driver, in a new namespace, finds the layer by the numbers of the device
+/// under it (never by the path its backing file shows), repairs nothing, and tears it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_plugin_container_still_finds_a_volumes_device_layer() {
+    let node = Node::new();
+    let mut first = node.start_container(&[]).await;
+    let cap = mount_cap("ext4", snw());
+    let layers = (loopcsi::volume::stack::LAYERS_KEY, "stacked-loop");
+    let req = with_params(create_req("pvc-layered", 64 * MIB, cap.clone()), &[layers]);
+    let created = first.controller.create_volume(req).await.unwrap();
+    let v = Vol {
+        id: created.into_inner().volume.unwrap().volume_id,
+        cap,
+        staging: node.kubelet.join("staging-layered"),
+        target: node.kubelet.join("pods/layered/target"),
+        block: false,
+    };
+    std::fs::create_dir_all(v.target.parent().unwrap()).unwrap();
+    stage_and_publish(&mut first, &v).await;
+    write_data(&v);
+    let volume_loop = node.devices_of(&v.id)[0].device;
+    let top = mounted_from(&v.staging);
+    let top_loop = loopdev::LoopDevice::from_dev_numbers(top.0, top.1).expect("a loop device");
+    assert_eq!(
+        top_loop.backing_device().unwrap(),
+        Some(volume_loop.dev_numbers().unwrap()),
+        "the file system is on the layer over the volume's loop device"
+    );
+
+    drop(first);
+    let mut second = node.start_container(&["--reconcile-interval", "1"]).await;
+    let log = wait_for_rounds(&second, 2);
+    assert!(
+        !log.iter().any(|l| l.contains("action=\"repair\"")),
+        "the layer is found, not re-opened: {log:#?}"
+    );
+    assert_eq!(mounted_from(&v.staging), top, "still on the same layer");
+    assert_eq!(mounted_from(&v.target), top);
+    assert_eq!(node.devices_of(&v.id).len(), 1, "nothing attached twice");
+    assert_eq!(read_data(&v), DATA);
+    let stats = second
+        .node
+        .node_get_volume_stats(node_req_stats(&v, &v.target))
+        .await
+        .unwrap()
+        .into_inner();
+    let condition = stats.volume_condition.unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+
+    unpublish_and_unstage(&mut second, &v).await;
+    assert_eq!(
+        top_loop.backing_device().unwrap(),
+        None,
+        "the layer is closed"
+    );
+    assert!(
+        node.devices_of(&v.id).is_empty(),
+        "and the loop device detached"
+    );
 }

@@ -13,6 +13,7 @@ use nix::errno::Errno;
 
 use super::extents::{self, Extent, Range};
 use super::files::{self, Allocation, CopyStats, Usage};
+use super::layers::{BlockDev, LayerKind};
 use super::lockfile::{self, Holder, LockFile};
 use super::loopdev::{self, AttachOptions, Attached, FileId, LoopDevice};
 use super::mount::{self, MountEntry, MountOptions};
@@ -113,11 +114,27 @@ impl Host for Linux {
     fn held_exclusively(&self, device: &Path) -> Result<bool> {
         super::held_exclusively(device)
     }
-    fn fs_error_count(&self, dev: LoopDevice) -> u64 {
-        std::fs::read_to_string(format!("/sys/fs/ext4/loop{}/errors_count", dev.0))
-            .ok()
+    fn fs_error_count(&self, dev: &BlockDev) -> u64 {
+        // ext4 names its sysfs directory after the kernel's name of the device (loop3, dm-0).
+        super::block_device_name(dev.numbers.0, dev.numbers.1)
+            .and_then(|name| {
+                std::fs::read_to_string(format!("/sys/fs/ext4/{name}/errors_count")).ok()
+            })
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    fn open_layer(&self, kind: LayerKind, lower: &BlockDev, read_only: bool) -> Result<BlockDev> {
+        kind.get().open(lower, read_only)
+    }
+    fn layer_above(&self, kind: LayerKind, lower: &BlockDev) -> Result<Option<BlockDev>> {
+        kind.get().above(lower)
+    }
+    fn grow_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()> {
+        kind.get().grow(upper)
+    }
+    fn close_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()> {
+        kind.get().close(upper)
     }
 
     fn mounts(&self) -> Result<Vec<MountEntry>> {

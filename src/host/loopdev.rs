@@ -147,8 +147,18 @@ pub fn clone_range(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LoopDevice(pub u32);
 
-/// Per loop device number: the attachment's diskseq, its backing file, whether read-only.
-type Memo = HashMap<u32, (u64, FileId, bool)>;
+/// Per loop device number: the attachment's diskseq and its status.
+type Memo = HashMap<u32, (u64, Status)>;
+
+/// What LOOP_GET_STATUS64 says of an attached device: the backing file's identity, whether it is
+/// read-only, and the device numbers of the backing file when that is a block device
+/// (`lo_rdevice`: how a loop device stacked over another one is found).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Status {
+    file: FileId,
+    read_only: bool,
+    rdev: Option<(u32, u32)>,
+}
 
 /// How to attach a backing file.
 #[derive(Clone, Copy, Debug)]
@@ -203,29 +213,39 @@ impl LoopDevice {
     /// answer never changes while the attachment lives, so each attachment is asked once. The
     /// memo holds one entry per loop device number (a newer attachment replaces the older).
     pub fn status(&self) -> Result<Option<(FileId, bool)>> {
+        Ok(self.memo_status()?.map(|s| (s.file, s.read_only)))
+    }
+
+    /// The device numbers of this device's backing file when it is a block device (a loop
+    /// device stacked on another one); `None` when detached or backed by a regular file.
+    pub fn backing_device(&self) -> Result<Option<(u32, u32)>> {
+        Ok(self.memo_status()?.and_then(|s| s.rdev))
+    }
+
+    fn memo_status(&self) -> Result<Option<Status>> {
         static KNOWN: std::sync::Mutex<Option<Memo>> = std::sync::Mutex::new(None);
         let before = self.diskseq();
         if let Some(seq) = before {
             let known = KNOWN
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((_, file, read_only)) = known
+            if let Some((_, status)) = known
                 .as_ref()
                 .and_then(|m| m.get(&self.0))
-                .filter(|(known_seq, _, _)| *known_seq == seq)
+                .filter(|(known_seq, _)| *known_seq == seq)
             {
-                return Ok(Some((*file, *read_only)));
+                return Ok(Some(*status));
             }
         }
         let status = self.ask_status()?;
-        if let (Some(seq), Some((file, read_only))) = (before, status) {
+        if let (Some(seq), Some(found)) = (before, status) {
             // Only an answer about the same attachment from start to end is remembered.
             if self.diskseq() == Some(seq) {
                 KNOWN
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .get_or_insert_with(HashMap::new)
-                    .insert(self.0, (seq, file, read_only));
+                    .insert(self.0, (seq, found));
             }
         }
         Ok(status)
@@ -233,7 +253,7 @@ impl LoopDevice {
 
     /// The identity of the backing file and whether the device is read-only, from
     /// LOOP_GET_STATUS64; `None` when the device is not attached.
-    fn ask_status(&self) -> Result<Option<(FileId, bool)>> {
+    fn ask_status(&self) -> Result<Option<Status>> {
         let dev = match OpenOptions::new().read(true).open(self.path()) {
             Ok(dev) => dev,
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
@@ -248,10 +268,18 @@ impl LoopDevice {
         // SAFETY: `dev` is an open loop device descriptor and `info` is a writable, fully
         // initialised `struct loop_info64` that outlives the call.
         match unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) } {
-            Ok(_) => Ok(Some((
-                FileId::from_kernel(info.lo_device, info.lo_inode),
-                info.lo_flags & LO_FLAGS_READ_ONLY != 0,
-            ))),
+            Ok(_) => {
+                // huge_encode_dev, as `lo_device`: decoded the same way (0 for a regular file).
+                let rdev = FileId::from_kernel(info.lo_rdevice, 0).dev;
+                let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+                Ok(Some(Status {
+                    file: FileId::from_kernel(info.lo_device, info.lo_inode),
+                    read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
+                    rdev: (rdev != 0)
+                        .then(|| Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?)))
+                        .flatten(),
+                }))
+            }
             Err(Errno::ENXIO) => Ok(None),
             Err(errno) => Err(Error::sys(
                 "LOOP_GET_STATUS64",
@@ -344,11 +372,15 @@ pub fn attach(file: &Path, opts: AttachOptions) -> Result<LoopDevice> {
         .open(file)
         .map_err(|e| Error::io("open", file, e))?;
     // A device over less than one logical block has no capacity: it would be useless, and
-    // invisible to `attached` (so a retry would attach another one).
-    let len = backing
-        .metadata()
-        .map_err(|e| Error::io("stat", file, e))?
-        .len();
+    // invisible to `attached` (so a retry would attach another one). A block device (a layer
+    // stacked over a volume's device) has no length in its stat: its end is its size.
+    let stat = backing.metadata().map_err(|e| Error::io("stat", file, e))?;
+    let len = if std::os::unix::fs::FileTypeExt::is_block_device(&stat.file_type()) {
+        std::io::Seek::seek(&mut &backing, std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io("seek", file, e))?
+    } else {
+        stat.len()
+    };
     if len < u64::from(LOGICAL_BLOCK_SIZE) {
         return Err(Error::TinyImage {
             path: file.to_path_buf(),

@@ -6,6 +6,7 @@ pub mod fake;
 pub mod fileid;
 pub mod files;
 pub mod fs;
+pub mod layers;
 pub mod linux;
 pub mod lockfile;
 pub mod loopdev;

@@ -32,6 +32,7 @@ use nix::errno::Errno;
 
 use super::extents::{Extent, Range};
 use super::files::{Allocation, CopyStats, Patched, Usage};
+use super::layers::{BlockDev, LayerKind};
 use super::lockfile::{Holder, LockFile};
 use super::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
 use super::mount::{MountEntry, MountOptions};
@@ -113,8 +114,20 @@ pub trait Host: Send + Sync {
     fn refresh_capacity(&self, dev: LoopDevice) -> Result<()>;
     /// Whether a process (or a mounted file system) holds the block device `device` with O_EXCL.
     fn held_exclusively(&self, device: &Path) -> Result<bool>;
-    /// The number of errors ext4 recorded on the file system of `dev` (0 when unknown).
-    fn fs_error_count(&self, dev: LoopDevice) -> u64;
+    /// The number of errors ext4 recorded on the file system on `dev` (the top of a volume's
+    /// stack; 0 when unknown).
+    fn fs_error_count(&self, dev: &BlockDev) -> u64;
+
+    // ---- Device layers (`host::layers`) -----------------------------------------------------
+
+    /// Opens a `kind` layer over `lower` and returns its device; nothing is left open on failure.
+    fn open_layer(&self, kind: LayerKind, lower: &BlockDev, read_only: bool) -> Result<BlockDev>;
+    /// The `kind` layer's device over `lower` as the kernel shows it (by device numbers).
+    fn layer_above(&self, kind: LayerKind, lower: &BlockDev) -> Result<Option<BlockDev>>;
+    /// Makes the `kind` layer `upper` take its lower device's new size.
+    fn grow_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()>;
+    /// Closes the `kind` layer `upper`; already closed is success.
+    fn close_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()>;
 
     // ---- Mounts ----------------------------------------------------------------------------
 

@@ -41,9 +41,10 @@ impl NodeOps {
             let observed = &v.observed;
             let staged = (v.record.staged.clone())
                 .filter(|s| observed.image_present && observed.fs_mounted_at(&s.path));
-            if let (Some(staged), Some(numbers)) = (staged, observed.dev_numbers) {
-                let target =
-                    FreezeTarget::new(self.pool.layout().clone(), *id, staged.path, numbers, fs);
+            // The file system is on the top of the stack: its numbers are the ones mounted.
+            if let (Some(staged), Some(top)) = (staged, observed.top()) {
+                let (layout, numbers) = (self.pool.layout().clone(), top.numbers);
+                let target = FreezeTarget::new(layout, *id, staged.path, numbers, fs);
                 freeze = Some(target.with_limit(self.freeze_limit));
             }
         }
@@ -94,11 +95,16 @@ impl NodeOps {
         for dev in self.host().devices_of(&image)? {
             self.host().refresh_capacity(dev)?;
         }
+        // Then the layers over the read-only devices (the writable stack grows in the caller).
+        for read_only in &v.observed.read_only_devices {
+            read_only.grow(self.host())?;
+        }
         Ok(size)
     }
 
     /// NodeExpandVolume, all of the expansion, online: grows the backing file to `range` (when
-    /// given), the loop device, and the file system mounted at `path` (staging or target).
+    /// given), the loop device, each layer of its stack bottom up, and the file system mounted
+    /// at `path` (staging or target).
     /// Expansion happens on the node because the volume lives there: in a node-local
     /// deployment the cluster's one resizer cannot reach other nodes' pools.
     pub(crate) fn node_expand(
@@ -125,10 +131,13 @@ impl NodeOps {
         }
         let meta = Arc::clone(v.meta()?);
         self.host().refresh_capacity(dev)?;
+        let stack = v.observed.stack.as_ref().ok_or_else(not_here)?;
+        stack.grow(self.host())?;
+        let top = stack.top().ok_or_else(not_here)?.path.clone();
         if let VolumeKind::Filesystem(fs_type) = meta.kind {
             let fs = fs_type.get();
             let at = match fs.grows_at() {
-                GrowsAt::Device => dev.path(),
+                GrowsAt::Device => top,
                 // The mount point of the file system itself, not a bind of it.
                 GrowsAt::MountPoint => (v.record.staged.as_ref())
                     .map(|s| s.path.clone())
@@ -213,6 +222,14 @@ impl NodeOps {
                     "the volume is staged at {} but its loop device is gone",
                     staged.path.display()
                 )),
+                (Some(_), _) if observed.top().is_none() => {
+                    let stack = observed.stack.as_ref();
+                    let layer = stack.and_then(|s| s.missing()).map_or("?", |l| l.name());
+                    problems.push(format!(
+                        "the volume is staged at {} but its {layer} device layer is gone",
+                        staged.path.display()
+                    ))
+                }
                 (Some(_), VolumeKind::Filesystem(_)) => {
                     match mount::mounted_at(&observed.table, &staged.path) {
                         Some(m) if observed.fs_mounted_at(&staged.path) => {
@@ -226,7 +243,7 @@ impl NodeOps {
                                 );
                             }
                             if let (Some(dev), VolumeKind::Filesystem(fs)) =
-                                (observed.device, meta.kind)
+                                (observed.top(), meta.kind)
                             {
                                 problems.extend(
                                     fs.get().recorded_errors(self.host().fs_error_count(dev)),

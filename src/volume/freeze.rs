@@ -292,23 +292,19 @@ fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
             true => format!("thawed its file system through {}", m.mount_point.display()),
             false => "its file system was not frozen".to_string(),
         }
-    } else if let Some(dev) = host
-        .devices_of(&layout.image(&intent.volume))?
-        .into_iter()
-        .find(|d| host.dev_numbers(*d).ok() == Some(numbers))
-    {
+    } else if let Some(dev) = frozen_device(host, &layout.image(&intent.volume), numbers)? {
         // No mount left, but the volume's device is still attached (a frozen superblock keeps
         // it so): mounting it again reaches that superblock, which can then be thawed.
         host.create_dir_all(&scratch)?;
         let options = MountOptions::parse(&["nosuid".into(), "nodev".into(), "noexec".into()])
             .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
         let mounted = host
-            .mount_device(&dev.path(), &scratch, intent.fs_type.name(), &options)
+            .mount_device(&dev, &scratch, intent.fs_type.name(), &options)
             .or_else(|_| {
                 // A file system frozen while read-only only mounts read-only again.
                 let ro = MountOptions::parse(&["ro".into(), "nosuid".into(), "nodev".into()])
                     .map_err(|why| Error::Internal(format!("thaw mount options: {why}")))?;
-                host.mount_device(&dev.path(), &scratch, intent.fs_type.name(), &ro)
+                host.mount_device(&dev, &scratch, intent.fs_type.name(), &ro)
             });
         mounted?;
         let thawed = thaw_at(host, &scratch, numbers);
@@ -316,7 +312,7 @@ fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
         match thawed? {
             true => format!(
                 "thawed its unmounted file system through a temporary mount of {}",
-                dev.path().display()
+                dev.display()
             ),
             false => "its unmounted file system was not frozen".to_string(),
         }
@@ -334,6 +330,26 @@ fn thaw_recorded(layout: &Layout, intent: &Intent) -> Result<String> {
     }
     host.remove_durably(&intent_path(layout, &intent.volume))?;
     Ok(done)
+}
+
+/// The device with `numbers` among the volume's devices: a loop device holding `image`, or a
+/// device layer stacked on one (the file system of a volume with layers is on the top). The
+/// stacks are discovered (`Stack::find` without the metadata): a freeze record names no layers.
+fn frozen_device(host: &dyn Host, image: &Path, numbers: (u32, u32)) -> Result<Option<PathBuf>> {
+    for dev in host.devices_of(image)? {
+        let Ok(bottom) = host.dev_numbers(dev) else {
+            continue;
+        };
+        let stack = crate::volume::stack::Stack::find(host, dev, bottom, None)?;
+        let found = stack
+            .devices()
+            .find(|d| d.numbers == numbers)
+            .map(|d| d.path.clone());
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 /// What `thaw_abandoned` did.

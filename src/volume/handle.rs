@@ -58,10 +58,11 @@ impl<'h> VolumeView<'h> {
         let image = layout.image(id);
         let records = layout.node_record(id);
         let record = records::load(host, &records)?;
-        let observed = observe(store, &image, &record, near)?;
+        let meta = store.get(id);
+        let observed = observe(store, &image, &record, near, meta.as_deref())?;
         Ok(VolumeView {
             id: *id,
-            meta: store.get(id),
+            meta,
             image,
             records,
             record,
@@ -92,13 +93,15 @@ fn observe<'h>(
     image: &Path,
     record: &NodeRecord,
     near: Near<'_>,
+    meta: Option<&VolumeMeta>,
 ) -> Result<Observed<'h>> {
     let hint = match near {
         Near::Staged => record.staged.as_ref().map(|s| s.path.as_path()),
         Near::At(path) => Some(path),
     };
     let recorded = record.staged.as_ref().and_then(|s| s.image);
-    Observed::read_for(store.layout().host(), image, recorded, hint)
+    let layers = meta.map(|m| m.params.layers.as_slice());
+    Observed::read_for(store.layout().host(), image, recorded, hint, layers)
 }
 
 /// A volume opened for an operation that changes it: its guard (taken by the door) and its
@@ -135,7 +138,9 @@ impl<'h> OpenVolume<'h> {
 
     /// Reads the kernel's view again, after this operation changed it.
     pub(crate) fn reobserve(&mut self, near: Near<'_>) -> Result<()> {
-        self.view.observed = observe(self.store, &self.view.image, &self.view.record, near)?;
+        let (image, record) = (&self.view.image, &self.view.record);
+        let meta = self.view.meta.as_deref();
+        self.view.observed = observe(self.store, image, record, near, meta)?;
         Ok(())
     }
 

@@ -10,7 +10,9 @@
 //!   behind the driver's back;
 //! - any mount uses such a device: a file system mounted from it (mountinfo's major:minor) or a
 //!   bind of its device node, as a raw block publish is (mountinfo shows the numbers of the file
-//!   system holding the node, e.g. devtmpfs, so the bound node's `st_rdev` is compared).
+//!   system holding the node, e.g. devtmpfs, so the bound node's `st_rdev` is compared);
+//! - a device layer is stacked on such a device (`host::layers`, found by device numbers), and
+//!   so, transitively, any use of that layer's device.
 //!
 //! A loop device whose backing file cannot be identified is unknown: it is never taken for
 //! "not this volume's" (see `host::loopdev::Attached::backing`).
@@ -18,6 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
+use crate::host::layers::{BlockDev, LayerKind};
 use crate::host::loopdev::{Attached, FileId, LoopDevice};
 use crate::host::mount::MountEntry;
 use crate::host::os::{Host, NodeKind};
@@ -78,23 +81,30 @@ impl<'h> KernelView<'h> {
         self.attached.iter().filter(|a| a.backs(file)).collect()
     }
 
-    /// Every use of `dev` by a mount: "mounted at X" or "device node bound at Y".
+    /// Every use of `dev` by a mount ("mounted at X", "device node bound at Y") or by a device
+    /// layer stacked on it (and that layer's own uses).
     pub fn mounts_of(&self, dev: &LoopDevice) -> Vec<String> {
-        let Ok((major, minor)) = self.host.dev_numbers(*dev) else {
+        let Ok(numbers) = self.host.dev_numbers(*dev) else {
             return vec![format!(
                 "{} (its numbers cannot be read)",
                 dev.path().display()
             )];
         };
-        let rdev = nix::sys::stat::makedev(major.into(), minor.into());
+        self.uses_of_device(&BlockDev {
+            path: dev.path(),
+            numbers,
+        })
+    }
+
+    fn uses_of_device(&self, dev: &BlockDev) -> Vec<String> {
         let mut uses: Vec<String> = self
             .table
             .iter()
-            .filter(|m| (m.major, m.minor) == (major, minor))
+            .filter(|m| (m.major, m.minor) == dev.numbers)
             .map(|m| {
                 format!(
                     "{} mounted at {}",
-                    dev.path().display(),
+                    dev.path.display(),
                     m.mount_point.display()
                 )
             })
@@ -102,9 +112,27 @@ impl<'h> KernelView<'h> {
         uses.extend(
             self.bound_nodes()
                 .iter()
-                .filter(|(bound, _)| *bound == rdev)
-                .map(|(_, at)| format!("{} bound at {}", dev.path().display(), at.display())),
+                .filter(|(bound, _)| *bound == dev.rdev())
+                .map(|(_, at)| format!("{} bound at {}", dev.path.display(), at.display())),
         );
+        for kind in LayerKind::ALL {
+            match self.host.layer_above(*kind, dev) {
+                Ok(None) => {}
+                Ok(Some(upper)) => {
+                    uses.push(format!(
+                        "{} ({kind}) stacked on {}",
+                        upper.path.display(),
+                        dev.path.display()
+                    ));
+                    uses.extend(self.uses_of_device(&upper));
+                }
+                // Unknown is never "free".
+                Err(err) => uses.push(format!(
+                    "cannot tell whether a {kind} layer is stacked on {}: {err}",
+                    dev.path.display()
+                )),
+            }
+        }
         uses
     }
 

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub(crate) mod records;
 pub(crate) mod recovery;
 pub mod rescue;
+pub mod stack;
 pub(crate) mod stage;
 pub mod statedir;
 pub mod status;

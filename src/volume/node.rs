@@ -1,4 +1,5 @@
-//! Node operations: stage (attach + format-if-blank + mount), publish (bind), and their undo.
+//! Node operations: stage (attach + open layers + format-if-blank + mount), publish (bind), and
+//! their undo.
 //!
 //! Every operation observes first (sysfs for the loop device backing the volume's image,
 //! mountinfo for what is mounted at the paths) and then does only what is missing, so repeating
@@ -87,8 +88,9 @@ impl NodeOps {
         })
     }
 
-    /// NodeUnstageVolume: unmount the staging path and detach the loop device. Not staged at
-    /// that path is success. Still published is FAILED_PRECONDITION (the CO unpublishes first).
+    /// NodeUnstageVolume: unmount the staging path, close the volume's layers top-down and detach
+    /// the loop device. Not staged at that path is success. Still published is
+    /// FAILED_PRECONDITION (the CO unpublishes first).
     pub(crate) fn unstage(&self, v: OpenVolume<'_>, staging: &Path) -> Result<()> {
         let (id, record, observed) = (&v.id, &v.record, &v.observed);
         let kind = self.teardown_kind(&v, staging)?;
@@ -135,10 +137,14 @@ impl NodeOps {
                 self.host().unmount(staging).map_err(busy_is_precondition)?;
                 crate::faults::crash_point("unstage.unmounted");
             }
+            if let Some(mut stack) = observed.stack.clone() {
+                stack.close(self.host())?;
+            }
             self.host().detach(dev)?;
             crate::faults::crash_point("unstage.detached");
-            for (read_only, _) in &observed.read_only_devices {
-                self.host().detach(*read_only)?;
+            for read_only in &observed.read_only_devices {
+                read_only.clone().close(self.host())?;
+                self.host().detach(read_only.device)?;
             }
             tracing::info!(device = %dev.path().display(), volume.id = %id, "detached");
         }
@@ -184,7 +190,7 @@ impl NodeOps {
                 mounted: other.source.clone(),
             });
         }
-        let dev = self.ensure_staged(&mut v, staging, &staged.capability)?;
+        let stack = self.ensure_staged(&mut v, staging, &staged.capability)?;
         if staged.unstaging {
             // Staged again for this publish: the unstage the CO began is over.
             let restaged = StageRecord {
@@ -196,7 +202,7 @@ impl NodeOps {
         bind_target(
             self.host(),
             meta.kind,
-            &dev,
+            &stack,
             &v.image,
             staging,
             target,
@@ -260,7 +266,7 @@ impl NodeOps {
         cap: &Capability,
     ) -> Result<Option<StageRecord>> {
         let (id, observed) = (&v.id, &v.observed);
-        let live = observed.device.is_some()
+        let live = observed.top().is_some()
             && (cap.volume_kind() == VolumeKind::Block || observed.fs_mounted_at(staging));
         if !live {
             return Ok(None);
@@ -282,10 +288,11 @@ impl NodeOps {
         let (record, observed) = (&v.record, &v.observed);
         let kind = self.teardown_kind(&v, target)?;
         if observed.live_at(kind, target) {
-            let read_only_device = observed.read_only_device_at(target);
+            let read_only_device = observed.read_only_device_at(target).cloned();
             self.host().unmount(target).map_err(busy_is_precondition)?;
-            if let Some(dev) = read_only_device {
-                self.host().detach(dev)?;
+            if let Some(mut stack) = read_only_device {
+                stack.close(self.host())?;
+                self.host().detach(stack.device)?;
             }
         } else if let Some(other) = mount::mounted_at(&observed.table, target) {
             return Err(Error::ForeignMountLeft {
@@ -321,7 +328,7 @@ impl NodeOps {
                 let staged_here = record
                     .staged
                     .as_ref()
-                    .is_some_and(|s| s.path == path && observed.device.is_some());
+                    .is_some_and(|s| s.path == path && observed.top().is_some());
                 if staged_here || observed.device_bound_at(path) {
                     Ok(VolumeStats::Block {
                         total_bytes: meta.capacity_bytes,

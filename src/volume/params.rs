@@ -231,6 +231,10 @@ pub struct VolumeParams {
     pub provisioning: Provisioning,
     #[serde(default)]
     pub claim: ClaimRef,
+    /// The device layers between the loop device and the file system, lowest first (see
+    /// `volume::stack`). Not written when there are none, so such metadata keeps its format.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<crate::host::layers::LayerKind>,
 }
 
 impl VolumeParams {
@@ -243,7 +247,16 @@ impl VolumeParams {
             // Who asked (the PVC) is not what was asked for: a retry names the same claim, and
             // the first claim's name stays on record.
             claim: _,
+            layers,
         } = self;
+        if *layers != requested.layers {
+            let names = |l: &[crate::host::layers::LayerKind]| format!("{l:?}");
+            return Some(Mismatch::Parameter {
+                key: "layers",
+                existing: names(layers),
+                requested: names(&requested.layers),
+            });
+        }
         if *provisioning != requested.provisioning {
             return Some(Mismatch::Parameter {
                 key: "provisioning",
@@ -306,6 +319,11 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParams {
                     params.volume.claim.namespace = Some(value.clone())
                 }
                 "csi.storage.k8s.io/pv/name" => params.volume.claim.pv_name = Some(value.clone()),
+                // Test builds only: a release build has no layer to give (see `LayerKind`).
+                #[cfg(any(test, feature = "fault-injection"))]
+                crate::volume::stack::LAYERS_KEY => {
+                    params.volume.layers = crate::volume::stack::parse_layers(value)?
+                }
                 // Empty is what a class without an fstype gives: the default applies.
                 FSTYPE_KEY if value.is_empty() => {}
                 FSTYPE_KEY => {

@@ -1,10 +1,10 @@
 //! Continuous reconciliation of the node: what should exist (the volumes the CO staged and
 //! published through this driver, from the node records) is compared with what the kernel shows.
 //!
-//! - Drift that can be repaired safely is repaired: a staging whose loop device or mount went
-//!   away (detached or unmounted behind the driver's back, or a reboot) is re-attached and
-//!   re-mounted while its staging directory still exists, and a recorded target that still
-//!   exists but lost its bind is bound again.
+//! - Drift that can be repaired safely is repaired: a staging whose loop device, device layers
+//!   or mount went away (detached, closed or unmounted behind the driver's back, a reboot, or a
+//!   restart of the plugin) is re-attached, re-opened and re-mounted while its staging directory
+//!   still exists, and a recorded target that still exists but lost its bind is bound again.
 //! - What cannot be repaired safely (a foreign mount on a path, a path the CO removed) is
 //!   reported and left alone.
 //! - Orphans are collected: loop devices backed by images of deleted volumes (or by files in
@@ -180,7 +180,7 @@ impl NodeOps {
             return Ok(());
         }
         let staging_live = match meta.kind {
-            VolumeKind::Block => observed.device.is_some(),
+            VolumeKind::Block => observed.top().is_some(),
             VolumeKind::Filesystem(_) => observed.fs_mounted_at(&staged.path),
         };
         if !staging_live {
@@ -200,16 +200,17 @@ impl NodeOps {
                 return Ok(());
             }
             let had_device = observed.device.is_some();
+            let had_stack = observed.top().is_some();
             self.ensure_staged(&mut v, &staged.path, &staged.capability)?;
             // The kernel changed under this operation: the binds below are made onto what it
             // shows now.
             v.reobserve(Near::Staged)?;
             report.repaired(format!(
                 "volume {id}: {} staging at {}",
-                if had_device {
-                    "re-mounted"
-                } else {
-                    "re-attached and re-mounted"
+                match (had_device, had_stack) {
+                    (true, true) => "re-mounted",
+                    (true, false) => "re-opened the device layers and re-mounted",
+                    (false, _) => "re-attached and re-mounted",
                 },
                 staged.path.display()
             ));
@@ -226,7 +227,7 @@ impl NodeOps {
     ) -> Result<()> {
         let (id, meta, record, observed) = (v.id, v.meta()?, &v.record, &v.observed);
         let image = &v.image;
-        let Some(dev) = observed.device else {
+        let Some(stack) = observed.stack.as_ref().filter(|s| s.complete()) else {
             return Ok(());
         };
         for published in &record.published {
@@ -253,7 +254,7 @@ impl NodeOps {
             bind_target(
                 self.host(),
                 meta.kind,
-                &dev,
+                stack,
                 image,
                 staging,
                 target,

@@ -46,6 +46,11 @@ impl NodeOps {
                 host.unmount(path)?;
             }
         }
+        // The layers over the device go first: the copy is of the loop device (the image's own
+        // bytes), and the device cannot be detached while a layer holds it.
+        if let Some(mut stack) = observed.stack.clone() {
+            stack.close(host)?;
+        }
         // Durable on return (temp file, fsync, rename, fsync the directory): a crash leaves no
         // image or the whole copy.
         let size = host.copy_device_to_image(&dev.path(), &image)?;

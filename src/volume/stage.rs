@@ -1,5 +1,6 @@
-//! NodeStageVolume: attach, format if blank and never formatted, mount; and bringing the kernel
-//! back to "staged" for publish and the reconciler.
+//! NodeStageVolume: attach, open the volume's device layers, format the top if blank and never
+//! formatted, mount it; and bringing the kernel back to "staged" for publish and the
+//! reconciler.
 
 use crate::volume::handle::OpenVolume;
 use crate::volume::node::{NodeOps, Observed};
@@ -9,12 +10,14 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host;
+use crate::host::layers::BlockDev;
 use crate::host::loopdev::{AttachOptions, LoopDevice};
 use crate::host::mount::{self, MountOptions};
 use crate::host::tools::Probe;
 use crate::volume::params::{Capability, VolumeKind};
 use crate::volume::pool::VolumeMeta;
 use crate::volume::records::{self, StageRecord};
+use crate::volume::stack::Stack;
 
 impl NodeOps {
     /// NodeStageVolume: attach, create the file system if (and only if) the device is blank and
@@ -28,7 +31,7 @@ impl NodeOps {
         let meta = v.checked(cap)?;
         let (id, record, observed) = (&v.id, &v.record, &v.observed);
         if let Some(staged) = &record.staged {
-            let live = observed.device.is_some()
+            let live = observed.top().is_some()
                 && (meta.kind == VolumeKind::Block || observed.fs_mounted_at(&staged.path));
             if staged.path != staging && live {
                 return Err(Error::StagedElsewhere {
@@ -88,26 +91,24 @@ impl NodeOps {
         }
     }
 
-    /// Brings the kernel to "staged at `staging`" from whatever it shows now. On failure,
-    /// a loop device attached by this call is detached again.
+    /// Brings the kernel to "staged at `staging`" from whatever it shows now, and returns the
+    /// volume's stack. On failure, the layers opened and the loop device attached by this call
+    /// are closed and detached again.
     pub(crate) fn ensure_staged(
         &self,
         v: &mut OpenVolume<'_>,
         staging: &Path,
         cap: &Capability,
-    ) -> Result<LoopDevice> {
+    ) -> Result<Stack> {
         let meta = Arc::clone(v.meta()?);
         let observed = &v.observed;
         let fs = match meta.kind {
             VolumeKind::Filesystem(fs) => Some(fs),
             VolumeKind::Block => None,
         };
-        if let (Some(dev), None) = (observed.device, fs) {
-            return Ok(dev);
-        }
-        if let Some(dev) = observed.device {
-            if observed.fs_mounted_at(staging) {
-                return Ok(dev);
+        if let Some(stack) = observed.stack.as_ref().filter(|s| s.complete()) {
+            if fs.is_none() || observed.fs_mounted_at(staging) {
+                return Ok(stack.clone());
             }
         }
         if let Some(other) = mount::mounted_at(&observed.table, staging) {
@@ -140,13 +141,23 @@ impl NodeOps {
             }
         };
         if !attached_here {
-            self.refuse_if_held(&meta, dev, observed)?;
+            self.refuse_if_held(&meta, observed)?;
         }
-        crate::faults::crash_point("stage.attached");
-        let Some(fs) = fs else {
-            return Ok(dev);
+        let mut stack = match observed.stack.clone().filter(|_| !attached_here) {
+            Some(stack) => stack,
+            None => Stack::bare(dev, self.host().dev_numbers(dev)?, &meta.params.layers),
         };
-        let result = self.format_and_mount(v, dev, staging, fs, &options);
+        let opened = stack.open_missing(self.host(), false);
+        crate::faults::crash_point("stage.attached");
+        let result = opened.and_then(|kept| {
+            let Some(fs) = fs else { return Ok(()) };
+            let top = stack.highest().clone();
+            let mounted = self.format_and_mount(v, &top, staging, fs, &options);
+            if mounted.is_err() {
+                stack.undo(self.host(), kept);
+            }
+            mounted
+        });
         if let Err(err) = result {
             if attached_here {
                 if let Err(detach) = self.host().detach(dev) {
@@ -155,52 +166,51 @@ impl NodeOps {
             }
             return Err(err);
         }
-        Ok(dev)
+        Ok(stack)
     }
 
     /// A tool that a killed driver started (mkfs, e2fsck, resize2fs) outlives it and holds the
     /// device exclusively until it ends: probing, formatting or mounting now would fail with
     /// EBUSY or race its writes. A device mounted nowhere yet held is that case: ABORTED, and
     /// the CO's retry finds the tool's work done.
-    fn refuse_if_held(
-        &self,
-        meta: &VolumeMeta,
-        dev: LoopDevice,
-        observed: &Observed<'_>,
-    ) -> Result<()> {
-        let mounted =
-            |numbers: (u32, u32)| observed.table.iter().any(|m| (m.major, m.minor) == numbers);
-        if !observed.dev_numbers.is_some_and(mounted)
-            && self.host().held_exclusively(&dev.path())?
-        {
+    /// With layers, the highest device open is the one a tool would hold (a layer may claim the
+    /// devices below it).
+    fn refuse_if_held(&self, meta: &VolumeMeta, observed: &Observed<'_>) -> Result<()> {
+        let Some(highest) = observed.stack.as_ref().map(Stack::highest) else {
+            return Ok(());
+        };
+        let mounted = observed
+            .table
+            .iter()
+            .any(|m| (m.major, m.minor) == highest.numbers);
+        if !mounted && self.host().held_exclusively(&highest.path)? {
             return Err(Error::DeviceHeld {
                 volume: meta.id,
-                device: dev.path(),
+                device: highest.path.clone(),
             });
         }
         Ok(())
     }
 
-    /// Formats the attached device if it is blank and was never formatted, else grows what is
+    /// Formats the top of the stack if it is blank and was never formatted, else grows what is
     /// pending; then mounts it at `staging`.
     fn format_and_mount(
         &self,
         v: &mut OpenVolume<'_>,
-        dev: LoopDevice,
+        top: &BlockDev,
         staging: &Path,
         fs: crate::host::fs::FsType,
         options: &MountOptions,
     ) -> Result<()> {
-        let id = v.id;
-        if self.format_if_blank(v, &dev, fs)? {
-            self.mount_fresh(v, &dev, staging, fs, options)?;
-            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.path().display(), "stage formatted a blank volume");
+        let (id, dev) = (v.id, top.path.as_path());
+        if self.format_if_blank(v, dev, fs)? {
+            self.mount_fresh(v, dev, staging, fs, options)?;
+            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.display(), "stage formatted a blank volume");
         } else {
-            self.grow_pending(v, &dev.path(), None)?;
-            self.host()
-                .mount_device(&dev.path(), staging, fs.name(), options)?;
-            self.grow_pending(v, &dev.path(), Some(staging))?;
-            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.path().display(), "stage found the volume's file system and mounted it (nothing formatted)");
+            self.grow_pending(v, dev, None)?;
+            self.host().mount_device(dev, staging, fs.name(), options)?;
+            self.grow_pending(v, dev, Some(staging))?;
+            tracing::info!(volume.id = %id, fs = fs.name(), device = %dev.display(), "stage found the volume's file system and mounted it (nothing formatted)");
         }
         crate::faults::crash_point("stage.mounted");
         Ok(())
@@ -236,7 +246,7 @@ impl NodeOps {
     pub(crate) fn mount_fresh(
         &self,
         v: &mut OpenVolume<'_>,
-        dev: &LoopDevice,
+        dev: &Path,
         staging: &Path,
         fs: crate::volume::params::FsType,
         options: &MountOptions,
@@ -244,10 +254,7 @@ impl NodeOps {
         let id = v.id;
         let (mounted, marked) = host::alongside(
             || v.mark_formatted(),
-            || {
-                self.host()
-                    .mount_device(&dev.path(), staging, fs.name(), options)
-            },
+            || self.host().mount_device(dev, staging, fs.name(), options),
             || format!("recording that volume {id} was formatted"),
         );
         mounted?;
@@ -267,7 +274,7 @@ impl NodeOps {
     pub(crate) fn format_if_blank(
         &self,
         v: &mut OpenVolume<'_>,
-        dev: &LoopDevice,
+        dev: &Path,
         fs: crate::volume::params::FsType,
     ) -> Result<bool> {
         let meta = Arc::clone(v.meta()?);
@@ -277,7 +284,7 @@ impl NodeOps {
         let probe = if !meta.formatted && !self.host().has_data(&v.image)? {
             Probe::Blank
         } else {
-            self.host().probe(&dev.path())?
+            self.host().probe(dev)?
         };
         match probe {
             // Formatted by a call that crashed before it could record so: record it now.
@@ -293,7 +300,7 @@ impl NodeOps {
             }),
             Probe::Blank if meta.formatted => Err(Error::FormattedButBlank { volume: meta.id }),
             Probe::Blank => {
-                self.host().mkfs(fs, &dev.path())?;
+                self.host().mkfs(fs, dev)?;
                 crate::faults::crash_point("stage.formatted");
                 Ok(true)
             }

@@ -4,23 +4,25 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::host::loopdev::{AttachOptions, LoopDevice};
+use crate::host::loopdev::AttachOptions;
 use crate::host::mount::MountOptions;
 use crate::host::os::{Host, NodeKind};
 use crate::volume::params::{AccessKind, Capability, VolumeKind};
 use crate::volume::pool::VolumeMeta;
+use crate::volume::stack::Stack;
 
 /// Creates the target (directory, or file for a device node) and binds the staged file system
-/// or the loop device onto it.
+/// or the top of the volume's stack onto it.
 pub(crate) fn bind_target(
     host: &dyn Host,
     kind: VolumeKind,
-    dev: &LoopDevice,
+    stack: &Stack,
     image: &Path,
     staging: &Path,
     target: &Path,
     options: &MountOptions,
 ) -> Result<()> {
+    let dev = stack.device;
     match kind {
         VolumeKind::Block if options.read_only() => {
             // A read-only bind does not stop writes to a device node: give the target a
@@ -28,7 +30,7 @@ pub(crate) fn bind_target(
             ensure_file(host, target)?;
             // The read-only device must hold the very file the writable one does: checked by
             // identity, as the path the kernel shows for `dev` depends on who reads it.
-            let held = host.loop_status(*dev)?.map(|(file, _)| file);
+            let held = host.loop_status(dev)?.map(|(file, _)| file);
             if held.is_none() || host.file_id(image)? != held {
                 return Err(Error::DeviceSwapped {
                     device: dev.path(),
@@ -36,24 +38,42 @@ pub(crate) fn bind_target(
                 });
             }
             let options_ro = AttachOptions {
-                direct_io: host.direct_io(*dev),
+                direct_io: host.direct_io(dev),
                 read_only: true,
             };
             let read_only = host.attach(image, options_ro)?;
-            host.bind(&read_only.path(), target, options)
-                .inspect_err(|_| {
-                    let _ = host.detach(read_only);
-                })
+            // The read-only device gets the volume's layers too, opened read-only: the pod sees
+            // what the writable stack's top shows.
+            let bound = host.dev_numbers(read_only).and_then(|numbers| {
+                let mut ro_stack = Stack::bare(read_only, numbers, &stack.wanted);
+                ro_stack.open_missing(host, true)?;
+                let top = ro_stack.highest().path.clone();
+                host.bind(&top, target, options)
+                    .inspect_err(|_| ro_stack.undo(host, 0))
+            });
+            bound.inspect_err(|_| {
+                let _ = host.detach(read_only);
+            })
         }
         VolumeKind::Block => {
             ensure_file(host, target)?;
-            host.bind(&dev.path(), target, options)
+            let top = stack.top().ok_or_else(|| missing_layer(stack))?;
+            host.bind(&top.path, target, options)
         }
         VolumeKind::Filesystem(_) => {
             ensure_directory(host, target, "target_path")?;
             host.bind(staging, target, options)
         }
     }
+}
+
+/// A stack whose layers are not all open where they must be (a caller opens them first).
+fn missing_layer(stack: &Stack) -> Error {
+    Error::Internal(format!(
+        "the {} layer over {} is not open",
+        stack.missing().map(|l| l.name()).unwrap_or("?"),
+        stack.highest().path.display()
+    ))
 }
 
 /// The options of a publish bind: the capability's generic flags, read-only when asked for.

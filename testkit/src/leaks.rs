@@ -82,12 +82,35 @@ pub fn try_leftovers_under(root: &Path) -> Result<Vec<String>, LeakCheckError> {
         .map(|m| format!("mount {}", m.mount_point.display()))
         .collect();
     left.extend(
-        try_every_attached_loop_device()?
+        devices_under(root)?
             .into_iter()
-            .filter(|(_, file)| file.starts_with(root))
             .map(|(dev, file)| format!("{} -> {}", dev.path().display(), file.display())),
     );
     Ok(left)
+}
+
+/// The loop devices whose backing file is under `root`, and those stacked on them (a device
+/// layer of a volume's stack: a loop device whose backing file is one of those devices, matched
+/// by the backing device's numbers), transitively.
+fn devices_under(root: &Path) -> Result<Vec<(loopdev::LoopDevice, PathBuf)>, LeakCheckError> {
+    let all = try_every_attached_loop_device()?;
+    let (mut under, mut rest): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|(_, file)| file.starts_with(root));
+    loop {
+        let numbers: Vec<_> = under
+            .iter()
+            .filter_map(|(dev, _)| dev.dev_numbers().ok())
+            .collect();
+        let (stacked, others): (Vec<_>, Vec<_>) = rest.into_iter().partition(
+            |(dev, _)| matches!(dev.backing_device(), Ok(Some(lower)) if numbers.contains(&lower)),
+        );
+        rest = others;
+        if stacked.is_empty() {
+            return Ok(under);
+        }
+        under.extend(stacked);
+    }
 }
 
 /// Unmounts (deepest first) and detaches everything under `root`; touches nothing else.
@@ -154,13 +177,17 @@ fn release_in_rounds(root: &Path) -> Result<(), LeakCheckError> {
             let _ = nix::mount::umount2(point, flags);
         }
         let table = mount::mounts()?;
-        let devices: Vec<_> = try_every_attached_loop_device()?
-            .into_iter()
-            .filter(|(_, file)| file.starts_with(root))
+        let devices = devices_under(root)?;
+        // A device with another stacked on it is released after that one (top-down).
+        let lowers: Vec<_> = devices
+            .iter()
+            .filter_map(|(dev, _)| dev.backing_device().ok().flatten())
             .collect();
-        for (dev, _) in &devices {
+        // Stacked devices come last in the list: released first.
+        for (dev, _) in devices.iter().rev() {
             let numbers = dev.dev_numbers()?;
-            let in_use = table.iter().any(|m| (m.major, m.minor) == numbers);
+            let in_use =
+                table.iter().any(|m| (m.major, m.minor) == numbers) || lowers.contains(&numbers);
             if !in_use || round >= 4 {
                 dev.detach()?;
             }

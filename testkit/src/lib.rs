@@ -28,6 +28,19 @@ pub use requests::*;
 pub const MIB: i64 = 1 << 20;
 pub const NODE: &str = "test-node-1";
 
+/// Whether this process may grow a mounted ext4 (CAP_SYS_RESOURCE in its effective set):
+/// resize2fs needs it online, and some machines drop it.
+pub fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff in /proc/self/status")
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << CAP_SYS_RESOURCE) != 0
+}
+
 /// `len` pseudo-random bytes determined by `seed` (xorshift64): test data that differs in every
 /// 4 KiB block, without a random-number crate.
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {

@@ -388,18 +388,6 @@ async fn unmount_volume(d: &mut TestDriver, id: &str, staging: &Path, target: &P
 
 // ---- host facts ----
 
-/// Whether this process may grow a mounted ext4 (CAP_SYS_RESOURCE in its effective set).
-fn has_cap_sys_resource() -> bool {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .expect("CapEff in /proc/self/status")
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap() & (1 << CAP_SYS_RESOURCE) != 0
-}
-
 /// BLKGETSIZE64 of a block device node (through `blockdev`).
 fn device_size(path: &Path) -> i64 {
     let out = Command::new("blockdev")

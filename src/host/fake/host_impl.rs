@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-use super::kernel::{loop_number, DEVTMPFS, LOOP_MAJOR};
+use super::kernel::{loop_number, node_path, DEVTMPFS, LOOP_MAJOR};
 use super::{FakeHost, Op};
 use crate::error::{Error, Result};
 use crate::host::extents::{self, Extent, Range};
 use crate::host::files::{self, Allocation, CopyStats, Usage};
+use crate::host::layers::{BlockDev, LayerKind};
 use crate::host::linux;
 use crate::host::lockfile::{self, Holder, LockFile};
 use crate::host::loopdev::{AttachOptions, Attached, FileId, LoopDevice};
@@ -40,12 +41,12 @@ impl FakeHost {
     /// node is a block device with that device's numbers.
     fn node_seen(&self, op: Op, path: &Path, follow: bool) -> Result<Option<Node>> {
         self.check(op, shown(path))?;
-        if let Some(n) = loop_number(path) {
-            let exists = self.state().kernel.nodes.contains(&n);
-            return Ok(exists.then_some(Node {
+        if loop_number(path).is_some() || path.to_string_lossy().starts_with("/dev/layer") {
+            let numbers = self.state().kernel.numbers_of(path);
+            return Ok(numbers.map(|numbers| Node {
                 kind: NodeKind::BlockDevice,
                 dev: makedev(DEVTMPFS),
-                rdev: makedev((LOOP_MAJOR, n)),
+                rdev: makedev(numbers),
                 len: 0,
                 modified: None,
             }));
@@ -55,12 +56,12 @@ impl FakeHost {
             return Ok(None);
         };
         let state = self.state();
-        if let Some(n) = state.kernel.node_bound_at(path) {
+        if let Some(numbers) = state.kernel.node_bound_at(path) {
             node.kind = NodeKind::BlockDevice;
             node.dev = makedev(DEVTMPFS);
-            node.rdev = makedev((LOOP_MAJOR, n));
-        } else if let Some(n) = state.kernel.loop_mounted_at(path) {
-            node.dev = makedev((LOOP_MAJOR, n));
+            node.rdev = makedev(numbers);
+        } else if let Some(numbers) = state.kernel.device_mounted_at(path) {
+            node.dev = makedev(numbers);
         }
         Ok(Some(node))
     }
@@ -142,8 +143,8 @@ impl Host for FakeHost {
     fn held_exclusively(&self, device: &Path) -> Result<bool> {
         self.check(Op::HeldExclusively, shown(device))?;
         let state = self.state();
-        match loop_number(device).filter(|n| state.kernel.nodes.contains(n)) {
-            Some(n) => Ok(state.kernel.holds(n)),
+        match state.kernel.numbers_of(device) {
+            Some(numbers) => Ok(state.kernel.holds(numbers)),
             None => Err(Error::io(
                 "open exclusively",
                 device,
@@ -151,10 +152,40 @@ impl Host for FakeHost {
             )),
         }
     }
-    fn fs_error_count(&self, dev: LoopDevice) -> u64 {
-        self.enter(Op::FsErrorCount, shown(&dev.path()));
+    fn fs_error_count(&self, dev: &BlockDev) -> u64 {
+        self.enter(Op::FsErrorCount, shown(&dev.path));
         let state = self.state();
-        state.kernel.fs_errors.get(&dev.0).copied().unwrap_or(0)
+        state
+            .kernel
+            .fs_errors
+            .get(&dev.numbers)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn open_layer(&self, kind: LayerKind, lower: &BlockDev, read_only: bool) -> Result<BlockDev> {
+        let arg = format!(
+            "{} {kind}{}",
+            lower.path.display(),
+            if read_only { " ro" } else { "" }
+        );
+        self.check(Op::OpenLayer, arg)?;
+        self.state().kernel.open_layer(kind, lower, read_only)
+    }
+    fn layer_above(&self, kind: LayerKind, lower: &BlockDev) -> Result<Option<BlockDev>> {
+        self.check(Op::LayerAbove, format!("{} {kind}", lower.path.display()))?;
+        Ok(self.state().kernel.layer_above(kind, lower))
+    }
+    fn grow_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()> {
+        self.check(Op::GrowLayer, format!("{} {kind}", upper.path.display()))?;
+        match self.state().kernel.capacity(upper.numbers) {
+            Some(_) => Ok(()),
+            None => Err(Error::sys("grow layer", upper.path.display(), Errno::ENXIO)),
+        }
+    }
+    fn close_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()> {
+        self.check(Op::CloseLayer, format!("{} {kind}", upper.path.display()))?;
+        self.state().kernel.close_layer(upper)
     }
 
     fn mounts(&self) -> Result<Vec<MountEntry>> {
@@ -400,14 +431,14 @@ impl Host for FakeHost {
         self.inside(path)?;
         let state = self.state();
         // A fake file system has the device's size, all of it free.
-        let mounted = state.kernel.loop_mounted_at(path);
-        match mounted.and_then(|n| state.kernel.loops.get(&n)) {
-            Some(l) => Ok(Usage {
-                total_bytes: l.capacity,
-                available_bytes: l.capacity,
+        let mounted = state.kernel.device_mounted_at(path);
+        match mounted.and_then(|numbers| state.kernel.capacity(numbers)) {
+            Some(capacity) => Ok(Usage {
+                total_bytes: capacity,
+                available_bytes: capacity,
                 used_bytes: 0,
-                total_inodes: l.capacity / 16384,
-                free_inodes: l.capacity / 16384,
+                total_inodes: capacity / 16384,
+                free_inodes: capacity / 16384,
                 used_inodes: 0,
             }),
             None => files::usage(path),
@@ -482,12 +513,12 @@ impl FakeHost {
         if state.kernel.probe(device)? != Probe::FileSystem(fs.into()) {
             return Err(fail(format!("{}: bad magic number", device.display())));
         }
-        let n = loop_number(device).unwrap_or(u32::MAX);
+        let numbers = state.kernel.numbers_of(device);
         let mounted = state
             .kernel
             .table
             .iter()
-            .any(|m| (m.major, m.minor) == (LOOP_MAJOR, n));
+            .any(|m| Some((m.major, m.minor)) == numbers);
         match (online, mounted) {
             (true, false) => Err(fail(format!("{} is not mounted", device.display()))),
             (false, true) => Err(fail(format!(
@@ -511,14 +542,14 @@ impl FakeHost {
     }
     fn grow_xfs(&self, mount_point: &Path) -> Result<()> {
         self.check(Op::GrowXfs, shown(mount_point))?;
-        let n = self.state().kernel.loop_mounted_at(mount_point);
-        let Some(n) = n else {
+        let numbers = self.state().kernel.device_mounted_at(mount_point);
+        let Some(numbers) = numbers else {
             return Err(Error::Tool {
                 tool: "xfs_growfs".into(),
                 code: Some(1),
                 stderr: format!("{} is not a mounted XFS filesystem", mount_point.display()),
             });
         };
-        self.grow(&LoopDevice(n).path(), "xfs", true)
+        self.grow(&node_path(numbers), "xfs", true)
     }
 }

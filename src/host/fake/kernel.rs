@@ -1,10 +1,15 @@
-//! The fake's simulated kernel: loop devices, the mount table, frozen superblocks and
-//! exclusive holders, with the answers and errors the real `host/` functions give for the cases
+//! The fake's simulated kernel: loop devices, device layers stacked on them, the mount table,
+//! frozen superblocks and exclusive holders, with the answers and errors the real `host/` functions give for the cases
 //! the domain relies on (read `loopdev.rs` and `mount.rs` beside this file).
 //!
 //! What a device holds lives in its backing file, as with the kernel: mkfs writes a marker at
 //! the start of the real file, and probe reads it back. So a clone, a snapshot or a re-attach
 //! carries the "file system" with the data, and a blank sparse file probes blank.
+//!
+//! Block devices are known by their device numbers, as in the kernel: loop devices are
+//! `(LOOP_MAJOR, N)` at `/dev/loopN`, layers `(LAYER_MAJOR, N)` at `/dev/layerN` (a layer is
+//! transparent: it reads and writes its lower device). File systems, mounts, freezes and error
+//! counts are keyed by the numbers of whatever device they sit on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -15,12 +20,15 @@ use std::sync::Arc;
 use nix::errno::Errno;
 
 use crate::error::{Error, Result};
+use crate::host::layers::{BlockDev, LayerKind};
 use crate::host::loopdev::{AttachOptions, Attached, FileId, LoopDevice, LOGICAL_BLOCK_SIZE};
 use crate::host::mount::{self, MountEntry, MountOptions};
 use crate::host::tools::{FsType, Probe};
 
 /// The block major of loop devices, as the kernel numbers them.
 pub const LOOP_MAJOR: u32 = 7;
+/// The block major of the fake's layer devices (a dynamic major, as device-mapper's).
+pub const LAYER_MAJOR: u32 = 252;
 /// devtmpfs's device numbers as mountinfo shows a bind of a device node (`0:5`).
 pub const DEVTMPFS: (u32, u32) = (0, 5);
 /// The signature the fake mkfs writes at the start of the backing file.
@@ -44,8 +52,18 @@ pub struct Loop {
     pub unidentified: bool,
 }
 
+/// One open layer: what it is, what it sits on.
+#[derive(Debug)]
+pub struct FakeLayer {
+    pub kind: LayerKind,
+    pub lower: (u32, u32),
+    pub read_only: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Kernel {
+    /// Open layers by minor number (`/dev/layerN`; the node goes with the layer).
+    pub layers: BTreeMap<u32, FakeLayer>,
     pub loops: BTreeMap<u32, Loop>,
     /// Device nodes that exist (`/dev/loopN` stays after a detach, as udev leaves it).
     pub nodes: BTreeSet<u32>,
@@ -56,7 +74,7 @@ pub struct Kernel {
     /// Devices a process holds with O_EXCL (a tool a killed driver started).
     pub held: BTreeSet<u32>,
     /// Errors ext4 recorded per device.
-    pub fs_errors: BTreeMap<u32, u64>,
+    pub fs_errors: BTreeMap<(u32, u32), u64>,
     pub direct_io_supported: bool,
 }
 
@@ -66,6 +84,22 @@ pub fn loop_number(device: &Path) -> Option<u32> {
     (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()
+}
+
+/// `N` of `/dev/layerN`.
+fn layer_number(device: &Path) -> Option<u32> {
+    let digits = device.to_str()?.strip_prefix("/dev/layer")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// The node path of the fake device with these numbers.
+pub fn node_path(numbers: (u32, u32)) -> PathBuf {
+    match numbers.0 {
+        LAYER_MAJOR => PathBuf::from(format!("/dev/layer{}", numbers.1)),
+        _ => LoopDevice(numbers.1).path(),
+    }
 }
 
 fn no_device(device: &Path) -> Error {
@@ -92,12 +126,94 @@ impl Kernel {
         }
     }
 
-    /// Whether anything holds device `n` open: a mount, a frozen superblock, a process.
-    pub fn holds(&self, n: u32) -> bool {
-        let numbers = (LOOP_MAJOR, n);
-        self.held.contains(&n)
+    /// Whether anything holds the device `numbers` open: a mount, a frozen superblock, a
+    /// process, a layer stacked on it.
+    pub fn holds(&self, numbers: (u32, u32)) -> bool {
+        (numbers.0 == LOOP_MAJOR && self.held.contains(&numbers.1))
             || self.frozen.contains(&numbers)
             || self.table.iter().any(|m| (m.major, m.minor) == numbers)
+            || self.layers.values().any(|l| l.lower == numbers)
+    }
+
+    /// The numbers of the device node at `path`, when the node exists.
+    pub fn numbers_of(&self, path: &Path) -> Option<(u32, u32)> {
+        if let Some(n) = loop_number(path) {
+            return self.nodes.contains(&n).then_some((LOOP_MAJOR, n));
+        }
+        let n = layer_number(path)?;
+        self.layers.contains_key(&n).then_some((LAYER_MAJOR, n))
+    }
+
+    /// The loop device at the bottom of the device `numbers` (itself for a loop device), and
+    /// whether anything on the way is read-only.
+    fn bottom(&self, numbers: (u32, u32)) -> Option<(u32, &Loop, bool)> {
+        let (mut at, mut read_only) = (numbers, false);
+        while at.0 == LAYER_MAJOR {
+            let layer = self.layers.get(&at.1)?;
+            read_only |= layer.read_only;
+            at = layer.lower;
+        }
+        let l = self.loops.get(&at.1).filter(|_| at.0 == LOOP_MAJOR)?;
+        Some((at.1, l, read_only || l.read_only))
+    }
+
+    /// Opens a `kind` layer over `lower` (an attached loop device or an open layer).
+    pub fn open_layer(
+        &mut self,
+        kind: LayerKind,
+        lower: &BlockDev,
+        read_only: bool,
+    ) -> Result<BlockDev> {
+        if self.bottom(lower.numbers).is_none() {
+            return Err(Error::sys("open layer", lower.path.display(), Errno::ENXIO));
+        }
+        let n = (0..).find(|n| !self.layers.contains_key(n)).unwrap_or(0);
+        let lower = lower.numbers;
+        self.layers.insert(
+            n,
+            FakeLayer {
+                kind,
+                lower,
+                read_only,
+            },
+        );
+        let numbers = (LAYER_MAJOR, n);
+        Ok(BlockDev {
+            path: node_path(numbers),
+            numbers,
+        })
+    }
+
+    /// The `kind` layer over `lower`, if one is open.
+    pub fn layer_above(&self, kind: LayerKind, lower: &BlockDev) -> Option<BlockDev> {
+        let (n, _) = self
+            .layers
+            .iter()
+            .find(|(_, l)| l.kind == kind && l.lower == lower.numbers)?;
+        let numbers = (LAYER_MAJOR, *n);
+        Some(BlockDev {
+            path: node_path(numbers),
+            numbers,
+        })
+    }
+
+    /// Closes the layer `upper`: gone is success, a held one is EBUSY (device-mapper's answer).
+    pub fn close_layer(&mut self, upper: &BlockDev) -> Result<()> {
+        if upper.numbers.0 != LAYER_MAJOR || !self.layers.contains_key(&upper.numbers.1) {
+            return Ok(());
+        }
+        if self.holds(upper.numbers) {
+            return Err(Error::sys(
+                "close layer",
+                upper.path.display(),
+                Errno::EBUSY,
+            ));
+        }
+        if let Some(closed) = self.layers.remove(&upper.numbers.1) {
+            // A detach of the device under it that waited for this layer completes now.
+            self.settle(closed.lower);
+        }
+        Ok(())
     }
 
     pub fn attach(&mut self, path: &Path, opts: AttachOptions) -> Result<LoopDevice> {
@@ -140,7 +256,7 @@ impl Kernel {
         if !self.loops.contains_key(&dev.0) {
             return Ok(());
         }
-        if self.holds(dev.0) {
+        if self.holds((LOOP_MAJOR, dev.0)) {
             if let Some(l) = self.loops.get_mut(&dev.0) {
                 l.detach_pending = true;
             }
@@ -151,8 +267,12 @@ impl Kernel {
     }
 
     /// Completes a deferred detach once nothing holds the device any more.
-    pub fn settle(&mut self, n: u32) {
-        if self.loops.get(&n).is_some_and(|l| l.detach_pending) && !self.holds(n) {
+    pub fn settle(&mut self, numbers: (u32, u32)) {
+        let n = numbers.1;
+        if numbers.0 == LOOP_MAJOR
+            && self.loops.get(&n).is_some_and(|l| l.detach_pending)
+            && !self.holds(numbers)
+        {
             self.loops.remove(&n);
         }
     }
@@ -180,21 +300,19 @@ impl Kernel {
         }
     }
 
-    /// The attached device behind the path `/dev/loopN`.
-    fn device(&self, device: &Path) -> Result<(u32, &Loop)> {
-        let n = loop_number(device).ok_or_else(|| no_device(device))?;
-        match self.loops.get(&n) {
-            Some(l) => Ok((n, l)),
-            None if self.nodes.contains(&n) => {
-                Err(Error::sys("open", device.display(), Errno::ENXIO))
-            }
-            None => Err(no_device(device)),
+    /// The device behind the node at `device` (`/dev/loopN`, `/dev/layerN`): its numbers, the
+    /// loop device at its bottom (which holds the data), and whether it is read-only.
+    fn device(&self, device: &Path) -> Result<((u32, u32), &Loop, bool)> {
+        let numbers = self.numbers_of(device).ok_or_else(|| no_device(device))?;
+        match self.bottom(numbers) {
+            Some((_, l, read_only)) => Ok((numbers, l, read_only)),
+            None => Err(Error::sys("open", device.display(), Errno::ENXIO)),
         }
     }
 
     /// What the device's backing file starts with, as blkid -p would name it.
     pub fn probe(&self, device: &Path) -> Result<Probe> {
-        let (_, l) = match self.device(device) {
+        let (_, l, _) = match self.device(device) {
             // blkid finds nothing on a device without a backing file (exit code 2).
             Err(Error::Sys { .. }) => return Ok(Probe::Blank),
             other => other?,
@@ -220,14 +338,14 @@ impl Kernel {
     /// Writes `fs`'s signature (or, `halfway`, a partial one) into the device's backing file.
     pub fn mkfs(&self, fs: FsType, device: &Path, halfway: bool) -> Result<()> {
         let tool = format!("mkfs.{}", fs.name());
-        let (n, l) = self.device(device)?;
-        if l.read_only {
+        let (numbers, l, read_only) = self.device(device)?;
+        if read_only {
             return Err(tool_error(
                 &tool,
                 format!("{}: Read-only file system", device.display()),
             ));
         }
-        if self.holds(n) {
+        if self.holds(numbers) {
             return Err(tool_error(
                 &tool,
                 format!("{} is apparently in use by the system", device.display()),
@@ -256,11 +374,11 @@ impl Kernel {
         let sys = |errno| Error::sys("mount", target.display(), errno);
         directory_at(target).map_err(sys)?;
         // A missing node is ENOENT; a node without a backing file, ENXIO.
-        let (n, l) = self.device(device).map_err(|e| match e {
+        let (numbers, _, read_only) = self.device(device).map_err(|e| match e {
             Error::Sys { errno, .. } => sys(errno),
             _ => sys(Errno::ENOENT),
         })?;
-        if l.read_only && !opts.read_only() {
+        if read_only && !opts.read_only() {
             return Err(sys(Errno::EACCES));
         }
         if self.probe(device)? != Probe::FileSystem(fs_type.to_string()) {
@@ -268,8 +386,8 @@ impl Kernel {
         }
         let mode = if opts.read_only() { "ro" } else { "rw" };
         self.table.push(MountEntry {
-            major: LOOP_MAJOR,
-            minor: n,
+            major: numbers.0,
+            minor: numbers.1,
             root: "/".into(),
             mount_point: target.to_path_buf(),
             options: format!("{mode},relatime"),
@@ -280,23 +398,27 @@ impl Kernel {
         Ok(())
     }
 
-    /// A bind of a device node (`/dev/loopN`) shows devtmpfs's numbers and the node's name as
-    /// root, as the kernel's; a bind of a directory shows the mount it comes from.
+    /// A bind of a device node (`/dev/loopN`, `/dev/layerN`) shows devtmpfs's numbers and the
+    /// node's name as root, as the kernel's; a bind of a directory shows the mount it comes from.
     pub fn bind(&mut self, source: &Path, target: &Path, opts: &MountOptions) -> Result<()> {
         let sys = |errno| Error::sys("bind mount", target.display(), errno);
         let target_node = std::fs::symlink_metadata(target).map_err(|_| sys(Errno::ENOENT))?;
         let mode = if opts.read_only() { "ro" } else { "rw" };
-        let entry = if let Some(n) = loop_number(source) {
-            if !self.nodes.contains(&n) {
+        let node = loop_number(source).is_some() || layer_number(source).is_some();
+        let entry = if node {
+            let Some(numbers) = self.numbers_of(source) else {
                 return Err(sys(Errno::ENOENT));
-            }
+            };
             if target_node.is_dir() {
                 return Err(sys(Errno::ENOTDIR));
             }
             MountEntry {
                 major: DEVTMPFS.0,
                 minor: DEVTMPFS.1,
-                root: format!("/loop{n}"),
+                root: node_path(numbers)
+                    .display()
+                    .to_string()
+                    .replace("/dev/", "/"),
                 mount_point: target.to_path_buf(),
                 options: format!("{mode},nosuid"),
                 fs_type: "devtmpfs".into(),
@@ -341,9 +463,7 @@ impl Kernel {
             return;
         };
         let gone = self.table.remove(index);
-        if gone.major == LOOP_MAJOR {
-            self.settle(gone.minor);
-        }
+        self.settle((gone.major, gone.minor));
     }
 
     /// The mounted file system at `path` with `numbers`, as `freeze.rs`'s `open_fs` checks.
@@ -369,24 +489,30 @@ impl Kernel {
         if !self.frozen.remove(&numbers) {
             return Err(Errno::EINVAL);
         }
-        if numbers.0 == LOOP_MAJOR {
-            self.settle(numbers.1);
-        }
+        self.settle(numbers);
         Ok(())
     }
 
-    /// The device a fake file system is mounted from at exactly `path`, if any.
-    pub fn loop_mounted_at(&self, path: &Path) -> Option<u32> {
+    /// The fake device a file system is mounted from at exactly `path`, if any.
+    pub fn device_mounted_at(&self, path: &Path) -> Option<(u32, u32)> {
         mount::mounted_at(&self.table, path)
-            .filter(|m| m.major == LOOP_MAJOR)
-            .map(|m| m.minor)
+            .filter(|m| m.major == LOOP_MAJOR || m.major == LAYER_MAJOR)
+            .map(|m| (m.major, m.minor))
     }
 
     /// The device whose node is bound at `path`, if any.
-    pub fn node_bound_at(&self, path: &Path) -> Option<u32> {
-        mount::mounted_at(&self.table, path)
-            .filter(|m| (m.major, m.minor) == DEVTMPFS)
-            .and_then(|m| m.root.strip_prefix("/loop")?.parse().ok())
+    pub fn node_bound_at(&self, path: &Path) -> Option<(u32, u32)> {
+        let m = mount::mounted_at(&self.table, path).filter(|m| (m.major, m.minor) == DEVTMPFS)?;
+        let node = Path::new("/dev").join(m.root.trim_start_matches('/'));
+        if let Some(n) = loop_number(&node) {
+            return Some((LOOP_MAJOR, n));
+        }
+        layer_number(&node).map(|n| (LAYER_MAJOR, n))
+    }
+
+    /// The capacity of the device `numbers` (its bottom loop device's: layers add nothing).
+    pub fn capacity(&self, numbers: (u32, u32)) -> Option<u64> {
+        self.bottom(numbers).map(|(_, l, _)| l.capacity)
     }
 }
 

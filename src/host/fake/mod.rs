@@ -15,6 +15,8 @@
 //!   [`FakeHost::vanish`], [`FakeHost::hold`]. [`FakeHost::hold_next`] holds one call until
 //!   the test lets it go, to overlap two operations without sleeps. Methods that cannot fail (`direct_io`,
 //!   `supports`, ...) are recorded and never fail.
+//! - Device layers (`host::layers`) are modelled as transparent devices of their own major
+//!   (`/dev/layerN`) over a loop device or another layer, whatever their kind.
 
 mod calls;
 mod gate;
@@ -36,6 +38,10 @@ use crate::error::{Error, Result};
 use crate::host::loopdev::{Attached, LoopDevice};
 use crate::host::mount::MountEntry;
 use crate::host::tools::FsType;
+
+/// An open layer as [`FakeHost::layers`] lists it: its kind, its device numbers and its lower
+/// device's numbers.
+pub type OpenLayer = (crate::host::layers::LayerKind, (u32, u32), (u32, u32));
 
 /// One injected failure: `skip` further calls of `op` pass first; `once` removes it after it
 /// fires.
@@ -195,7 +201,7 @@ impl FakeHost {
     pub fn release(&self, dev: LoopDevice) {
         let mut state = self.state();
         state.kernel.held.remove(&dev.0);
-        state.kernel.settle(dev.0);
+        state.kernel.settle((kernel::LOOP_MAJOR, dev.0));
     }
 
     /// The next call of `op` (recorded, its injected failure decided) waits until the returned
@@ -216,7 +222,24 @@ impl FakeHost {
 
     /// ext4 on `dev` has recorded `count` errors.
     pub fn set_fs_errors(&self, dev: LoopDevice, count: u64) {
-        self.state().kernel.fs_errors.insert(dev.0, count);
+        let numbers = (kernel::LOOP_MAJOR, dev.0);
+        self.state().kernel.fs_errors.insert(numbers, count);
+    }
+
+    /// The open layers: each one's kind, device numbers and lower device's numbers (not
+    /// recorded as a call).
+    pub fn layers(&self) -> Vec<OpenLayer> {
+        let state = self.state();
+        let layers = state.kernel.layers.iter();
+        layers
+            .map(|(n, l)| (l.kind, (kernel::LAYER_MAJOR, *n), l.lower))
+            .collect()
+    }
+
+    /// The layer device `numbers` disappears, as after an external `dmsetup remove --force`
+    /// (its mounts stay in the table).
+    pub fn vanish_layer(&self, numbers: (u32, u32)) {
+        self.state().kernel.layers.remove(&numbers.1);
     }
 
     /// The node has no mkfs for `fs`.

@@ -10,6 +10,7 @@
 mod data;
 mod group;
 mod guards;
+mod layers;
 mod metadata;
 mod node;
 mod pool;
