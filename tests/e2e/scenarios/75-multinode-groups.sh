@@ -53,7 +53,7 @@ mg_router_says() {
 }
 
 scenario_multinode_group_snapshot() {
-    local t=$SECONDS joined=0 c m got n members1 members2 restored=() cleanup=() tokens=() c1 c2 holders
+    local t=$SECONDS joined=0 c m got n members1 members2 restored=() cleanup=() tokens=() c1 c2 h1 h2
     if ! node_ready "$node2" 2>/dev/null; then
         add_node "$node2" 2 "$node2_pool_size"
         joined=1
@@ -91,8 +91,12 @@ scenario_multinode_group_snapshot() {
     for m in "${members1[@]}" "${members2[@]}"; do
         until_true 60 "$m ReadyToUse" data_snapshot_ready "$m" || fail "multinode_group_snapshot: member $m is not ReadyToUse"
     done
-    holders="$(mg_router_says "$node" 'class held by this node' | wc -l) on $node, $(mg_router_says "$node2" 'class held by this node' | wc -l) on $node2"
-    pass "multinode_group_snapshot: mg-1 (on $node) and mg-2 (on $node2), made at once, ReadyToUse in $((SECONDS - t)) s; contents routed to $c1 and $c2; class taken $holders time(s); members ${members1[*]} ${members2[*]}"
+    # Each node's group needed the class, so each router held it at least once: the hand-over.
+    h1="$(mg_router_says "$node" 'class held by this node' | wc -l)"
+    h2="$(mg_router_says "$node2" 'class held by this node' | wc -l)"
+    [ "$h1" -ge 1 ] && [ "$h2" -ge 1 ] ||
+        fail "multinode_group_snapshot: the class was taken $h1 time(s) by $node's router and $h2 by $node2's: no hand-over"
+    pass "multinode_group_snapshot: mg-1 (on $node) and mg-2 (on $node2), made at once, ReadyToUse in $((SECONDS - t)) s; contents routed to $c1 and $c2; the class taken (or its claim renewed) $h1 time(s) by $node's router, $h2 by $node2's; members ${members1[*]} ${members2[*]}"
 
     # The second node's members restore there, each to its own claim's token.
     t=$SECONDS
