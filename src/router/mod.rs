@@ -57,9 +57,17 @@ pub async fn run(args: RouteArgs, shutdown: impl Future<Output = ()>) -> Result<
     args.validate()?;
     let client = kube::Client::try_default().await?;
     let driver = driver::Driver::new(args.socket_path()?);
-    let (group_contents, w1) = watch(&client, objects::group_contents());
-    let (contents, w2) = watch(&client, objects::contents());
-    let (classes, w3) = watch(&client, objects::group_classes());
+    let (group_contents, w1) = watch(
+        &client,
+        "VolumeGroupSnapshotContent",
+        objects::group_contents(),
+    );
+    let (contents, w2) = watch(&client, "VolumeSnapshotContent", objects::contents());
+    let (classes, w3) = watch(
+        &client,
+        "VolumeGroupSnapshotClass",
+        objects::group_classes(),
+    );
     let caches = Caches {
         group_contents,
         contents,
@@ -100,20 +108,17 @@ pub async fn run(args: RouteArgs, shutdown: impl Future<Output = ()>) -> Result<
 }
 
 /// A cache of one kind and the stream of its changes: the kind's name, and whether the change
-/// ends a full listing. The stream must be polled for the cache to fill. Watch errors are logged and retried with the
-/// watcher's backoff: a missing CRD (snapshots not installed yet) is not fatal.
+/// ends a full listing. The stream must be polled for the cache to fill. Watch errors are
+/// logged and retried with the watcher's backoff: a missing CRD (snapshots not installed yet)
+/// is not fatal.
 fn watch(
     client: &kube::Client,
+    kind: &'static str,
     resource: ApiResource,
 ) -> (
     Store<DynamicObject>,
     impl Stream<Item = (&'static str, bool)> + Unpin,
 ) {
-    let kind: &'static str = match resource.kind.as_str() {
-        "VolumeGroupSnapshotContent" => "VolumeGroupSnapshotContent",
-        "VolumeSnapshotContent" => "VolumeSnapshotContent",
-        _ => "VolumeGroupSnapshotClass",
-    };
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let writer = reflector::store::Writer::new(resource);
     let reader = writer.as_reader();

@@ -91,12 +91,14 @@ scenario_multinode_group_snapshot() {
     for m in "${members1[@]}" "${members2[@]}"; do
         until_true 60 "$m ReadyToUse" data_snapshot_ready "$m" || fail "multinode_group_snapshot: member $m is not ReadyToUse"
     done
-    # Each node's group needed the class, so each router held it at least once: the hand-over.
-    h1="$(mg_router_says "$node" 'class held by this node' | wc -l)"
-    h2="$(mg_router_says "$node2" 'class held by this node' | wc -l)"
+    # Each node's group needed the class, so each router took it (or renewed its claim) for its
+    # own group content at least once: the hand-over. The routers' lines name the contents.
+    h1="$(mg_router_says "$node" 'class held by this node' | grep -c -F -- "$(dp_group_content mg-1)")"
+    h2="$(mg_router_says "$node2" 'class held by this node' | grep -c -F -- "$(dp_group_content mg-2)")"
+    log "routers: $(mg_router_says "$node" 'class held by this node' | tail -2 | tr '\n' ' ')| $(mg_router_says "$node2" 'class held by this node' | tail -2 | tr '\n' ' ')"
     [ "$h1" -ge 1 ] && [ "$h2" -ge 1 ] ||
-        fail "multinode_group_snapshot: the class was taken $h1 time(s) by $node's router and $h2 by $node2's: no hand-over"
-    pass "multinode_group_snapshot: mg-1 (on $node) and mg-2 (on $node2), made at once, ReadyToUse in $((SECONDS - t)) s; contents routed to $c1 and $c2; the class taken (or its claim renewed) $h1 time(s) by $node's router, $h2 by $node2's; members ${members1[*]} ${members2[*]}"
+        fail "multinode_group_snapshot: the class was taken for mg-1 $h1 time(s) by $node's router and for mg-2 $h2 by $node2's: no hand-over"
+    pass "multinode_group_snapshot: mg-1 (on $node) and mg-2 (on $node2), made at once, ReadyToUse in $((SECONDS - t)) s; contents routed to $c1 and $c2; the class taken for them $h1 time(s) by $node's router, $h2 by $node2's; members ${members1[*]} ${members2[*]}"
 
     # The second node's members restore there, each to its own claim's token.
     t=$SECONDS
