@@ -3,7 +3,8 @@
 # nothing else: two claims on the second node and two on the first, one VolumeGroupSnapshot per
 # node created at the same instant (so the VolumeGroupSnapshotClass is handed over between the
 # nodes' routers), both ReadyToUse with their members; the second node's members restore on it;
-# everything is deleted and the second node's pool keeps no snapshot file. It joins the second
+# a group of one claim per node is not routed (an Event says why); everything is deleted and
+# the second node's pool keeps no snapshot file. It joins the second
 # node itself when no earlier scenario left it up (E2E_ONLY='group_snapshot|multinode_group'),
 # and removes it again if it joined it. Helpers from 50-multinode.sh and 70-data-protection.sh.
 E2E_SCENARIOS+=(multinode_group_snapshot)
@@ -50,6 +51,54 @@ mg_router_says() {
     local pod
     pod="$(kubectl -n loopcsi get pods --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}')"
     kubectl -n loopcsi logs "$pod" -c snapshot-router 2>/dev/null | grep -F -- "$2"
+}
+
+# mg_not_routed CONTENT: the NotRouted Events the routers recorded on a group content.
+mg_not_routed() {
+    kubectl get events -n default --field-selector "involvedObject.name=$1,reason=NotRouted" \
+        -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' 2>/dev/null
+}
+mg_has_not_routed() { [ -n "$(mg_not_routed "$1")" ]; }
+mg_has_content() { [ -n "$(dp_group_content "$1" 2>/dev/null)" ]; }
+mg_x_gone() {
+    ! kubectl get volumegroupsnapshot mg-x >/dev/null 2>&1 &&
+        ! kubectl get volumegroupsnapshotcontent "$1" >/dev/null 2>&1
+}
+
+# mg_refused: a group of one claim of each node is never routed: no node's label on its content,
+# a NotRouted Event saying why. Deleting it needs the content's finalizer removed by hand (only a
+# csi-snapshotter removes it), as docs/kubernetes.md says.
+mg_refused() {
+    local t=$SECONDS content msg
+    kubectl label pvc mg1-a-pvc mg2-a-pvc loopcsi-e2e-cross=mg-x >/dev/null
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: groupsnapshot.storage.k8s.io/v1
+kind: VolumeGroupSnapshot
+metadata: {name: mg-x, namespace: default}
+spec:
+  volumeGroupSnapshotClassName: loopcsi-group-snapshot
+  source: {selector: {matchLabels: {loopcsi-e2e-cross: mg-x}}}
+EOF
+    until_true 60 "mg-x has a content" mg_has_content mg-x ||
+        fail "multinode_group_snapshot: the snapshot-controller made no content for mg-x"
+    content="$(dp_group_content mg-x)"
+    until_true 60 "a NotRouted Event on $content" mg_has_not_routed "$content" ||
+        fail "multinode_group_snapshot: no NotRouted Event on $content (routers: $(mg_router_says "$node" 'not routed'; mg_router_says "$node2" 'not routed'))"
+    msg="$(mg_not_routed "$content" | head -1)"
+    case "$msg" in *"several nodes"*) ;; *) fail "multinode_group_snapshot: the NotRouted Event does not say why: $msg" ;; esac
+    [ -z "$(dp_managed_by_of "volumegroupsnapshotcontent/$content")" ] ||
+        fail "multinode_group_snapshot: the cross-node content $content was labelled"
+    ! dp_group_ready mg-x || fail "multinode_group_snapshot: the cross-node group mg-x became ready"
+    pass "multinode_group_snapshot: a group of one claim per node is not routed: $content unlabelled, Event NotRouted: $msg; $((SECONDS - t)) s"
+    t=$SECONDS
+    kubectl delete volumegroupsnapshot mg-x --wait=false >/dev/null
+    kubectl delete volumegroupsnapshotcontent "$content" --wait=false >/dev/null 2>&1 || true
+    kubectl patch volumegroupsnapshotcontent "$content" --type json \
+        -p '[{"op": "remove", "path": "/metadata/finalizers"}]' >/dev/null 2>&1 || true
+    until_true 60 "mg-x and $content gone" mg_x_gone "$content" ||
+        fail "multinode_group_snapshot: mg-x or $content stayed: $(kubectl get volumegroupsnapshot mg-x -o jsonpath='{.metadata.finalizers}' 2>&1) $(kubectl get volumegroupsnapshotcontent "$content" -o jsonpath='{.metadata.finalizers}' 2>&1)"
+    kubectl label pvc mg1-a-pvc mg2-a-pvc loopcsi-e2e-cross- >/dev/null
+    pass "multinode_group_snapshot: mg-x deleted (its content's finalizer removed by hand); $((SECONDS - t)) s"
 }
 
 scenario_multinode_group_snapshot() {
@@ -116,6 +165,7 @@ scenario_multinode_group_snapshot() {
     [ "${restored[0]}" != "${restored[1]}" ] || fail "multinode_group_snapshot: both members of mg-2 restore to '${restored[0]}'"
     pass "multinode_group_snapshot: mg-2's members restored on $node2 read '${restored[0]}' and '${restored[1]}'; $((SECONDS - t)) s"
 
+    mg_refused
     t=$SECONDS
     kubectl delete volumegroupsnapshot mg-1 mg-2 --wait=false >/dev/null
     until_true 120 "mg-1 and mg-2 members gone" mg_gone ||
