@@ -38,6 +38,53 @@ pub enum Command {
     /// device. Run it on the volume's node (in the plugin container) after the volume's pods
     /// have stopped; NodeUnstageVolume then succeeds. Safe beside a live driver.
     Rescue(RescueArgs),
+    /// Route group snapshots to this node's csi-snapshotter: put this node's
+    /// `snapshot.storage.kubernetes.io/managed-by` label on the VolumeGroupSnapshotContents,
+    /// VolumeSnapshotContents and VolumeGroupSnapshotClass that the snapshot-controller leaves
+    /// unlabelled, when the driver on this node holds their volumes or snapshots (it asks the
+    /// driver over its CSI socket). Runs in the node plugin pod, in a container of its own.
+    RouteSnapshots(RouteArgs),
+}
+
+/// `loopcsi route-snapshots` (src/router).
+#[derive(Clone, Debug, Args)]
+pub struct RouteArgs {
+    /// The driver's CSI endpoint on this node: unix:///path/to/csi.sock (or an absolute path).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: String,
+
+    /// This node's name (spec.nodeName): the value of the managed-by label this node's
+    /// csi-snapshotter (--node-deployment) selects its objects with.
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: String,
+
+    /// The driver name of the objects to route (spec.driver of contents, driver of classes).
+    #[arg(long, default_value = "loopcsi.dev")]
+    pub driver_name: String,
+
+    /// Seconds between two full passes over every object, besides the passes that watch
+    /// events start: they retry what failed (an API conflict, a driver that did not answer).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub resync_interval: u64,
+
+    /// Seconds after which another node's group snapshot content that is still being created
+    /// no longer keeps the VolumeGroupSnapshotClass from this node (its node is presumed gone).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub class_hold_timeout: u64,
+}
+
+impl RouteArgs {
+    /// Checks what clap cannot: the endpoint's form, the node id and the driver name.
+    pub fn validate(&self) -> Result<()> {
+        socket_path(&self.endpoint)?;
+        validate_node_id(&self.node_id)?;
+        validate_driver_name(&self.driver_name)
+    }
+
+    /// The unix socket path of `--endpoint`.
+    pub fn socket_path(&self) -> Result<PathBuf> {
+        socket_path(&self.endpoint)
+    }
 }
 
 #[derive(Clone, Debug, Args)]
@@ -184,23 +231,24 @@ impl Config {
 
     /// The unix socket path of `--endpoint`.
     pub fn socket_path(&self) -> Result<PathBuf> {
-        let path = self
-            .endpoint
-            .strip_prefix("unix://")
-            .or_else(|| self.endpoint.strip_prefix("unix:"))
-            .unwrap_or(&self.endpoint);
-        let path = PathBuf::from(path);
-        if !path.is_absolute() {
-            return Err(Error::invalid(
-                "--endpoint",
-                format!(
-                    "{:?} is not unix:///absolute/path (only unix sockets are served)",
-                    self.endpoint
-                ),
-            ));
-        }
-        Ok(path)
+        socket_path(&self.endpoint)
     }
+}
+
+/// The unix socket path of an `--endpoint`: `unix:///path`, `unix:/path` or an absolute path.
+fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(Error::invalid(
+            "--endpoint",
+            format!("{endpoint:?} is not unix:///absolute/path (only unix sockets are served)"),
+        ));
+    }
+    Ok(path)
 }
 
 /// A Kubernetes label value: ≤ 63 characters, alphanumerics with `-`, `_`, `.` inside.

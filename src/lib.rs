@@ -6,6 +6,9 @@
 //! - [`volume`]: the domain: volume ids, typed parameters, the pool of backing files with their
 //!   metadata, node staging and publishing, per-volume operation guards;
 //! - [`host`]: the only door to the operating system (loop ioctls, mounts, mkfs/blkid, files).
+//!
+//! Beside them, [`router`] (`loopcsi route-snapshots`) is an outer layer like [`service`]: a
+//! Kubernetes controller that asks the driver over its CSI socket, never the domain.
 
 pub mod authority;
 pub mod codec;
@@ -15,6 +18,7 @@ pub mod faults;
 pub mod host;
 pub mod metrics;
 pub mod operator;
+pub mod router;
 pub mod server;
 pub mod service;
 pub mod volume;

@@ -51,6 +51,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server = loopcsi::server::bind(&config)?;
             server.serve(shutdown).await?;
         }
+        Command::RouteSnapshots(args) => {
+            let shutdown = loopcsi::server::termination_signal()?;
+            loopcsi::router::run(args, shutdown).await?;
+        }
         Command::Status(args) => {
             print!("{}", loopcsi::operator::status(&args.state_dir, args.json)?);
         }

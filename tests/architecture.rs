@@ -1,5 +1,6 @@
 //! The architecture as a test, so it is a fact and not a convention (docs/architecture.md):
-//! - imports run only downwards: `service` → `volume` → `host`. `host/` knows nothing of the
+//! - imports run only downwards: `service` → `volume` → `host`; `router` (beside `service`)
+//!   reaches neither. `host/` knows nothing of the
 //!   domain or of CSI; `volume/` knows nothing of gRPC, the services or the metrics;
 //! - the domain reaches the OS only through `host/`: no raw `std::fs`, sysfs or procfs in
 //!   `volume/` or `service/` (the file-system paths the domain computes are data, not I/O);
@@ -80,6 +81,12 @@ fn imports_run_only_downwards() {
                 "crate::metrics",
                 "tonic",
             ],
+        ),
+        // The group snapshot router is an outer layer like service/: it asks the driver over
+        // its CSI socket, never the domain or the OS directly.
+        (
+            "src/router",
+            &["crate::volume", "crate::host", "crate::service"],
         ),
         (
             "src/volume",

@@ -63,6 +63,8 @@ const SNAPSHOT_KINDS: &[&str] = &[
 mod crds;
 #[path = "manifests/data_protection.rs"]
 mod data_protection;
+#[path = "manifests/router.rs"]
+mod router;
 use crds::check_snapshot_crd;
 
 // ------------------------------------------------------------------------------------------

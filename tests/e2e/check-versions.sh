@@ -30,8 +30,11 @@ for path in sys.argv[2:]:
         containers = [op["value"] for op in doc if op["path"].endswith("/containers/-")]
     else:
         containers = doc["spec"]["template"]["spec"]["containers"]
+    # The driver's own image (the loopcsi container, and the snapshot-router container that
+    # runs the same binary) is no sidecar.
+    ours = {c["image"] for c in containers if c["name"] == "loopcsi"}
     for c in containers:
-        if c["name"] == "loopcsi":
+        if c["name"] == "loopcsi" or c["image"] in ours:
             continue
         image, _, tag = c["image"].rpartition(":")
         print(os.path.relpath(path, os.path.dirname(values) + "/../../.."), image, tag)

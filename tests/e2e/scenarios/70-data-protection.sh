@@ -14,25 +14,21 @@ dp_snapshotter_says() {
     kubectl -n loopcsi logs ds/loopcsi-node -c csi-snapshotter 2>/dev/null | grep -F -- "$1"
 }
 
-# dp_label_ours: puts this node's managed-by label on every group snapshot content and snapshot
-# content that lacks one. external-snapshotter v8.7.0's snapshot-controller labels only the
-# contents of single snapshots for distributed snapshotting, while csi-snapshotter
-# --node-deployment watches group contents and classes (and the member contents it must mark
-# ready) only with its node's label; docs/kubernetes.md, "Group snapshots", says so. One node
-# here, so every content is this node's.
-dp_label_ours() {
-    local kind
-    for kind in volumegroupsnapshotcontent volumesnapshotcontent; do
-        kubectl get "$kind" -o name 2>/dev/null | while read -r obj; do
-            [ -n "$(kubectl get "$obj" -o jsonpath="{.metadata.labels.${dp_managed_by//./\\.}}")" ] ||
-                kubectl label "$obj" "$dp_managed_by=$node" >/dev/null 2>&1 || true
-        done
-    done
+# dp_group_ready NAME: the group snapshot NAME is ReadyToUse. Nothing labels its objects here:
+# the plugin's snapshot-router puts the managed-by label of the members' node on the group
+# content, its member contents and the class (docs/kubernetes.md, "Group snapshots").
+dp_group_ready() {
+    [ "$(kubectl get volumegroupsnapshot "$1" -o jsonpath='{.status.readyToUse}')" = true ]
 }
 
-dp_group_ready() {
-    dp_label_ours
-    [ "$(kubectl get volumegroupsnapshot "$1" -o jsonpath='{.status.readyToUse}')" = true ]
+# dp_group_content NAME: the VolumeGroupSnapshotContent bound to the group snapshot NAME.
+dp_group_content() {
+    kubectl get volumegroupsnapshot "$1" -o jsonpath='{.status.boundVolumeGroupSnapshotContentName}'
+}
+
+# dp_managed_by_of KIND/NAME: the managed-by label of an object (empty when unlabelled).
+dp_managed_by_of() {
+    kubectl get "$1" -o jsonpath="{.metadata.labels.${dp_managed_by//./\\.}}" 2>/dev/null
 }
 
 # dp_group_error NAME: the error the snapshot controller or sidecar recorded, if any.
@@ -81,7 +77,6 @@ spec:
 EOF
     wait_phase gs-app Running
     until_true 30 "gs-app wrote" has_log gs-app || fail "group_snapshot: gs-app wrote nothing"
-    kubectl label volumegroupsnapshotclass loopcsi-group-snapshot "$dp_managed_by=$node" --overwrite >/dev/null
     t=$SECONDS
     kubectl apply -f - >/dev/null <<EOF
 apiVersion: groupsnapshot.storage.k8s.io/v1
@@ -99,7 +94,9 @@ EOF
     for m in "${members[@]}"; do
         until_true 60 "$m ReadyToUse" data_snapshot_ready "$m" || fail "group_snapshot: member $m is not ReadyToUse"
     done
-    pass "group_snapshot: gs of gs-a-pvc and gs-b-pvc (mounted by the running gs-app) ReadyToUse in $((SECONDS - t)) s with members ${members[*]}"
+    got="$(dp_managed_by_of "volumegroupsnapshotcontent/$(dp_group_content gs)")"
+    [ "$got" = "$node" ] || fail "group_snapshot: the group content of gs is labelled for '$got', not $node"
+    pass "group_snapshot: gs of gs-a-pvc and gs-b-pvc (mounted by the running gs-app) ReadyToUse in $((SECONDS - t)) s with members ${members[*]}, routed to $node by the snapshot-router"
 
     # Each member restores to a claim holding its source's token, not the other's.
     kubectl exec gs-app -- sh -c 'echo overwritten > /a/token; echo overwritten > /b/token; sync'
@@ -119,7 +116,6 @@ EOF
     kubectl delete volumegroupsnapshot gs --wait=false >/dev/null
     until_true 120 "gs members gone" dp_members_gone gs || fail "group_snapshot: the members of gs outlive it: $(dp_members gs | tr '\n' ' ')"
     data_cleanup pod/gs-app "${cleanup[@]}" pvc/gs-a-pvc pvc/gs-b-pvc
-    kubectl label volumegroupsnapshotclass loopcsi-group-snapshot "$dp_managed_by-" >/dev/null
 }
 
-dp_members_gone() { dp_label_ours; [ -z "$(dp_members "$1")" ] && ! kubectl get volumegroupsnapshot "$1" >/dev/null 2>&1; }
+dp_members_gone() { [ -z "$(dp_members "$1")" ] && ! kubectl get volumegroupsnapshot "$1" >/dev/null 2>&1; }
