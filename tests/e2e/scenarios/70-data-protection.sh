@@ -39,6 +39,30 @@ dp_members() {
     kubectl get volumesnapshot -o jsonpath="{range .items[?(@.status.volumeGroupSnapshotName==\"$1\")]}{.metadata.name}{'\n'}{end}"
 }
 
+# dp_restore_each SCENARIO NODE TOKENS MEMBER...: restores each member VolumeSnapshot to a claim
+# that a pod (on NODE; anywhere when NODE is empty) reads, and fails unless each holds one of
+# TOKENS (space-separated), no two the same. Appends to the caller's `restored` and `cleanup`
+# (bash locals are visible to the functions a function calls).
+dp_restore_each() {
+    local scenario=$1 on=$2 tokens=" $3 " m got
+    shift 3
+    for m in "$@"; do
+        data_claim "$m-restored" loopcsi-ext4 Filesystem 64Mi VolumeSnapshot "$m"
+        if [ -n "$on" ]; then
+            placed_pod "$m-reader" "$m-restored" required "$on" 'cat /data/token; while true; do sleep 1; done'
+        else
+            app_pod "$m-reader" "$m-restored" fs 'cat /data/token; while true; do sleep 1; done'
+        fi
+        wait_phase "$m-reader" Running
+        until_true 30 "$m-reader log" has_log "$m-reader" || true
+        got="$(data_logs "$m-reader")"
+        case "$tokens" in *" $got "*) ;; *) fail "$scenario: the claim restored from $m reads '$got', not a token its source's pod wrote" ;; esac
+        restored+=("$got")
+        cleanup+=("pod/$m-reader" "pvc/$m-restored")
+    done
+    [ "${restored[0]}" != "${restored[1]}" ] || fail "$scenario: both members restore to '${restored[0]}'"
+}
+
 # ---------------------------------------------------------------- group snapshot
 
 scenario_group_snapshot() {
@@ -100,17 +124,7 @@ EOF
 
     # Each member restores to a claim holding its source's token, not the other's.
     kubectl exec gs-app -- sh -c 'echo overwritten > /a/token; echo overwritten > /b/token; sync'
-    for m in "${members[@]}"; do
-        data_claim "$m-restored" loopcsi-ext4 Filesystem 64Mi VolumeSnapshot "$m"
-        app_pod "$m-reader" "$m-restored" fs 'cat /data/token; while true; do sleep 1; done'
-        wait_phase "$m-reader" Running
-        until_true 30 "$m-reader log" has_log "$m-reader" || true
-        got="$(data_logs "$m-reader")"
-        case "$got" in "$token_a" | "$token_b") ;; *) fail "group_snapshot: the claim restored from $m reads '$got', not a token the pod wrote" ;; esac
-        restored+=("$got")
-        cleanup+=("pod/$m-reader" "pvc/$m-restored")
-    done
-    [ "${restored[0]}" != "${restored[1]}" ] || fail "group_snapshot: both members restore to '${restored[0]}'"
+    dp_restore_each group_snapshot "" "$token_a $token_b" "${members[@]}"
     pass "group_snapshot: restored ${members[0]} reads '${restored[0]}', ${members[1]} reads '${restored[1]}' (the sources now hold 'overwritten')"
     # The group snapshot's members go with it (deletionPolicy Delete).
     kubectl delete volumegroupsnapshot gs --wait=false >/dev/null

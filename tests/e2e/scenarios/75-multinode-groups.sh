@@ -152,17 +152,7 @@ scenario_multinode_group_snapshot() {
     # The second node's members restore there, each to its own claim's token.
     t=$SECONDS
     kubectl exec mg-app-2 -- sh -c 'echo overwritten > /a/token; echo overwritten > /b/token; sync'
-    for m in "${members2[@]}"; do
-        data_claim "$m-restored" loopcsi-ext4 Filesystem 64Mi VolumeSnapshot "$m"
-        placed_pod "$m-reader" "$m-restored" required "$node2" 'cat /data/token; while true; do sleep 1; done'
-        wait_phase "$m-reader" Running
-        until_true 30 "$m-reader log" has_log "$m-reader" || true
-        got="$(data_logs "$m-reader")"
-        case "$got" in "${tokens[2]}" | "${tokens[3]}") ;; *) fail "multinode_group_snapshot: the claim restored from $m reads '$got', not a token mg-app-2 wrote" ;; esac
-        restored+=("$got")
-        cleanup+=("pod/$m-reader" "pvc/$m-restored")
-    done
-    [ "${restored[0]}" != "${restored[1]}" ] || fail "multinode_group_snapshot: both members of mg-2 restore to '${restored[0]}'"
+    dp_restore_each multinode_group_snapshot "$node2" "${tokens[2]} ${tokens[3]}" "${members2[@]}"
     pass "multinode_group_snapshot: mg-2's members restored on $node2 read '${restored[0]}' and '${restored[1]}'; $((SECONDS - t)) s"
 
     mg_refused
