@@ -15,7 +15,7 @@ use crate::csi::{self, snapshot_metadata_server::SnapshotMetadata};
 use crate::error::{Error, Result};
 use crate::rpc_span;
 use crate::service::{snapshot_id, Driver};
-use crate::volume::metadata::{BlockList, Shape};
+use crate::volume::metadata::{Shape, Walk};
 
 /// Ranges per message when the caller leaves `max_results` at 0: about 80 KiB a message.
 pub const DEFAULT_PAGE: usize = 4096;
@@ -58,34 +58,74 @@ fn metadata_type(shape: Shape) -> csi::BlockMetadataType {
     }
 }
 
-/// The answer as a stream of messages of at most `page` ranges each; an empty answer is one
-/// message with no ranges, so the caller still learns the type and the capacity.
+/// The most ranges one message carries, whatever `max_results` asks: about 1.5 MiB encoded,
+/// under gRPC's default 4 MiB message limit, and a bound on what one message holds in memory
+/// (the spec lets the plugin send fewer than `max_results`).
+pub const MAX_PAGE: usize = 65_536;
+
+/// Messages computed ahead of the client: the walk pauses when they are not taken.
+const AHEAD: usize = 2;
+
+/// The answer as a stream of messages of at most `page` ranges each, computed as it is sent:
+/// a blocking task walks the snapshot files a step at a time (`Walk`) and hands messages over
+/// a channel of `AHEAD`, so memory stays one step and a few messages however large the answer.
+/// An empty answer is one message with no ranges, so the caller still learns the type and the
+/// capacity. The walk, and with it the snapshots' guards, ends when the stream is done or its
+/// client goes away.
 fn pages<T: Send + 'static>(
-    list: BlockList,
+    walk: Walk,
     page: usize,
     make: fn(i32, i64, Vec<csi::BlockMetadata>) -> T,
 ) -> Pages<T> {
-    let kind = metadata_type(list.shape) as i32;
-    let capacity = i64::try_from(list.capacity).unwrap_or(i64::MAX);
+    let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| produce(walk, page, make, &tx)));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+type Sender<T> = tokio::sync::mpsc::Sender<std::result::Result<T, Status>>;
+
+fn produce<T>(
+    mut walk: Walk,
+    page: usize,
+    make: fn(i32, i64, Vec<csi::BlockMetadata>) -> T,
+    tx: &Sender<T>,
+) {
+    let page = page.clamp(1, MAX_PAGE);
+    let kind = metadata_type(walk.shape) as i32;
+    let capacity = i64::try_from(walk.capacity).unwrap_or(i64::MAX);
     let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let mut messages: Vec<std::result::Result<T, Status>> = list
-        .ranges
-        .chunks(page.max(1))
-        .map(|chunk| {
-            let ranges = chunk
-                .iter()
-                .map(|&(o, l)| csi::BlockMetadata {
-                    byte_offset: as_i64(o),
-                    size_bytes: as_i64(l),
-                })
-                .collect();
-            Ok(make(kind, capacity, ranges))
-        })
-        .collect();
-    if messages.is_empty() {
-        messages.push(Ok(make(kind, capacity, Vec::new())));
+    let mut message = Vec::with_capacity(page.min(DEFAULT_PAGE));
+    let mut sent = 0usize;
+    loop {
+        let step = match walk.next_ranges() {
+            Ok(Some(step)) => step,
+            Ok(None) => break,
+            Err(err) => {
+                tracing::warn!(error = %err, messages = sent, "changed-block answer failed while streaming");
+                let _ = tx.blocking_send(Err(Status::from(err)));
+                return;
+            }
+        };
+        for (offset, length) in step {
+            message.push(csi::BlockMetadata {
+                byte_offset: as_i64(offset),
+                size_bytes: as_i64(length),
+            });
+            if message.len() == page {
+                let full =
+                    std::mem::replace(&mut message, Vec::with_capacity(page.min(DEFAULT_PAGE)));
+                if tx.blocking_send(Ok(make(kind, capacity, full))).is_err() {
+                    return; // the client went away
+                }
+                sent += 1;
+            }
+        }
     }
-    Box::pin(tokio_stream::iter(messages))
+    if !message.is_empty() || sent == 0 {
+        let _ = tx.blocking_send(Ok(make(kind, capacity, message)));
+    }
+    tracing::debug!(method = ?walk.method, "changed-block answer streamed");
 }
 
 #[tonic::async_trait]
@@ -97,7 +137,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
     /// max_results, NOT_FOUND for an unknown snapshot, OUT_OF_RANGE for an offset at or past
     /// the volume's end; ABORTED while the snapshot is being deleted. Reads of one snapshot (more
     /// GetMetadata calls, restores) share it and run at the same time. The snapshot is held
-    /// while the answer is built, not while it is streamed (see `Volumes::metadata_allocated`).
+    /// while the answer streams, which is computed as it is sent (`pages`).
     async fn get_metadata_allocated(
         &self,
         request: Request<csi::GetMetadataAllocatedRequest>,
@@ -142,9 +182,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
                 let target = snapshot_id("target_snapshot_id", &req.target_snapshot_id)?;
                 let from = offset(req.starting_offset)?;
                 let page = page_size(req.max_results)?;
-                let list = domain.metadata_delta(&base, &target, from, shape)?;
-                tracing::debug!(method = ?list.method, ranges = list.ranges.len(), "delta found");
-                Ok((list, page))
+                Ok((domain.metadata_delta(&base, &target, from, shape)?, page))
             })
             .await?;
         let (list, page) = answer.into_inner();

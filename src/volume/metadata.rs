@@ -17,7 +17,8 @@
 //! byte ranges, the exact answer) or `Fixed(size)` (every block of `size` bytes that holds a
 //! reported byte).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::host::extents::{extent_delta, push_merged, Range, COMPARE_BLOCK};
@@ -71,62 +72,189 @@ pub struct BlockList {
     pub method: Option<Method>,
 }
 
-/// The allocated ranges of the snapshot image `image` from `from` on.
-pub fn allocated(
-    host: &dyn Host,
-    image: &Path,
-    capacity: u64,
-    from: u64,
-    shape: Shape,
-) -> Result<BlockList> {
-    let start = align_down(from, shape);
-    let ranges = host.data_ranges(image, start, capacity)?;
-    Ok(BlockList {
-        capacity,
-        shape,
-        ranges: shaped(&ranges, shape, start, capacity),
-        method: None,
-    })
+/// Bytes of the volume one step of a [`Walk`] covers: an answer holds one step's extents and
+/// ranges at a time (at most 262 144 extents of 4 KiB per file), whatever the volume's size or
+/// how scattered its changes are. A multiple of every fixed block size.
+pub const STEP: u64 = 1 << 30;
+
+/// What a walk reads.
+enum Source {
+    /// A snapshot image's data ranges.
+    Allocated { image: PathBuf },
+    /// The ranges of `target` that differ from `base`.
+    Delta {
+        base: PathBuf,
+        target: PathBuf,
+        reflinks: bool,
+    },
 }
 
-/// The ranges of `target` that differ from `base` from `from` on (see the module doc).
-/// `reflinks` says whether the pool shares extents between copies.
-pub fn delta(
+/// A metadata answer computed one [`STEP`] of the volume at a time, in order, so its memory
+/// is one step's. It keeps what it is given to hold (the snapshots' readers' guards) until it
+/// is dropped, so the files it reads stay while it is read.
+pub struct Walk {
+    host: Arc<dyn Host>,
+    source: Source,
+    pub capacity: u64,
+    pub shape: Shape,
+    /// Where the next step starts (block-aligned for fixed blocks).
+    next: u64,
+    /// The last merged range of the steps read so far, when it may continue into the next.
+    carry: Option<Range>,
+    /// How the last step of a delta was found.
+    pub method: Option<Method>,
+    /// Bytes per step: `STEP`, smaller in tests.
+    step: u64,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl Walk {
+    /// The allocated ranges of the snapshot image `image` from `from` on.
+    pub fn allocated(
+        host: Arc<dyn Host>,
+        image: PathBuf,
+        (capacity, from, shape): (u64, u64, Shape),
+        held: Box<dyn Send + Sync>,
+    ) -> Walk {
+        Walk::new(
+            host,
+            Source::Allocated { image },
+            (capacity, from, shape),
+            held,
+        )
+    }
+
+    /// The ranges of `target` that differ from `base` from `from` on (see the module doc).
+    /// `reflinks` says whether the pool shares extents between copies.
+    pub fn delta(
+        host: Arc<dyn Host>,
+        (base, target, reflinks): (PathBuf, PathBuf, bool),
+        (capacity, from, shape): (u64, u64, Shape),
+        held: Box<dyn Send + Sync>,
+    ) -> Walk {
+        let source = Source::Delta {
+            base,
+            target,
+            reflinks,
+        };
+        Walk::new(host, source, (capacity, from, shape), held)
+    }
+
+    fn new(
+        host: Arc<dyn Host>,
+        source: Source,
+        (capacity, from, shape): (u64, u64, Shape),
+        held: Box<dyn Send + Sync>,
+    ) -> Walk {
+        Walk {
+            host,
+            source,
+            capacity,
+            shape,
+            next: align_down(from, shape),
+            carry: None,
+            method: None,
+            step: STEP,
+            _held: held,
+        }
+    }
+
+    /// The same walk in steps of `step` bytes (a multiple of the largest fixed block), so that
+    /// tests cross step boundaries on small volumes.
+    #[cfg(test)]
+    pub(crate) fn in_steps_of(mut self, step: u64) -> Walk {
+        self.step = step;
+        self
+    }
+
+    /// The next ranges as `(offset, length)`, ascending, never empty; `None` once the walk is
+    /// done. Ranges come out exactly as the whole answer would have them: a range that spans
+    /// steps comes out once, merged.
+    pub fn next_ranges(&mut self) -> Result<Option<Vec<Range>>> {
+        while self.next < self.capacity {
+            let (start, end) = (
+                self.next,
+                self.next.saturating_add(self.step).min(self.capacity),
+            );
+            self.next = end;
+            let raw = match &self.source {
+                Source::Allocated { image } => self.host.data_ranges(image, start, end)?,
+                Source::Delta {
+                    base,
+                    target,
+                    reflinks,
+                } => {
+                    let (changed, method) =
+                        delta_in(self.host.as_ref(), (base, target), (start, end), *reflinks)?;
+                    self.method = Some(method);
+                    changed
+                }
+            };
+            let out = self.emit(&raw, start, end);
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+        }
+        Ok(self.carry.take().map(|(s, e)| vec![(s, e - s)]))
+    }
+
+    /// One step's `(start, end)` ranges in the walk's shape, the last one held back while it
+    /// may continue into the next step.
+    fn emit(&mut self, raw: &[Range], start: u64, end: u64) -> Vec<Range> {
+        if let Shape::Fixed(_) = self.shape {
+            // Steps start on block boundaries, so no block lies in two steps.
+            return shaped(raw, self.shape, start, end);
+        }
+        let mut merged: Vec<Range> = self.carry.take().into_iter().collect();
+        for &(s, e) in raw {
+            let (s, e) = (s.max(start), e.min(end));
+            if s < e {
+                push_merged(&mut merged, (s, e));
+            }
+        }
+        if end < self.capacity && merged.last().is_some_and(|r| r.1 >= end) {
+            self.carry = merged.pop();
+        }
+        merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+    }
+
+    /// The whole answer in memory (tests, and callers that know it is small).
+    pub fn collect(mut self) -> Result<BlockList> {
+        let mut ranges = Vec::new();
+        while let Some(step) = self.next_ranges()? {
+            ranges.extend(step);
+        }
+        Ok(BlockList {
+            capacity: self.capacity,
+            shape: self.shape,
+            ranges,
+            method: self.method,
+        })
+    }
+}
+
+/// The ranges of `[start, end)` where `target` differs from `base`, and how they were found.
+fn delta_in(
     host: &dyn Host,
-    base: &Path,
-    target: &Path,
-    capacity: u64,
-    from: u64,
-    (shape, reflinks): (Shape, bool),
-) -> Result<BlockList> {
-    let start = align_down(from, shape);
-    let by_extents = if reflinks {
+    (base, target): (&Path, &Path),
+    (start, end): (u64, u64),
+    reflinks: bool,
+) -> Result<(Vec<Range>, Method)> {
+    if reflinks {
         // The two maps are independent: read them at the same time.
-        let (of_base, of_target) = crate::host::alongside(
-            || host.physical_extents(target, start, capacity),
-            || host.physical_extents(base, start, capacity),
+        let (of_target, of_base) = crate::host::alongside(
+            || host.physical_extents(target, start, end),
+            || host.physical_extents(base, start, end),
             || "reading the target snapshot's extents".to_string(),
         );
-        match (of_base?, of_target?) {
-            (Some(a), Some(b)) => Some(extent_delta(&a, &b, start, capacity)),
-            _ => None,
+        if let (Some(a), Some(b)) = (of_base?, of_target?) {
+            return Ok((extent_delta(&a, &b, start, end), Method::Extents));
         }
-    } else {
-        None
-    };
-    let (changed, method) = match by_extents {
-        Some(changed) => (changed, Method::Extents),
-        None => (
-            content_delta(host, base, target, start, capacity)?,
-            Method::Content,
-        ),
-    };
-    Ok(BlockList {
-        capacity,
-        shape,
-        ranges: shaped(&changed, shape, start, capacity),
-        method: Some(method),
-    })
+    }
+    Ok((
+        content_delta(host, base, target, start, end)?,
+        Method::Content,
+    ))
 }
 
 /// Compares content over the union of both files' data ranges (elsewhere both read zeroes).

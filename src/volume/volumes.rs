@@ -31,7 +31,7 @@ use crate::volume::handle::Near;
 use crate::volume::id::{SnapshotId, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::{LockKey, ObjectGuard, OperationLocks, SnapshotGuard, VolumeGuard};
-use crate::volume::metadata::{self, BlockList, Shape};
+use crate::volume::metadata::{Shape, Walk};
 use crate::volume::node::{NodeOps, VolumeStats};
 use crate::volume::params::{Capability, CapacityRange};
 use crate::volume::pool::{

@@ -115,9 +115,9 @@ async fn concurrent_restores_from_one_snapshot_all_succeed_with_identical_conten
     }
 }
 
-/// The answer is built under the snapshots' guards and streamed from memory: a client that
-/// reads one message of many and disconnects leaves nothing held, and DeleteSnapshot of
-/// either snapshot succeeds at once.
+/// The answer is computed under the snapshots' guards as it is streamed: a client that reads
+/// one message of many and disconnects releases them (the walk ends when the server sees the
+/// client go), and DeleteSnapshot of either snapshot then succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_leaves_both_snapshots_free() {
     let (mut d, a, b) = scattered("xfs").await;
@@ -138,14 +138,27 @@ async fn a_client_leaving_mid_stream_leaves_both_snapshots_free() {
     assert_eq!(first.block_metadata.len(), 1);
     drop(stream);
     drop(md);
+    // The answer is computed as it is streamed, so the snapshots are held until the server
+    // sees the client go (its stream reset): DeleteSnapshot is ABORTED until then and the CO
+    // retries it, as here, for at most 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     for id in [&a, &b] {
-        d.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("DeleteSnapshot {id} after the client left: {e:?}"));
+        loop {
+            let deleted = d
+                .controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    ..Default::default()
+                })
+                .await;
+            match deleted {
+                Ok(_) => break,
+                Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("DeleteSnapshot {id} after the client left: {e:?}"),
+            }
+        }
     }
     let gone = d.metadata().await.allocated(&a, 0, 0).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);

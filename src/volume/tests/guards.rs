@@ -3,6 +3,7 @@
 //! of its work with `FakeHost::hold_next` (its guards held), runs the others, then lets it go:
 //! no sleeps, and the overlap is certain rather than likely.
 
+use crate::volume::metadata::Walk;
 use tonic::Code;
 
 use super::metadata::two_snapshots;
@@ -36,13 +37,21 @@ fn two_deltas_of_the_same_snapshots_at_once_both_succeed() {
     b.host.without_reflink();
     let held = b.host.hold_next(Op::DataRanges);
     std::thread::scope(|s| {
-        let first = s.spawn(|| b.volumes.metadata_delta(&a, &snap_b, 0, Shape::Variable));
+        let first = s.spawn(|| {
+            b.volumes
+                .metadata_delta(&a, &snap_b, 0, Shape::Variable)
+                .and_then(Walk::collect)
+        });
         held.wait_arrived();
         let second = b
             .volumes
             .metadata_delta(&a, &snap_b, 0, Shape::Variable)
+            .and_then(Walk::collect)
             .unwrap();
-        let allocated = b.volumes.metadata_allocated(&snap_b, 0, Shape::Variable);
+        let allocated = b
+            .volumes
+            .metadata_allocated(&snap_b, 0, Shape::Variable)
+            .and_then(Walk::collect);
         assert!(allocated.is_ok(), "{allocated:?}");
         held.release();
         let first = first.join().unwrap().unwrap();
@@ -57,7 +66,11 @@ fn delete_snapshot_during_a_read_is_aborted_and_succeeds_after() {
     let (a, snap_b) = two_snapshots(&b);
     let held = b.host.hold_next(Op::DataRanges);
     std::thread::scope(|s| {
-        let reading = s.spawn(|| b.volumes.metadata_allocated(&a, 0, Shape::Variable));
+        let reading = s.spawn(|| {
+            b.volumes
+                .metadata_allocated(&a, 0, Shape::Variable)
+                .and_then(Walk::collect)
+        });
         held.wait_arrived();
         aborted_by(b.volumes.delete_snapshot(&a), "GetMetadataAllocated");
         // Another snapshot of the same volume is not held.
@@ -79,7 +92,11 @@ fn two_restores_from_one_snapshot_at_once_both_succeed() {
         held.wait_arrived();
         let second = b.volumes.create(restore("r2", a), |e| e).unwrap();
         // A backup may read the snapshot meanwhile; nothing may delete it.
-        assert!(b.volumes.metadata_allocated(&a, 0, Shape::Variable).is_ok());
+        assert!(b
+            .volumes
+            .metadata_allocated(&a, 0, Shape::Variable)
+            .and_then(Walk::collect)
+            .is_ok());
         aborted_by(b.volumes.delete_snapshot(&a), "CreateVolume");
         held.release();
         (first.join().unwrap().unwrap(), second)
@@ -101,7 +118,9 @@ fn a_restore_waits_for_no_one_but_is_aborted_while_the_snapshot_is_deleted() {
         held.wait_arrived();
         aborted_by(b.volumes.create(restore("r", a), |e| e), "DeleteSnapshot");
         aborted_by(
-            b.volumes.metadata_delta(&a, &a, 0, Shape::Variable),
+            b.volumes
+                .metadata_delta(&a, &a, 0, Shape::Variable)
+                .and_then(Walk::collect),
             "DeleteSnapshot",
         );
         held.release();

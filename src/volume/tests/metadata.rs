@@ -2,6 +2,7 @@
 //! extents or content fails, the content fallback where extents cannot tell, and the pure
 //! range arithmetic (extent sharing, shapes) on hand-made extents.
 
+use crate::volume::metadata::Walk;
 use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
@@ -40,6 +41,7 @@ fn delta_by_content_finds_exactly_the_rewritten_block() {
     let list = b
         .volumes
         .metadata_delta(&a, &snap_b, 0, Shape::Variable)
+        .and_then(Walk::collect)
         .unwrap();
     assert_eq!(list.capacity, SIZE as u64);
     // The fake's pool may or may not reflink; either way the answer is the rewritten block
@@ -52,11 +54,13 @@ fn delta_by_content_finds_exactly_the_rewritten_block() {
     let fixed = b
         .volumes
         .metadata_delta(&a, &snap_b, 0, Shape::Fixed(1 << 20))
+        .and_then(Walk::collect)
         .unwrap();
     assert_eq!(fixed.ranges, vec![(1 << 20, 1 << 20)]);
     let allocated = b
         .volumes
         .metadata_allocated(&a, 0, Shape::Variable)
+        .and_then(Walk::collect)
         .unwrap();
     assert_eq!(allocated.ranges, vec![(1 << 20, 64 << 10)]);
 }
@@ -69,6 +73,7 @@ fn reading_extents_or_content_failing_is_an_internal_error_naming_the_file() {
     let err = b
         .volumes
         .metadata_allocated(&a, 0, Shape::Variable)
+        .and_then(Walk::collect)
         .unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(err.to_string().contains(&a.to_string()), "{err}");
@@ -77,6 +82,7 @@ fn reading_extents_or_content_failing_is_an_internal_error_naming_the_file() {
     let err = b
         .volumes
         .metadata_delta(&a, &snap_b, 0, Shape::Variable)
+        .and_then(Walk::collect)
         .unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err}");
 }
@@ -149,4 +155,61 @@ fn shapes_merge_ranges_or_cover_them_with_fixed_blocks() {
     assert!(Shape::from_block_size("b", 3000).is_err());
     assert!(Shape::from_block_size("b", 2 << 20).is_err());
     assert_eq!(Shape::from_block_size("b", 0).unwrap(), Shape::Variable);
+}
+
+/// A walk gives the same answer in any step size: ranges spanning a step boundary come out
+/// once, merged; fixed blocks never twice; an offset inside a range starts there.
+#[test]
+fn an_answer_walked_in_small_steps_equals_the_answer_in_one_step() {
+    let b = bed();
+    let id = b.create("v", VolumeKind::Block);
+    let image = b.state().join("volumes").join(format!("{id}.img"));
+    let write = |offset: u64, len: usize, byte: u8| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&vec![byte; len], offset).unwrap();
+    };
+    // Data across the 1 MiB and 2 MiB boundaries, and a block at a boundary's edge.
+    write((1 << 20) - 8192, 3 << 20, 1);
+    write((5 << 20) - 4096, 4096, 1);
+    let a = b.volumes.create_snapshot("a", &id).unwrap().0.id;
+    write((1 << 20) - 4096, 8192, 2);
+    write((2 << 20) - 4096, (1 << 20) + 8192, 2);
+    let snap_b = b.volumes.create_snapshot("b", &id).unwrap().0.id;
+    for shape in [Shape::Variable, Shape::Fixed(4096), Shape::Fixed(1 << 20)] {
+        for from in [0, (1 << 20) + 4096] {
+            let whole = |w: crate::error::Result<Walk>| w.and_then(Walk::collect).unwrap().ranges;
+            let stepped = |w: crate::error::Result<Walk>| {
+                w.map(|w| w.in_steps_of(1 << 20))
+                    .and_then(Walk::collect)
+                    .unwrap()
+                    .ranges
+            };
+            let delta = || b.volumes.metadata_delta(&a, &snap_b, from, shape);
+            let allocated = || b.volumes.metadata_allocated(&a, from, shape);
+            assert_eq!(
+                stepped(delta()),
+                whole(delta()),
+                "delta, {shape:?} from {from}"
+            );
+            assert_eq!(
+                stepped(allocated()),
+                whole(allocated()),
+                "allocated, {shape:?} from {from}"
+            );
+        }
+    }
+    let merged = b
+        .volumes
+        .metadata_allocated(&a, 0, Shape::Variable)
+        .map(|w| w.in_steps_of(1 << 20))
+        .and_then(Walk::collect)
+        .unwrap();
+    assert_eq!(
+        merged.ranges,
+        vec![((1 << 20) - 8192, 3 << 20), ((5 << 20) - 4096, 4096)],
+        "one range across three steps"
+    );
 }

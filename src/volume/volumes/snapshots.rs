@@ -247,36 +247,37 @@ impl Volumes {
     /// GetMetadataAllocated: the allocated ranges of snapshot `id` from byte `from` on. A
     /// reader's guard of the snapshot is held while its file is read: other reads of it (more
     /// GetMetadata calls, restores) run alongside, and a DeleteSnapshot cannot race it (it is
-    /// ABORTED meanwhile, and retried by the CO). The whole answer is built under the guard,
-    /// and the guard is released before it is streamed: the stream is served from memory, so
-    /// a slow or vanished client holds nothing.
-    pub fn metadata_allocated(
-        &self,
-        id: &SnapshotId,
-        from: u64,
-        shape: Shape,
-    ) -> Result<BlockList> {
-        let _held = self.locks.snapshot_read(id, "GetMetadataAllocated")?;
+    /// ABORTED meanwhile, and retried by the CO). The answer is a `Walk`, computed a step at a
+    /// time as it is streamed, so its memory is one step's whatever the volume's size; the guard
+    /// lives in it, and is released when the stream ends or its client goes away.
+    pub fn metadata_allocated(&self, id: &SnapshotId, from: u64, shape: Shape) -> Result<Walk> {
+        let held = self.locks.snapshot_read(id, "GetMetadataAllocated")?;
         let snap = self.store.require_snapshot(id)?;
         within_volume("starting_offset", from, snap.size_bytes)?;
         let image = self.store.layout().snapshot_image(id);
-        metadata::allocated(self.host(), &image, snap.size_bytes, from, shape)
+        Ok(Walk::allocated(
+            self.store.layout().shared_host(),
+            image,
+            (snap.size_bytes, from, shape),
+            Box::new(held),
+        ))
     }
 
     /// GetMetadataDelta: the ranges of snapshot `target` that changed since snapshot `base`
     /// of the same volume, from byte `from` on (see `volume::metadata`). Both snapshots are held
-    /// by readers' guards while the files are read, as for `metadata_allocated`. Snapshots of different volumes, or a base taken after the
-    /// target, are INVALID_ARGUMENT (the spec's "argument value is invalid").
+    /// by readers' guards for as long as the walk lives, as for `metadata_allocated`. Snapshots
+    /// of different volumes, or a base taken after the target, are INVALID_ARGUMENT (the
+    /// spec's "argument value is invalid").
     pub fn metadata_delta(
         &self,
         base: &SnapshotId,
         target: &SnapshotId,
         from: u64,
         shape: Shape,
-    ) -> Result<BlockList> {
+    ) -> Result<Walk> {
         // A reader's guard may be taken twice (base == target): readers share.
-        let _base_held = self.locks.snapshot_read(base, "GetMetadataDelta")?;
-        let _target_held = self.locks.snapshot_read(target, "GetMetadataDelta")?;
+        let base_held = self.locks.snapshot_read(base, "GetMetadataDelta")?;
+        let target_held = self.locks.snapshot_read(target, "GetMetadataDelta")?;
         let older = self.store.require_snapshot(base)?;
         let newer = self.store.require_snapshot(target)?;
         if older.source_volume_id != newer.source_volume_id {
@@ -298,14 +299,16 @@ impl Volumes {
         within_volume("starting_offset", from, newer.size_bytes)?;
         let layout = self.store.layout();
         let reflinks = self.host().reflinks(&layout.snapshots_dir());
-        metadata::delta(
-            self.host(),
-            &layout.snapshot_image(base),
-            &layout.snapshot_image(target),
-            newer.size_bytes,
-            from,
-            (shape, reflinks),
-        )
+        Ok(Walk::delta(
+            layout.shared_host(),
+            (
+                layout.snapshot_image(base),
+                layout.snapshot_image(target),
+                reflinks,
+            ),
+            (newer.size_bytes, from, shape),
+            Box::new((base_held, target_held)),
+        ))
     }
 }
 
