@@ -8,8 +8,9 @@
 //! - What cannot be repaired safely (a foreign mount on a path, a path the CO removed) is
 //!   reported and left alone.
 //! - Orphans are collected: loop devices backed by images of deleted volumes (or by files in
-//!   the pool that are no volume's), images without metadata, stale temp files, node records of
-//!   unknown volumes.
+//!   the pool that are no volume's), with the device layers left open over them closed first
+//!   when the whole stack is provably dead (`orphans`), images without metadata, stale temp
+//!   files, node records of unknown volumes.
 //!
 //! Every action is one log line. A volume with an operation in flight is skipped this round (its
 //! guard is taken with try-lock, as any RPC would). Loop devices and mounts that do not belong

@@ -86,14 +86,8 @@ fn an_orphan_stack_is_closed_top_down_then_detached() {
         .into_iter()
         .map(|c| c.arg)
         .collect();
-    assert!(
-        closed[0].starts_with(&format!("/dev/layer{} ", top.1)),
-        "{closed:?}"
-    );
-    assert!(
-        closed[1].starts_with(&format!("/dev/layer{} ", lower.1)),
-        "{closed:?}"
-    );
+    let top_first = [top, lower].map(|layer| format!("/dev/layer{} stacked-loop", layer.1));
+    assert_eq!(closed, top_first, "the top closes first");
     assert!(b.host.layers().is_empty() && b.devices().is_empty());
     let detached = &report.collected[0];
     assert!(
