@@ -321,3 +321,69 @@ async fn a_reboot_is_repaired_by_the_next_publish_which_reopens_the_layer() {
     d.delete(&id).await.unwrap();
     d.assert_clean();
 }
+
+/// An orphan stack: a layered volume staged, then its mount, metadata and node records gone
+/// behind the driver (as a deleted volume's leftovers). While a layer is mounted `loopcsi gc`
+/// reports it and keeps it; once nothing uses the stack, gc closes the layer, detaches the loop
+/// device and removes the image, and no device is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_stack_is_collected_by_gc_top_down_and_no_device_is_left() {
+    let mut d = TestDriver::start().await;
+    let cap = mount_cap("ext4", snw());
+    let id = d
+        .create(layered("layered-orphan", 32 * MIB, cap.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let staging = d.staging("layered-orphan");
+    d.stage(&id, &staging, cap.clone()).await.unwrap();
+    let top = assert_on_the_layer(&d, &id, &staging);
+    let image = d.image_path(&id);
+    d.stop().await;
+    let state = d.state_dir();
+    std::fs::remove_file(state.join("volumes").join(format!("{id}.json"))).unwrap();
+    std::fs::remove_dir_all(state.join("node").join(&id)).unwrap();
+    let gc = |dry_run| loopcsi::operator::gc(&state, dry_run, std::time::Duration::ZERO).unwrap();
+
+    // The layer's file system is still mounted: the stack is in use, and kept.
+    let report = gc(false);
+    assert!(report.collected.is_empty(), "{report:?}");
+    let line = &report.unrepairable[0];
+    assert!(
+        line.contains(&format!("/dev/{top} mounted at {}", staging.display())),
+        "{line}"
+    );
+    assert!(image.exists() && d.loop_device_of(&id).is_some());
+
+    nix::mount::umount2(&staging, nix::mount::MntFlags::empty()).unwrap();
+    let listed = gc(true);
+    assert!(
+        listed.collected[0].starts_with("would detach")
+            && listed.collected[0].contains(&format!("/dev/{top} (")),
+        "{listed:?}"
+    );
+    assert!(
+        image.exists() && d.loop_device_of(&id).is_some(),
+        "a dry run changes nothing"
+    );
+
+    let report = gc(false);
+    assert!(report.unrepairable.is_empty(), "{report:?}");
+    assert!(
+        report.collected[0].starts_with("detached orphan loop device")
+            && report.collected[0].contains("after closing its layers top-down")
+            && report.collected[0].contains(&format!("/dev/{top} (")),
+        "{report:?}"
+    );
+    assert!(
+        !image.exists(),
+        "the image without metadata goes in the same run"
+    );
+    assert_eq!(
+        leftovers_under(d.root()),
+        Vec::<String>::new(),
+        "no loop device (stacked or not) is left"
+    );
+    d.restart().await;
+    d.assert_clean();
+}

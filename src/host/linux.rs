@@ -136,6 +136,9 @@ impl Host for Linux {
     fn close_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()> {
         kind.get().close(upper)
     }
+    fn holders(&self, dev: &BlockDev) -> Result<Vec<BlockDev>> {
+        super::holders(dev.numbers)
+    }
 
     fn mounts(&self) -> Result<Vec<MountEntry>> {
         mount::mounts()

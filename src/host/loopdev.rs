@@ -358,7 +358,7 @@ impl LoopDevice {
     }
 }
 
-fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
     let (major, minor) = text.split_once(':')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
 }

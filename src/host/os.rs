@@ -128,6 +128,11 @@ pub trait Host: Send + Sync {
     fn grow_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()>;
     /// Closes the `kind` layer `upper`; already closed is success.
     fn close_layer(&self, kind: LayerKind, upper: &BlockDev) -> Result<()>;
+    /// The block devices built on `dev`, known by their numbers: the holders the kernel lists
+    /// for it (device-mapper, md), its partitions, and the loop devices whose backing file is
+    /// its node (the kernel lists no holder for those). A layer of a stack over `dev` is among
+    /// them; so is anything someone else stacked on it. Gone is none.
+    fn holders(&self, dev: &BlockDev) -> Result<Vec<BlockDev>>;
 
     // ---- Mounts ----------------------------------------------------------------------------
 

@@ -97,24 +97,7 @@ impl<'h> KernelView<'h> {
     }
 
     fn uses_of_device(&self, dev: &BlockDev) -> Vec<String> {
-        let mut uses: Vec<String> = self
-            .table
-            .iter()
-            .filter(|m| (m.major, m.minor) == dev.numbers)
-            .map(|m| {
-                format!(
-                    "{} mounted at {}",
-                    dev.path.display(),
-                    m.mount_point.display()
-                )
-            })
-            .collect();
-        uses.extend(
-            self.bound_nodes()
-                .iter()
-                .filter(|(bound, _)| *bound == dev.rdev())
-                .map(|(_, at)| format!("{} bound at {}", dev.path.display(), at.display())),
-        );
+        let mut uses = self.direct_uses(dev);
         for kind in LayerKind::ALL {
             match self.host.layer_above(*kind, dev) {
                 Ok(None) => {}
@@ -133,6 +116,30 @@ impl<'h> KernelView<'h> {
                 )),
             }
         }
+        uses
+    }
+
+    /// The mounts of `dev` itself: a file system mounted from it (by its numbers), a bind of
+    /// its node (by the bound node's `st_rdev`). Layers over it are not looked at.
+    pub(crate) fn direct_uses(&self, dev: &BlockDev) -> Vec<String> {
+        let mut uses: Vec<String> = self
+            .table
+            .iter()
+            .filter(|m| (m.major, m.minor) == dev.numbers)
+            .map(|m| {
+                format!(
+                    "{} mounted at {}",
+                    dev.path.display(),
+                    m.mount_point.display()
+                )
+            })
+            .collect();
+        uses.extend(
+            self.bound_nodes()
+                .iter()
+                .filter(|(bound, _)| *bound == dev.rdev())
+                .map(|(_, at)| format!("{} bound at {}", dev.path.display(), at.display())),
+        );
         uses
     }
 

@@ -16,6 +16,7 @@ pub mod meta;
 pub mod metadata;
 pub mod node;
 pub(crate) mod observed;
+pub(crate) mod orphans;
 pub mod params;
 pub mod pool;
 pub mod reconcile;

@@ -8,8 +8,9 @@
 //! - What cannot be repaired safely (a foreign mount on a path, a path the CO removed) is
 //!   reported and left alone.
 //! - Orphans are collected: loop devices backed by images of deleted volumes (or by files in
-//!   the pool that are no volume's), images without metadata, stale temp files, node records of
-//!   unknown volumes.
+//!   the pool that are no volume's), with the device layers left open over them closed first
+//!   when the whole stack is provably dead (`orphans`), images without metadata, stale temp
+//!   files, node records of unknown volumes.
 //!
 //! Every action is one log line. A volume with an operation in flight is skipped this round (its
 //! guard is taken with try-lock, as any RPC would). Loop devices and mounts that do not belong
@@ -31,6 +32,7 @@ use crate::volume::id::{Id, Kind, OfSnapshot, OfVolume, VolumeId};
 use crate::volume::inuse::{self, KernelView};
 use crate::volume::locks::ObjectGuard;
 use crate::volume::node::{bind_target, publish_options, NodeOps};
+use crate::volume::orphans;
 use crate::volume::params::VolumeKind;
 use crate::volume::records;
 use crate::volume::volumes::Skipper;
@@ -323,28 +325,68 @@ impl NodeOps {
                 },
                 None => None,
             };
-            let mut uses = view.mounts_of(&dev);
-            if let Some(id) = id {
-                let record = records::load(host, &layout.node_record(&id))?;
-                if record.exists() {
-                    uses.push(format!("node records of volume {id} exist"));
-                }
-            }
             let what = format!(
                 "orphan loop device {} (backed by {}, {file})",
                 dev.path().display(),
                 attached.shown.display()
             );
-            if !uses.is_empty() {
-                report.unrepairable(format!("{what} is still in use: {}", uses.join("; ")));
-                continue;
+            self.collect_orphan_stack(policy, &view, dev, id, &what, report)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the layers of the orphan loop device `dev` top-down and detaches it, when every
+    /// device of its stack is provably dead (see `orphans`); reports it otherwise.
+    fn collect_orphan_stack(
+        &self,
+        policy: GcPolicy,
+        view: &KernelView<'_>,
+        dev: crate::host::loopdev::LoopDevice,
+        id: Option<VolumeId>,
+        what: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let host = self.host();
+        let mut stack = match orphans::find(host, dev) {
+            Ok(stack) => stack,
+            Err(err) => {
+                report.unrepairable(format!(
+                    "{what} is kept: cannot tell what is stacked on it: {err}"
+                ));
+                return Ok(());
             }
-            if policy.dry_run {
-                report.collected(format!("would detach {what}"));
-            } else {
-                host.detach(dev)?;
-                report.collected(format!("detached {what}"));
+        };
+        let mut uses = orphans::uses(host, view, &stack);
+        if let Some(id) = id {
+            let record = records::load(host, &self.pool.layout().node_record(&id))?;
+            if record.exists() {
+                uses.push(format!("node records of volume {id} exist"));
             }
+        }
+        if !uses.is_empty() {
+            report.unrepairable(format!("{what} is still in use: {}", uses.join("; ")));
+            return Ok(());
+        }
+        let layers = orphans::layers_open(&stack)
+            .map(|l| format!(" after closing its layers top-down: {l}"))
+            .unwrap_or_default();
+        if policy.dry_run {
+            report.collected(format!("would detach {what}{layers}"));
+            return Ok(());
+        }
+        match orphans::collect(host, &mut stack) {
+            Ok(orphans::Collected::All) => report.collected(format!("detached {what}{layers}")),
+            Ok(orphans::Collected::Stopped(why)) => {
+                let open = orphans::layers_open(&stack)
+                    .map(|l| format!("; its layers still open: {l}"))
+                    .unwrap_or_default();
+                report.unrepairable(format!("{what} is kept: {why}{open}"));
+            }
+            // A layer that cannot be closed keeps the stack; the round goes on.
+            Err(err) if !stack.open.is_empty() => {
+                report.unrepairable(format!("{what} is kept: closing its layers failed: {err}"))
+            }
+            Err(err) => return Err(err),
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ pub enum Op {
     LayerAbove,
     GrowLayer,
     CloseLayer,
+    Holders,
     Mounts,
     MountDevice,
     Bind,

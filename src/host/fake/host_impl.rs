@@ -187,6 +187,10 @@ impl Host for FakeHost {
         self.check(Op::CloseLayer, format!("{} {kind}", upper.path.display()))?;
         self.state().kernel.close_layer(upper)
     }
+    fn holders(&self, dev: &BlockDev) -> Result<Vec<BlockDev>> {
+        self.check(Op::Holders, shown(&dev.path))?;
+        Ok(self.state().kernel.holders(dev.numbers))
+    }
 
     fn mounts(&self) -> Result<Vec<MountEntry>> {
         self.check(Op::Mounts, "/proc/self/mountinfo".into())?;

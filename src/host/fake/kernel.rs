@@ -29,6 +29,9 @@ use crate::host::tools::{FsType, Probe};
 pub const LOOP_MAJOR: u32 = 7;
 /// The block major of the fake's layer devices (a dynamic major, as device-mapper's).
 pub const LAYER_MAJOR: u32 = 252;
+/// The block major of the devices a test stacks on a volume's devices behind the driver's
+/// back (`/dev/dm-N`: someone's device-mapper table over a loop device of ours).
+pub const FOREIGN_MAJOR: u32 = 253;
 /// devtmpfs's device numbers as mountinfo shows a bind of a device node (`0:5`).
 pub const DEVTMPFS: (u32, u32) = (0, 5);
 /// The signature the fake mkfs writes at the start of the backing file.
@@ -71,8 +74,10 @@ pub struct Kernel {
     pub table: Vec<MountEntry>,
     /// Superblocks frozen (by device numbers); a frozen one outlives its last mount.
     pub frozen: BTreeSet<(u32, u32)>,
-    /// Devices a process holds with O_EXCL (a tool a killed driver started).
-    pub held: BTreeSet<u32>,
+    /// Devices a process holds with O_EXCL (a tool a killed driver started), by numbers.
+    pub held: BTreeSet<(u32, u32)>,
+    /// Devices someone else stacked on ours (`/dev/dm-N` by minor): the numbers they sit on.
+    pub foreign: BTreeMap<u32, (u32, u32)>,
     /// Errors ext4 recorded per device.
     pub fs_errors: BTreeMap<(u32, u32), u64>,
     pub direct_io_supported: bool,
@@ -98,6 +103,7 @@ fn layer_number(device: &Path) -> Option<u32> {
 pub fn node_path(numbers: (u32, u32)) -> PathBuf {
     match numbers.0 {
         LAYER_MAJOR => PathBuf::from(format!("/dev/layer{}", numbers.1)),
+        FOREIGN_MAJOR => PathBuf::from(format!("/dev/dm-{}", numbers.1)),
         _ => LoopDevice(numbers.1).path(),
     }
 }
@@ -127,12 +133,33 @@ impl Kernel {
     }
 
     /// Whether anything holds the device `numbers` open: a mount, a frozen superblock, a
-    /// process, a layer stacked on it.
+    /// process, a layer or a foreign device stacked on it.
     pub fn holds(&self, numbers: (u32, u32)) -> bool {
-        (numbers.0 == LOOP_MAJOR && self.held.contains(&numbers.1))
+        self.held.contains(&numbers)
             || self.frozen.contains(&numbers)
             || self.table.iter().any(|m| (m.major, m.minor) == numbers)
-            || self.layers.values().any(|l| l.lower == numbers)
+            || !self.holders(numbers).is_empty()
+    }
+
+    /// The devices stacked on the device `numbers`: the layers and foreign devices over it.
+    pub fn holders(&self, numbers: (u32, u32)) -> Vec<BlockDev> {
+        let layers = self
+            .layers
+            .iter()
+            .filter(|(_, l)| l.lower == numbers)
+            .map(|(n, _)| (LAYER_MAJOR, *n));
+        let foreign = self
+            .foreign
+            .iter()
+            .filter(|(_, lower)| **lower == numbers)
+            .map(|(n, _)| (FOREIGN_MAJOR, *n));
+        layers
+            .chain(foreign)
+            .map(|numbers| BlockDev {
+                path: node_path(numbers),
+                numbers,
+            })
+            .collect()
     }
 
     /// The numbers of the device node at `path`, when the node exists.

@@ -195,13 +195,36 @@ impl FakeHost {
 
     /// A process (a tool a killed driver started) holds `dev` with O_EXCL until `release`.
     pub fn hold(&self, dev: LoopDevice) {
-        self.state().kernel.held.insert(dev.0);
+        self.hold_device((kernel::LOOP_MAJOR, dev.0));
+    }
+
+    /// A process holds the device `numbers` (a loop device or a layer) with O_EXCL.
+    pub fn hold_device(&self, numbers: (u32, u32)) {
+        self.state().kernel.held.insert(numbers);
     }
 
     pub fn release(&self, dev: LoopDevice) {
         let mut state = self.state();
-        state.kernel.held.remove(&dev.0);
+        state.kernel.held.remove(&(kernel::LOOP_MAJOR, dev.0));
         state.kernel.settle((kernel::LOOP_MAJOR, dev.0));
+    }
+
+    /// Someone stacks a device of their own (`/dev/dm-N`) on the device `lower` behind the
+    /// driver's back; returns its numbers. It holds `lower` until `unstack_foreign`.
+    pub fn stack_foreign(&self, lower: (u32, u32)) -> (u32, u32) {
+        let mut state = self.state();
+        let foreign = &mut state.kernel.foreign;
+        let n = (0..).find(|n| !foreign.contains_key(n)).unwrap_or(0);
+        foreign.insert(n, lower);
+        (kernel::FOREIGN_MAJOR, n)
+    }
+
+    /// The foreign device `numbers` goes away.
+    pub fn unstack_foreign(&self, numbers: (u32, u32)) {
+        let mut state = self.state();
+        if let Some(lower) = state.kernel.foreign.remove(&numbers.1) {
+            state.kernel.settle(lower);
+        }
     }
 
     /// The next call of `op` (recorded, its injected failure decided) waits until the returned

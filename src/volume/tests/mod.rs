@@ -13,6 +13,7 @@ mod guards;
 mod layers;
 mod metadata;
 mod node;
+mod orphans;
 mod pool;
 
 use std::path::{Path, PathBuf};
