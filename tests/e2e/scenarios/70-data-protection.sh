@@ -39,6 +39,29 @@ dp_members() {
     kubectl get volumesnapshot -o jsonpath="{range .items[?(@.status.volumeGroupSnapshotName==\"$1\")]}{.metadata.name}{'\n'}{end}"
 }
 
+# dp_app NAME NODE TOKEN_A TOKEN_B CLAIM_A CLAIM_B: a pod on NODE writing a token to each claim
+# and staying up (the group snapshot is of mounted volumes).
+dp_app() {
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $1, namespace: default}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 5
+  affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [$2]}]}]}}}
+  containers:
+    - name: app
+      image: loopcsi.dev/e2e/busybox:1.35
+      imagePullPolicy: Never
+      command: [sh, -c, 'trap "exit 0" TERM; echo $3 > /a/token; echo $4 > /b/token; sync; echo written; while true; do sleep 1; done']
+      volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b}]
+  volumes:
+    - {name: a, persistentVolumeClaim: {claimName: $5}}
+    - {name: b, persistentVolumeClaim: {claimName: $6}}
+EOF
+}
+
 # dp_restore_each SCENARIO NODE TOKENS MEMBER...: restores each member VolumeSnapshot to a claim
 # that a pod (on NODE; anywhere when NODE is empty) reads, and fails unless each holds one of
 # TOKENS (space-separated), no two the same. Appends to the caller's `restored` and `cleanup`
@@ -82,7 +105,7 @@ scenario_group_snapshot() {
     pvc gs-b-pvc loopcsi-ext4 Filesystem
     kubectl label pvc gs-a-pvc gs-b-pvc loopcsi-e2e-group=gs >/dev/null
     # One pod writes both claims and keeps running: the group snapshot is of mounted volumes.
-    kubectl apply -f - >/dev/null <<EOF
+    dp_app gs-app "$node" "$token_a" "$token_b" gs-a-pvc gs-b-pvc
 apiVersion: v1
 kind: Pod
 metadata: {name: gs-app, namespace: default}

@@ -9,29 +9,6 @@
 # and removes it again if it joined it. Helpers from 50-multinode.sh and 70-data-protection.sh.
 E2E_SCENARIOS+=(multinode_group_snapshot)
 
-# mg_app NAME NODE TOKEN_A TOKEN_B CLAIM_A CLAIM_B: a pod on NODE writing a token to each claim
-# and staying up (the group snapshot is of mounted volumes).
-mg_app() {
-    kubectl apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: $1, namespace: default}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 5
-  affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [$2]}]}]}}}
-  containers:
-    - name: app
-      image: loopcsi.dev/e2e/busybox:1.35
-      imagePullPolicy: Never
-      command: [sh, -c, 'trap "exit 0" TERM; echo $3 > /a/token; echo $4 > /b/token; sync; echo written; while true; do sleep 1; done']
-      volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b}]
-  volumes:
-    - {name: a, persistentVolumeClaim: {claimName: $5}}
-    - {name: b, persistentVolumeClaim: {claimName: $6}}
-EOF
-}
-
 # mg_group NAME: a VolumeGroupSnapshot of the claims labelled loopcsi-e2e-group=NAME.
 mg_group() {
     kubectl apply -f - >/dev/null <<EOF
@@ -115,8 +92,8 @@ scenario_multinode_group_snapshot() {
     for c in mg1-a mg1-b mg2-a mg2-b; do pvc "$c-pvc" loopcsi-ext4 Filesystem; done
     kubectl label pvc mg1-a-pvc mg1-b-pvc loopcsi-e2e-group=mg-1 >/dev/null
     kubectl label pvc mg2-a-pvc mg2-b-pvc loopcsi-e2e-group=mg-2 >/dev/null
-    mg_app mg-app-1 "$node" "${tokens[0]}" "${tokens[1]}" mg1-a-pvc mg1-b-pvc
-    mg_app mg-app-2 "$node2" "${tokens[2]}" "${tokens[3]}" mg2-a-pvc mg2-b-pvc
+    dp_app mg-app-1 "$node" "${tokens[0]}" "${tokens[1]}" mg1-a-pvc mg1-b-pvc
+    dp_app mg-app-2 "$node2" "${tokens[2]}" "${tokens[3]}" mg2-a-pvc mg2-b-pvc
     wait_phase mg-app-1 Running
     wait_phase mg-app-2 Running
     until_true 30 "mg apps wrote" eval 'has_log mg-app-1 && has_log mg-app-2' || fail "multinode_group_snapshot: an app wrote nothing"
