@@ -334,8 +334,11 @@ async fn gc_lists_then_removes_only_old_orphans_beside_a_live_driver() {
 /// check); a journaled pool draws no warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_without_a_journal_is_warned_about() {
-    let journal_less =
+    let mut journal_less =
         TestDriver::start_on_small_pool_with("ext4", 64, &["-O", "^has_journal"]).await;
+    // The driver lays out its pool when its state is recovered, after it binds: an RPC that
+    // needs the pool returns only once it is there.
+    journal_less.list_all().await;
     let state = journal_less.state_dir();
     let (ok, _, stderr) = loopcsi_beside(&["status"], &state).await;
     assert!(ok, "{stderr}");
@@ -355,7 +358,8 @@ async fn a_pool_without_a_journal_is_warned_about() {
     journal_less.assert_clean();
     drop(journal_less);
 
-    let journaled = TestDriver::start_on_small_pool("ext4", 64).await;
+    let mut journaled = TestDriver::start_on_small_pool("ext4", 64).await;
+    journaled.list_all().await;
     let layout = loopcsi::volume::pool::Layout::prepare(
         &journaled.state_dir(),
         std::sync::Arc::new(loopcsi::host::linux::Linux::new(
