@@ -106,22 +106,6 @@ scenario_group_snapshot() {
     kubectl label pvc gs-a-pvc gs-b-pvc loopcsi-e2e-group=gs >/dev/null
     # One pod writes both claims and keeps running: the group snapshot is of mounted volumes.
     dp_app gs-app "$node" "$token_a" "$token_b" gs-a-pvc gs-b-pvc
-apiVersion: v1
-kind: Pod
-metadata: {name: gs-app, namespace: default}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 5
-  containers:
-    - name: app
-      image: loopcsi.dev/e2e/busybox:1.35
-      imagePullPolicy: Never
-      command: [sh, -c, 'trap "exit 0" TERM; echo $token_a > /a/token; echo $token_b > /b/token; sync; echo written; while true; do sleep 1; done']
-      volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b}]
-  volumes:
-    - {name: a, persistentVolumeClaim: {claimName: gs-a-pvc}}
-    - {name: b, persistentVolumeClaim: {claimName: gs-b-pvc}}
-EOF
     wait_phase gs-app Running
     until_true 30 "gs-app wrote" has_log gs-app || fail "group_snapshot: gs-app wrote nothing"
     t=$SECONDS
