@@ -241,15 +241,6 @@ impl Host for Linux {
     fn copy_image(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopyStats> {
         files::copy_sparse(src, dst, len, size)
     }
-    fn copy_image_unsynced(
-        &self,
-        src: &Path,
-        dst: &Path,
-        len: u64,
-        size: u64,
-    ) -> Result<CopyStats> {
-        files::copy_sparse_unsynced(src, dst, len, size)
-    }
     fn patch_image(
         &self,
         src: &Path,

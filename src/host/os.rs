@@ -214,10 +214,6 @@ pub trait Host: Send + Sync {
     fn grow_image(&self, path: &Path, size: u64, allocation: Allocation) -> Result<()>;
     /// Makes `dst` (new) a durable sparse copy of the first `len` bytes of `src`, sized `size`.
     fn copy_image(&self, src: &Path, dst: &Path, len: u64, size: u64) -> Result<CopyStats>;
-    /// `copy_image` not flushed yet: the caller makes it durable (`sync_file` of the copy and
-    /// of its directory) once it may wait, e.g. after a thaw.
-    fn copy_image_unsynced(&self, src: &Path, dst: &Path, len: u64, size: u64)
-        -> Result<CopyStats>;
     /// Rewrites the blocks of `dst` that differ from `src` in the first `len` bytes (not
     /// flushed), stopping once `deadline` has passed (see `files::patch_to_match`).
     fn patch_image(

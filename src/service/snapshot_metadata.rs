@@ -76,9 +76,9 @@ fn pages<T: Send + 'static>(
     walk: Walk,
     page: usize,
     make: fn(i32, i64, Vec<csi::BlockMetadata>) -> T,
+    span: tracing::Span,
 ) -> Pages<T> {
     let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
-    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(|| produce(walk, page, make, &tx)));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
@@ -144,6 +144,8 @@ impl SnapshotMetadata for SnapshotMetadataService {
     ) -> std::result::Result<Response<Self::GetMetadataAllocatedStream>, Status> {
         let req = request.into_inner();
         let rpc = rpc_span!("GetMetadataAllocated", &req.snapshot_id);
+        // The answer is computed while it streams: its log lines belong to the RPC's span.
+        let span = rpc.span.clone();
         let shape = self.driver.cbt_shape;
         let answer = self
             .driver
@@ -163,6 +165,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
                 volume_capacity_bytes: capacity,
                 block_metadata: ranges,
             },
+            span,
         )))
     }
 
@@ -174,6 +177,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
     ) -> std::result::Result<Response<Self::GetMetadataDeltaStream>, Status> {
         let req = request.into_inner();
         let rpc = rpc_span!("GetMetadataDelta", &req.target_snapshot_id);
+        let span = rpc.span.clone();
         let shape = self.driver.cbt_shape;
         let answer = self
             .driver
@@ -194,6 +198,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
                 volume_capacity_bytes: capacity,
                 block_metadata: ranges,
             },
+            span,
         )))
     }
 }

@@ -348,19 +348,6 @@ impl Host for FakeHost {
             files::copy_sparse(src, dst, len, size)
         })
     }
-    fn copy_image_unsynced(
-        &self,
-        src: &Path,
-        dst: &Path,
-        len: u64,
-        size: u64,
-    ) -> Result<CopyStats> {
-        // The fake's files are real, and a fake crash loses nothing: the same copy.
-        self.file(Op::CopyImage, dst, || {
-            self.inside(src)?;
-            files::copy_sparse_unsynced(src, dst, len, size)
-        })
-    }
     fn patch_image(
         &self,
         src: &Path,
